@@ -1,0 +1,640 @@
+"""HTTP front end of the data storage service: /data/<repository>/<oid>.
+
+A ThreadingHTTPServer whose handler speaks HTTP/1.1 (RFC 9110, RFC 9112),
+parses the request target into a route and hands request bodies, as streams,
+to a store from ``storage``. Every error, whether found while parsing the
+request, by the store, or unexpected, is raised as an exception and turned
+into a JSON response in one place: ``DataStorageHandler.handle_one_request``.
+
+Run ``python server.py --help`` for the command line.
+"""
+
+import argparse
+import email.utils
+import http
+import json
+import os
+import re
+import signal
+import socket
+import socketserver
+import sys
+import time
+import traceback
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import storage
+
+DEFAULT_PORT = 8282
+DEFAULT_MAX_OBJECT_SIZE = 1 << 30
+
+MAX_LINE_BYTES = 8192        # request line, each header line, each chunk-size line
+MAX_HEADER_FIELDS = 100
+MAX_HEADER_BYTES = 64 * 1024
+INLINE_BODY_BYTES = 64 * 1024   # bodies up to this size go out in the same write as the headers
+DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
+LINGER_SECONDS = 2.0
+BODY_BLOCK_BYTES = 256 * 1024
+OVERSIZED = 1 << 62   # stands for a Content-Length too long to be worth converting
+
+KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
+TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE = re.compile(r"(%s) (\S+) HTTP/(\d)\.(\d)" % TOKEN)
+HEADER_LINE = re.compile(r"(%s):[ \t]*(.*?)[ \t]*" % TOKEN)
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+SINGLE_RANGE = re.compile(r"bytes[ \t]*=[ \t]*(\d{0,19})[ \t]*-[ \t]*(\d{0,19})")
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+STORE_ERROR_STATUS = {
+    storage.InvalidRepository: 400,
+    storage.InvalidObjectId: 400,
+    storage.DigestMismatch: 400,
+    storage.ObjectNotFound: 404,
+}
+
+
+class HTTPError(Exception):
+    """An error response to send: status, message, extra headers, and whether
+    the connection must be closed afterwards (its framing can't be trusted)."""
+
+    def __init__(self, status, message, headers=(), close=False):
+        super().__init__(message)
+        self.status = status
+        self.headers = list(headers)
+        self.close = close
+
+
+class RangeNotSatisfiable(Exception):
+    """The Range header asks for bytes beyond the object (RFC 9110 §15.5.17)."""
+
+
+class Headers:
+    """Request header fields: case-insensitive names, repeated fields kept in order."""
+
+    def __init__(self):
+        self._fields = {}
+
+    def add(self, name, value):
+        self._fields.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        """The field's value, repeated fields joined by ", " (RFC 9110 §5.3)."""
+        values = self._fields.get(name.lower())
+        return ", ".join(values) if values else default
+
+
+def split_list(value):
+    """The members of a comma-separated field value, without empty ones."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def parse_target(target):
+    """Map a request target to ``(route, arguments)``; route is None if unknown.
+
+    Accepts origin-form and absolute-form (RFC 9112 §3.2). The query is
+    ignored. Each segment is percent-decoded on its own, so ``a%2Fb`` stays
+    one segment.
+    """
+    if not target.isascii():
+        raise HTTPError(400, "request target must be ASCII; percent-encode other bytes")
+    if not target.startswith("/"):
+        scheme, _, rest = target.partition("://")
+        if scheme.lower() not in ("http", "https") or not rest:
+            raise HTTPError(400, "invalid request target %r" % target[:200])
+        target = "/" + rest.partition("/")[2]
+    segments = target.partition("?")[0].split("/")[1:]
+    if segments[0] != "data" or len(segments) not in (2, 3) or "" in segments:
+        return None, ()
+    try:
+        arguments = tuple(urllib.parse.unquote(s, errors="strict") for s in segments[1:])
+    except UnicodeDecodeError:
+        raise HTTPError(400, "path segments must be percent-encoded UTF-8") from None
+    return ("repository", "object")[len(arguments) - 1], arguments
+
+
+def parse_range(value, size):
+    """Return ``(first, last)`` byte positions for a single-range Range value,
+    or None to send the whole object (RFC 9110 §14.2: a server may ignore
+    ranges it does not support, here several ranges or a malformed value).
+    Raise RangeNotSatisfiable if the range starts beyond the object."""
+    match = SINGLE_RANGE.fullmatch(value.strip())
+    if not match:
+        return None
+    first, last = match.groups()
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable()
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable()
+    return start, size - 1 if not last else min(int(last), size - 1)
+
+
+def etag_matches(if_none_match, etag):
+    """Weak comparison of an If-None-Match value with our ETag (RFC 9110 §13.1.2)."""
+    tags = split_list(if_none_match)
+    return "*" in tags or any(tag[2:] == etag if tag.startswith("W/") else tag == etag
+                              for tag in tags)
+
+
+class RequestBody:
+    """A request body being read from the connection.
+
+    On its first read it sends the ``100 Continue`` the client may be waiting
+    for (RFC 9110 §10.1.1), so a request refused before its body is read gets
+    its final status instead. Subclasses frame the body; ``read()`` returns
+    everything that is left and ``readinto(buffer)`` fills part of a buffer,
+    0 meaning the end.
+    """
+
+    length = None  # total length when known in advance
+
+    def __init__(self, rfile, on_first_read):
+        self._rfile = rfile
+        self._on_first_read = on_first_read
+        self.started = False
+        self.finished = False
+
+    def _start(self):
+        if not self.started:
+            self.started = True
+            self._on_first_read()
+
+    def read(self):
+        parts = bytearray()
+        block = bytearray(BODY_BLOCK_BYTES)
+        view = memoryview(block)
+        while True:
+            count = self.readinto(block)
+            if not count:
+                return bytes(parts)
+            parts += view[:count]
+
+    @staticmethod
+    def _cut_off():
+        return HTTPError(400, "request body ended before its declared end", close=True)
+
+
+class EmptyBody(RequestBody):
+    """No body: neither Content-Length nor Transfer-Encoding (RFC 9112 §6.3)."""
+
+    length = 0
+
+    def __init__(self):
+        super().__init__(None, None)
+        self.started = self.finished = True
+
+    def readinto(self, buffer):
+        return 0
+
+    def read(self):
+        return b""
+
+
+class FixedLengthBody(RequestBody):
+    """A body framed by Content-Length."""
+
+    def __init__(self, rfile, length, on_first_read):
+        super().__init__(rfile, on_first_read)
+        self.length = self.remaining = length
+        self.finished = length == 0
+
+    def readinto(self, buffer):
+        self._start()
+        if not self.remaining:
+            return 0
+        count = self._rfile.readinto(memoryview(buffer)[:self.remaining])
+        if not count:
+            raise self._cut_off()
+        self.remaining -= count
+        self.finished = not self.remaining
+        return count
+
+    def read(self):
+        self._start()
+        data = self._rfile.read(self.remaining)  # one allocation, filled in place
+        if len(data) != self.remaining:
+            raise self._cut_off()
+        self.remaining = 0
+        self.finished = True
+        return data
+
+
+class ChunkedBody(RequestBody):
+    """A body in the chunked transfer coding (RFC 9112 §7.1), limited to
+    ``limit`` bytes of content. Extensions are ignored; trailers are read
+    and dropped."""
+
+    def __init__(self, rfile, limit, on_first_read):
+        super().__init__(rfile, on_first_read)
+        self._limit = limit
+        self._received = 0
+        self._chunk_left = 0
+
+    def readinto(self, buffer):
+        self._start()
+        if self.finished:
+            return 0
+        if not self._chunk_left:
+            self._chunk_left = self._read_chunk_size()
+            if not self._chunk_left:
+                self._read_trailers()
+                self.finished = True
+                return 0
+        count = self._rfile.readinto(memoryview(buffer)[:self._chunk_left])
+        if not count:
+            raise self._cut_off()
+        self._chunk_left -= count
+        if not self._chunk_left and self._rfile.read(2) != b"\r\n":
+            raise HTTPError(400, "chunk data not followed by CRLF", close=True)
+        return count
+
+    def _read_line(self):
+        line = self._rfile.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            raise self._cut_off()
+        if len(line) > MAX_LINE_BYTES:
+            raise HTTPError(400, "chunk line longer than %d bytes" % MAX_LINE_BYTES, close=True)
+        return line
+
+    def _read_chunk_size(self):
+        match = CHUNK_SIZE_LINE.fullmatch(self._read_line())
+        if not match:
+            raise HTTPError(400, "malformed chunk size line", close=True)
+        size = int(match.group(1), 16)
+        self._received += size
+        if self._received > self._limit:
+            raise HTTPError(413, "object larger than the %d-byte limit" % self._limit, close=True)
+        return size
+
+    def _read_trailers(self):
+        for _ in range(MAX_HEADER_FIELDS + 1):
+            if self._read_line() in (b"\r\n", b"\n"):
+                return
+        raise HTTPError(400, "too many trailer fields", close=True)
+
+
+class DataStorageHandler(BaseHTTPRequestHandler):
+    """Serves one connection: a keep-alive sequence of requests.
+
+    The stdlib's request parsing is replaced (``handle_one_request``) so that
+    every error, even on a malformed request line, is a JSON response with a
+    status line, and so that request bodies are framed per RFC 9112 §6.
+    Per-request state is reset at the start of each request, because one
+    handler object serves every request on its connection.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "data-storage/1.0"
+    disable_nagle_algorithm = True   # small responses must not wait ~40 ms for an ACK
+    routes = {
+        "repository": {"PUT": "put_object"},
+        "object": {"GET": "get_object", "HEAD": "get_object",
+                   "PUT": "put_object", "DELETE": "delete_object"},
+    }
+
+    def handle_one_request(self):
+        """Read, route and answer one request; turn any exception into a response."""
+        self.command = None
+        self.requestline = ""
+        self.request_version = self.protocol_version
+        self._response_started = False
+        self._expect_continue = False
+        self._body = EmptyBody()
+        try:
+            try:
+                if not self._read_request_head():
+                    self.close_connection = True
+                    return
+                self._dispatch()
+            except HTTPError as error:
+                self._send_error(error.status, str(error), error.headers, error.close)
+            except storage.StoreError as error:
+                self._send_error(STORE_ERROR_STATUS.get(type(error), 500), str(error))
+            except (ConnectionError, socket.timeout):
+                raise
+            except Exception:
+                self.log_error("unexpected error:\n%s", traceback.format_exc())
+                self._send_error(500, "internal server error", close=True)
+            self._finish_request_body()
+        except (ConnectionError, socket.timeout) as error:
+            # The client went away or stalled: nobody is left to answer.
+            self.log_error("connection lost: %r", error)
+            self.close_connection = True
+
+    def _read_request_head(self):
+        """Parse the request line and header fields; return False at a clean end of connection."""
+        raw = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if raw in (b"\r\n", b"\n"):   # RFC 9112 §2.2: ignore an empty line before the request
+            raw = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return False
+        if len(raw) > MAX_LINE_BYTES:
+            raise HTTPError(414, "request line longer than %d bytes" % MAX_LINE_BYTES, close=True)
+        self.requestline = raw.decode("latin-1").rstrip("\r\n")
+        match = REQUEST_LINE.fullmatch(self.requestline)
+        if not match:
+            raise HTTPError(400, "malformed request line %r (HTTP/1.x required)"
+                            % self.requestline[:200], close=True)
+        self.command, self.path, major, minor = match.groups()
+        if major != "1":
+            raise HTTPError(505, "HTTP version %s.%s not supported; use HTTP/1.1"
+                            % (major, minor), close=True)
+        self.request_version = "HTTP/1.%s" % minor
+        self.headers = self._read_header_fields()
+        connection = [option.lower() for option in split_list(self.headers.get("Connection", ""))]
+        self.close_connection = minor == "0" or "close" in connection
+        self._body = self._frame_body()
+        return True
+
+    def _read_header_fields(self):
+        headers = Headers()
+        total = 0
+        for _ in range(MAX_HEADER_FIELDS + 1):
+            raw = self.rfile.readline(MAX_LINE_BYTES + 1)
+            total += len(raw)
+            if len(raw) > MAX_LINE_BYTES or total > MAX_HEADER_BYTES:
+                raise HTTPError(431, "header fields too large", close=True)
+            if raw in (b"\r\n", b"\n"):
+                return headers
+            if not raw:
+                raise HTTPError(400, "connection closed inside the header section", close=True)
+            match = HEADER_LINE.fullmatch(raw.decode("latin-1").rstrip("\r\n"))
+            if not match or "\r" in match.group(2) or "\0" in match.group(2):
+                # Includes obsolete line folding and whitespace before the colon (RFC 9112 §5).
+                raise HTTPError(400, "malformed header field %r" % raw[:100], close=True)
+            headers.add(*match.groups())
+        raise HTTPError(431, "more than %d header fields" % MAX_HEADER_FIELDS, close=True)
+
+    def _frame_body(self):
+        """Decide how the request body is delimited (RFC 9112 §6.1, §6.3)."""
+        transfer_encoding = self.headers.get("Transfer-Encoding")
+        content_length = self.headers.get("Content-Length")
+        if transfer_encoding is not None:
+            if content_length is not None:
+                raise HTTPError(400, "both Transfer-Encoding and Content-Length given", close=True)
+            if self.request_version == "HTTP/1.0":
+                raise HTTPError(400, "Transfer-Encoding is not allowed in HTTP/1.0", close=True)
+            codings = [coding.lower() for coding in split_list(transfer_encoding)]
+            if codings[-1:] != ["chunked"] or codings.count("chunked") > 1:
+                raise HTTPError(400, "chunked must be the final transfer coding, applied once",
+                                close=True)
+            if len(codings) > 1:
+                raise HTTPError(501, "transfer coding %r not supported" % codings[0], close=True)
+            self._expect_continue_if_asked()
+            return ChunkedBody(self.rfile, self.server.max_object_size, self._send_continue)
+        if content_length is not None:
+            values = set(split_list(content_length))
+            if len(values) != 1 or not all(value.isascii() and value.isdigit() for value in values):
+                raise HTTPError(400, "invalid Content-Length %r" % content_length[:100], close=True)
+            digits = values.pop().lstrip("0")
+            length = int(digits or "0") if len(digits) <= 18 else OVERSIZED
+            if length:
+                self._expect_continue_if_asked()
+                return FixedLengthBody(self.rfile, length, self._send_continue)
+        return EmptyBody()
+
+    def _expect_continue_if_asked(self):
+        expect = self.headers.get("Expect", "")
+        self._expect_continue = (expect.lower() == "100-continue"
+                                 and self.request_version != "HTTP/1.0")
+
+    def _send_continue(self):
+        if self._expect_continue:
+            self._expect_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _dispatch(self):
+        if self.command not in KNOWN_METHODS:
+            raise HTTPError(501, "method %s not implemented" % self.command[:40])
+        route, arguments = parse_target(self.path)
+        if route is None:
+            raise HTTPError(404, "no such resource: %s" % self.path[:200])
+        methods = self.routes[route]
+        handler = methods.get(self.command)
+        if handler is None:
+            raise HTTPError(405, "method %s not allowed here" % self.command,
+                            [("Allow", ", ".join(methods))])
+        getattr(self, handler)(*arguments)
+
+    # Route handlers -------------------------------------------------------
+
+    def put_object(self, repository, oid=None):
+        """Store the body; with an oid in the path, only if the body hashes to it."""
+        body = self._body
+        if body.length is not None and body.length > self.server.max_object_size:
+            raise HTTPError(413, "object of %d bytes exceeds the %d-byte limit"
+                            % (body.length, self.server.max_object_size))
+        oid, size = self.server.store.put(repository, body, expected_oid=oid)
+        self._send_json(201, {"oid": oid, "size": size},
+                        [("Location", "/data/%s/%s" % (repository, oid))])
+
+    def get_object(self, repository, oid):
+        """Send the object (GET) or its headers (HEAD), honouring If-None-Match
+        (RFC 9110 §13.1.2) and a single byte Range (RFC 9110 §14)."""
+        with self.server.store.open(repository, oid) as stored:
+            size = stored.size
+            etag = '"%s"' % oid.lower()
+            headers = [("ETag", etag), ("Accept-Ranges", "bytes")]
+            if etag_matches(self.headers.get("If-None-Match", ""), etag):
+                self._send_response(304, headers, content_length=size)
+                return
+            first, last = 0, size - 1
+            status = 200
+            range_value = self.headers.get("Range")
+            if (range_value is not None and self.command == "GET"
+                    and self.headers.get("If-Range", etag) == etag):
+                try:
+                    selected = parse_range(range_value, size)
+                except RangeNotSatisfiable:
+                    raise HTTPError(416, "range %s not satisfiable for %d bytes"
+                                    % (range_value[:100], size),
+                                    [("Content-Range", "bytes */%d" % size)]) from None
+                if selected is not None:
+                    status = 206
+                    first, last = selected
+                    headers.append(("Content-Range", "bytes %d-%d/%d" % (first, last, size)))
+            headers.append(("Content-Type", "application/octet-stream"))
+            count = last - first + 1
+            if self.command == "HEAD":
+                self._send_response(status, headers, content_length=count)
+            elif count <= INLINE_BODY_BYTES:
+                stored.file.seek(first)
+                self._send_response(status, headers, stored.file.read(count))
+            else:
+                self._send_response(status, headers, content_length=count)
+                if self.connection.sendfile(stored.file, first, count) != count:
+                    raise ConnectionError("object ended before its recorded size")
+
+    def delete_object(self, repository, oid):
+        """Remove the object; 404 if the repository does not hold it."""
+        self.server.store.delete(repository, oid)
+        self._send_response(200, [])
+
+    # Responses ------------------------------------------------------------
+
+    def _send_json(self, status, document, headers=()):
+        body = json.dumps(document).encode()
+        self._send_response(status, [("Content-Type", "application/json"), *headers], body)
+
+    def _send_error(self, status, message, headers=(), close=False):
+        """Answer with a JSON error, unless a response is already under way,
+        in which case the only honest thing left is to close the connection."""
+        if close:
+            self.close_connection = True
+        if self._response_started:
+            self.close_connection = True
+            return
+        self._send_json(status, {"error": message}, headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's error path, should anything in it run: JSON, not HTML."""
+        self._send_error(code, message or REASONS.get(code, "error"), close=True)
+
+    def _send_response(self, status, headers, body=b"", content_length=None):
+        """Write the status line, headers and body in one send. If
+        ``content_length`` is given, the caller sends that many bytes after."""
+        if not self._body.finished and (self._expect_continue or not self._can_drain_body()):
+            self.close_connection = True
+        lines = ["%s %d %s\r\n" % (self.protocol_version, status, REASONS.get(status, "")),
+                 "Date: %s\r\nServer: %s\r\n" % (self.server.http_date(), self.server_version),
+                 "Content-Length: %d\r\n" % (len(body) if content_length is None else content_length)]
+        lines.extend("%s: %s\r\n" % field for field in headers)
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        self._response_started = True
+        self.wfile.write(head + body if self.command != "HEAD" else head)
+        self.log_request(status, len(body) if content_length is None else content_length)
+
+    def log_message(self, format, *args):
+        """Access and error log lines go to the server's log stream (stderr by default)."""
+        self.server.log_stream.write("%s - - [%s] %s\n" % (
+            self.address_string(), self.log_date_time_string(), format % args))
+
+    def _can_drain_body(self):
+        return self._body.length is not None and self._body.remaining <= DRAIN_BODY_BYTES
+
+    def _finish_request_body(self):
+        """Keep an unread body from being parsed as the next request
+        (RFC 9112 §9.3): drop a small one, else close the connection."""
+        if self._body.finished or self.close_connection:
+            self._linger_if_unread()
+            return
+        try:
+            while self._body.readinto(bytearray(DRAIN_BODY_BYTES)):
+                pass
+        except (HTTPError, OSError):
+            self.close_connection = True
+
+    def _linger_if_unread(self):
+        """Before closing with body bytes still unread, read and drop what the
+        client sends for a moment, so the close does not reset the connection
+        before the client has read the response."""
+        if self._body.finished or self._expect_continue:
+            return
+        connection = self.connection
+        try:
+            connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline:
+                connection.settimeout(max(0.01, deadline - time.monotonic()))
+                if not connection.recv(65536):
+                    break
+        except OSError:
+            pass
+
+
+class DataStorageServer(ThreadingHTTPServer):
+    """A threaded HTTP server that owns the store and the service's limits."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+    def __init__(self, address, store, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
+                 log_stream=None, handler_class=DataStorageHandler):
+        self.store = store
+        self.max_object_size = max_object_size
+        self.log_stream = log_stream or sys.stderr
+        self._date = (0, "")
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler_class)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the host's FQDN, which can
+        # stall start-up on a machine without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def http_date(self):
+        """The current time as an HTTP-date, formatted at most once a second."""
+        now = int(time.time())
+        cached = self._date
+        if cached[0] != now:
+            cached = self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return cached[1]
+
+
+def _byte_count(text):
+    # int() alone would also take "+5", " 5 " and "1_0".
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError("expected a whole number, got %r" % text)
+    return int(text)
+
+
+def _port_number(text):
+    value = _byte_count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("port %d is above 65535" % value)
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Content-addressed object storage over HTTP: "
+                    "PUT /data/REPO, GET|HEAD|PUT|DELETE /data/REPO/OID.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s; "
+                             "0.0.0.0 or :: listens on all interfaces)")
+    parser.add_argument("--port", type=_port_number, default=os.environ.get("PORT", str(DEFAULT_PORT)),
+                        help="TCP port; 0 picks a free one (default: $PORT, else %d)" % DEFAULT_PORT)
+    parser.add_argument("--max-object-size", type=_byte_count, default=DEFAULT_MAX_OBJECT_SIZE,
+                        metavar="BYTES",
+                        help="largest object accepted; larger uploads get 413 "
+                             "(default: %(default)s, 1 GiB)")
+    return parser.parse_args(argv)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    server = DataStorageServer((args.host, args.port), storage.MemoryStore(),
+                               max_object_size=args.max_object_size)
+    signal.signal(signal.SIGTERM, _stop)
+    host, port = server.server_address[:2]
+    print("data storage service listening on http://%s:%d (in-memory store)"
+          % ("[%s]" % host if ":" in host else host, port), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,656 @@
+"""HTTP tests: a real server on port 0, real sockets, for every store backend.
+
+``ServerContract`` holds the tests; a backend's test case supplies
+``make_store()``. Requests that ordinary clients would refuse to send
+(malformed framing, pipelining, bad request lines) go over raw sockets.
+"""
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import server
+import storage
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(condition, timeout=10.0):
+    """Poll ``condition`` until it holds; fail the test if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %s s" % timeout)
+        time.sleep(0.005)
+
+
+def read_line(pipe, timeout=10.0):
+    """The next line from a subprocess pipe, failing instead of hanging."""
+    ready, _, _ = select.select([pipe], [], [], timeout)
+    if not ready:
+        raise AssertionError("no output within %s s" % timeout)
+    return pipe.readline()
+
+
+class Response:
+    """A parsed response: status, headers (case-insensitive), body, and the raw head."""
+
+    def __init__(self, response):
+        self.status = response.status
+        self.headers = response.msg
+        self.body = response.read()
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class _KeptOpenReader(io.BufferedReader):
+    """A socket reader that http.client cannot close between responses."""
+
+    def close(self):
+        pass
+
+
+class _SharedFile:
+    """Lets several http.client responses read from one buffered socket file."""
+
+    def __init__(self, sock=None, file=None):
+        self.file = file or _KeptOpenReader(socket.SocketIO(sock, "rb"))
+
+    def makefile(self, *args, **kwargs):
+        return self.file
+
+
+class RunningServer:
+    """A DataStorageServer on 127.0.0.1:0 serving from a background thread."""
+
+    def __init__(self, store, handler_class=server.DataStorageHandler, **options):
+        self.log = io.StringIO()
+        self.httpd = server.DataStorageServer(("127.0.0.1", 0), store, log_stream=self.log,
+                                              handler_class=handler_class, **options)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+class ServerContract:
+    """HTTP behaviour every store backend must show. Subclasses define ``make_store()``."""
+
+    server_options = {}
+
+    def setUp(self):
+        super().setUp()
+        self.running = RunningServer(self.make_store(), **self.server_options)
+        self.addCleanup(lambda: self.running.stop())
+
+    def restart_server(self, **options):
+        """Replace the running server with one built with other options."""
+        self.running.stop()
+        self.running = RunningServer(self.make_store(), **options)
+
+    # Helpers -------------------------------------------------------------
+
+    def connect(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=10)
+        self.addCleanup(connection.close)
+        return connection
+
+    def request(self, method, path, body=None, headers=None, connection=None):
+        connection = connection or self.connect()
+        connection.request(method, path, body=body, headers=headers or {})
+        return Response(connection.getresponse())
+
+    def put(self, repository, data):
+        response = self.request("PUT", "/data/%s" % repository, data)
+        self.assertEqual(response.status, 201, response.body)
+        return response.json()["oid"]
+
+    def raw_socket(self):
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def raw(self, data, responses=1, methods=None, sock=None):
+        """Send raw bytes; parse and return ``responses`` responses from the connection."""
+        sock = sock or self.raw_socket()
+        sock.sendall(data)
+        shared = _SharedFile(sock)
+        parsed = []
+        for method in (methods or ["GET"] * responses):
+            response = http.client.HTTPResponse(shared, method=method)
+            response.begin()
+            parsed.append(Response(response))
+        return parsed if responses > 1 else parsed[0]
+
+    def assertJSONError(self, response, status):
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertIsInstance(response.json()["error"], str)
+
+    def assertClosed(self, sock):
+        sock.settimeout(5)
+        try:
+            self.assertEqual(sock.recv(1), b"")
+        except ConnectionResetError:
+            pass
+
+    def assertNotStored(self, repository, data):
+        self.assertEqual(self.request("GET", "/data/%s/%s" % (repository, sha256(data))).status, 404)
+
+    # The exercise's own tests ------------------------------------------------
+
+    def test_put_returns_oid_and_size(self):
+        first = self.request("PUT", "/data/my-repo", b"something")
+        self.assertEqual(first.status, 201)
+        self.assertEqual(first.json(), {"oid": sha256(b"something"), "size": 9})
+        second = self.request("PUT", "/data/my-repo", b"other")
+        self.assertEqual(second.status, 201)
+        self.assertEqual(second.json()["size"], 5)
+        self.assertNotEqual(first.json()["oid"], second.json()["oid"])
+
+    def test_get_returns_the_exact_bytes(self):
+        for data in (b"something", b"other", bytes(range(256)) * 1000):
+            oid = self.put("my-repo", data)
+            response = self.request("GET", "/data/my-repo/%s" % oid)
+            self.assertEqual((response.status, response.body), (200, data))
+
+    def test_get_missing_is_404(self):
+        self.assertJSONError(self.request("GET", "/data/my-repo/missing"), 404)
+
+    def test_delete_leaves_the_other_repositorys_copy(self):
+        oid = self.put("my-repo", b"something")
+        self.assertEqual(self.put("other-repo", b"something"), oid)
+        self.assertEqual(self.request("DELETE", "/data/my-repo/%s" % oid).status, 200)
+        self.assertEqual(self.request("GET", "/data/my-repo/%s" % oid).status, 404)
+        self.assertEqual(self.request("GET", "/data/other-repo/%s" % oid).body, b"something")
+
+    def test_delete_missing_is_404(self):
+        self.assertJSONError(self.request("DELETE", "/data/my-repo/missing"), 404)
+        oid = self.put("my-repo", b"once")
+        self.assertEqual(self.request("DELETE", "/data/my-repo/%s" % oid).status, 200)
+        self.assertJSONError(self.request("DELETE", "/data/my-repo/%s" % oid), 404)
+
+    # Uploads ---------------------------------------------------------------
+
+    def test_put_response_headers(self):
+        response = self.request("PUT", "/data/repo", b"body")
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertEqual(response.headers["Location"], "/data/repo/%s" % sha256(b"body"))
+        self.assertEqual(int(response.headers["Content-Length"]), len(response.body))
+
+    def test_put_existing_content_answers_the_same(self):
+        first = self.request("PUT", "/data/repo", b"again")
+        second = self.request("PUT", "/data/repo", b"again")
+        self.assertEqual((second.status, second.json()), (201, first.json()))
+
+    def test_empty_body_is_an_object(self):
+        response = self.request("PUT", "/data/repo", b"")
+        self.assertEqual(response.json(), {"oid": sha256(b""), "size": 0})
+        self.assertEqual(self.request("GET", "/data/repo/%s" % sha256(b"")).body, b"")
+
+    def test_put_without_length_or_chunking_is_an_empty_object(self):
+        response = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(response.json(), {"oid": sha256(b""), "size": 0})
+
+    def test_verified_put(self):
+        oid = sha256(b"verified")
+        response = self.request("PUT", "/data/repo/%s" % oid, b"verified")
+        self.assertEqual((response.status, response.json()), (201, {"oid": oid, "size": 8}))
+        self.assertEqual(self.request("GET", "/data/repo/%s" % oid).body, b"verified")
+
+    def test_verified_put_with_wrong_oid_stores_nothing(self):
+        wrong = sha256(b"expected")
+        self.assertJSONError(self.request("PUT", "/data/repo/%s" % wrong, b"actual"), 400)
+        self.assertNotStored("repo", b"actual")
+        self.assertEqual(self.request("GET", "/data/repo/%s" % wrong).status, 404)
+
+    def test_verified_put_with_malformed_oid_is_400(self):
+        self.assertJSONError(self.request("PUT", "/data/repo/missing", b"data"), 400)
+        self.assertNotStored("repo", b"data")
+
+    def test_object_larger_than_limit_is_413(self):
+        self.restart_server(max_object_size=10)
+        self.assertEqual(self.request("PUT", "/data/repo", b"x" * 10).status, 201)
+        self.assertJSONError(self.request("PUT", "/data/repo", b"y" * 11), 413)
+        self.assertNotStored("repo", b"y" * 11)
+        chunked = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"6\r\nzzzzzz\r\n6\r\nzzzzzz\r\n0\r\n\r\n")
+        self.assertJSONError(chunked, 413)
+        self.assertNotStored("repo", b"z" * 12)
+
+    # Downloads -------------------------------------------------------------
+
+    def test_get_headers(self):
+        oid = self.put("repo", b"headers")
+        response = self.request("GET", "/data/repo/%s" % oid)
+        self.assertEqual(response.headers["Content-Type"], "application/octet-stream")
+        self.assertEqual(response.headers["Content-Length"], "7")
+        self.assertEqual(response.headers["ETag"], '"%s"' % oid)
+        self.assertEqual(response.headers["Accept-Ranges"], "bytes")
+        self.assertIn("Date", response.headers)
+
+    def test_head_sends_headers_without_body(self):
+        oid = self.put("repo", b"head body")
+        sock = self.raw_socket()
+        head, get = self.raw(("HEAD /data/repo/%s HTTP/1.1\r\n\r\n"
+                              "GET /data/repo/%s HTTP/1.1\r\n\r\n" % (oid, oid)).encode(),
+                             responses=2, methods=["HEAD", "GET"], sock=sock)
+        self.assertEqual((head.status, head.body, head.headers["Content-Length"]), (200, b"", "9"))
+        self.assertEqual(head.headers["ETag"], '"%s"' % oid)
+        self.assertEqual(get.body, b"head body")
+        self.assertEqual(self.request("HEAD", "/data/repo/missing").status, 404)
+
+    def test_large_get_streams_whole_object(self):
+        data = os.urandom(3 * 1024 * 1024 + 7)
+        oid = self.put("repo", data)
+        self.assertEqual(self.request("GET", "/data/repo/%s" % oid).body, data)
+
+    def test_if_none_match(self):
+        oid = self.put("repo", b"cached")
+        etag = '"%s"' % oid
+        for value in (etag, "*", "W/" + etag, '"other", ' + etag):
+            response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": value})
+            self.assertEqual((response.status, response.body), (304, b""), value)
+            self.assertEqual(response.headers["ETag"], etag)
+        response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": '"other"'})
+        self.assertEqual((response.status, response.body), (200, b"cached"))
+
+    def test_single_ranges(self):
+        oid = self.put("repo", b"0123456789")
+        path = "/data/repo/%s" % oid
+        for value, body, content_range in (("bytes=2-4", b"234", "bytes 2-4/10"),
+                                           ("bytes=7-", b"789", "bytes 7-9/10"),
+                                           ("bytes=-3", b"789", "bytes 7-9/10"),
+                                           ("bytes=8-100", b"89", "bytes 8-9/10"),
+                                           ("bytes=-50", b"0123456789", "bytes 0-9/10")):
+            response = self.request("GET", path, headers={"Range": value})
+            self.assertEqual((response.status, response.body), (206, body), value)
+            self.assertEqual(response.headers["Content-Range"], content_range)
+
+    def test_large_range_is_exact(self):
+        data = os.urandom(1024 * 1024)
+        oid = self.put("repo", data)
+        response = self.request("GET", "/data/repo/%s" % oid, headers={"Range": "bytes=1000-800999"})
+        self.assertEqual((response.status, response.body), (206, data[1000:801000]))
+
+    def test_unsatisfiable_range_is_416(self):
+        oid = self.put("repo", b"short")
+        for value in ("bytes=5-", "bytes=100-200", "bytes=-0"):
+            response = self.request("GET", "/data/repo/%s" % oid, headers={"Range": value})
+            self.assertJSONError(response, 416)
+            self.assertEqual(response.headers["Content-Range"], "bytes */5")
+
+    def test_ranges_we_do_not_serve_get_the_whole_object(self):
+        oid = self.put("repo", b"whole")
+        path = "/data/repo/%s" % oid
+        for headers in ({"Range": "bytes=0-1,3-4"}, {"Range": "bytes=3-1"}, {"Range": "items=0-1"},
+                        {"Range": "bytes=0-1", "If-Range": '"stale"'}):
+            response = self.request("GET", path, headers=headers)
+            self.assertEqual((response.status, response.body), (200, b"whole"), headers)
+        head = self.request("HEAD", path, headers={"Range": "bytes=0-1"})
+        self.assertEqual((head.status, head.headers["Content-Length"]), (200, "5"))
+
+    # Names and routes ----------------------------------------------------------
+
+    def test_repository_name_rules(self):
+        for name in ("a", "A.b_c-9", "x" * 100):
+            self.assertEqual(self.request("PUT", "/data/%s" % name, b"ok").status, 201, name)
+        for name in ("x" * 101, "%2E", "%2E%2E", "a%2Fb", "caf%C3%A9", "a%00b", "%FF", "a%20b"):
+            with self.subTest(name=name):
+                self.assertJSONError(self.request("PUT", "/data/%s" % name, b"no"), 400)
+                self.assertJSONError(self.request("GET", "/data/%s/%s" % (name, sha256(b"no"))), 400)
+
+    def test_percent_encoded_names_are_decoded(self):
+        oid = self.put("my%2Drepo", b"decoded")
+        self.assertEqual(self.request("GET", "/data/my-repo/%s" % oid).body, b"decoded")
+
+    def test_query_string_is_ignored(self):
+        response = self.request("PUT", "/data/repo?x=1&y", b"query")
+        self.assertEqual(response.status, 201)
+        self.assertEqual(self.request("GET", "/data/repo/%s?z" % sha256(b"query")).body, b"query")
+
+    def test_absolute_form_target(self):
+        response = self.raw(b"PUT http://example.com/data/repo HTTP/1.1\r\nHost: example.com\r\n"
+                            b"Content-Length: 8\r\n\r\nabsolute")
+        self.assertEqual(response.status, 201)
+
+    def test_unknown_paths_are_404(self):
+        for path in ("/", "/data", "/data/", "/data/repo/%s/extra" % sha256(b""), "/other/repo",
+                     "/data//x"):
+            self.assertJSONError(self.request("GET", path), 404)
+
+    def test_disallowed_method_is_405_with_allow(self):
+        response = self.request("POST", "/data/repo", b"x")
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Allow"], "PUT")
+        response = self.request("PATCH", "/data/repo/%s" % sha256(b""), b"x")
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT, DELETE")
+
+    def test_unknown_method_is_501(self):
+        self.assertJSONError(self.raw(b"BREW /data/repo HTTP/1.1\r\n\r\n"), 501)
+
+    # Malformed requests ---------------------------------------------------------
+
+    def test_malformed_request_lines(self):
+        for request, status in ((b"GARBAGE\r\n\r\n", 400),
+                                (b"GET /\r\n\r\n", 400),                      # HTTP/0.9
+                                (b"GET / HTTP/2.0\r\n\r\n", 505),
+                                (b"GET / HTTP/1\r\n\r\n", 400),
+                                (b"GET  /data/r HTTP/1.1\r\n\r\n", 400),
+                                (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414)):
+            with self.subTest(request=request[:30]):
+                sock = self.raw_socket()
+                self.assertJSONError(self.raw(request, sock=sock), status)
+                self.assertClosed(sock)
+        self.assertJSONError(self.raw(b"GET /data/r/\xff HTTP/1.1\r\n\r\n"), 400)
+
+    def test_malformed_header_sections(self):
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        for headers, status in ((b"X-Long: " + b"a" * 9000 + b"\r\n", 431),
+                                (many, 431),
+                                (b"Bad Name: x\r\n", 400),
+                                (b"X-Fold: a\r\n  folded\r\n", 400),
+                                (b"Host : x\r\n", 400),
+                                (b"NoColon\r\n", 400)):
+            with self.subTest(headers=headers[:30]):
+                self.assertJSONError(self.raw(b"GET /data/r/x HTTP/1.1\r\n" + headers + b"\r\n"),
+                                     status)
+
+    def test_unexpected_exception_is_json_500(self):
+        class BrokenHandler(server.DataStorageHandler):
+            def delete_object(self, repository, oid):
+                raise RuntimeError("bug")
+
+        self.restart_server(handler_class=BrokenHandler)
+        response = self.request("DELETE", "/data/repo/%s" % sha256(b""))
+        self.assertJSONError(response, 500)
+        self.assertNotIn(b"bug", response.body)
+        wait_until(lambda: "RuntimeError: bug" in self.running.log.getvalue())
+        self.assertEqual(self.request("PUT", "/data/repo", b"still serving").status, 201)
+
+    # Framing -------------------------------------------------------------------
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        connection = self.connect()
+        for index in range(20):
+            data = b"item %d" % index
+            self.assertEqual(self.request("PUT", "/data/repo", data, connection=connection).status, 201)
+            self.assertEqual(self.request("GET", "/data/repo/%s" % sha256(data),
+                                          connection=connection).body, data)
+
+    def test_pipelined_requests(self):
+        oid = sha256(b"pipe")
+        responses = self.raw(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 4\r\n\r\npipe"
+                             b"GET /data/repo/" + oid.encode() + b" HTTP/1.1\r\n\r\n"
+                             b"DELETE /data/repo/" + oid.encode() + b" HTTP/1.1\r\n\r\n",
+                             responses=3)
+        self.assertEqual([r.status for r in responses], [201, 200, 200])
+        self.assertEqual(responses[1].body, b"pipe")
+
+    def test_http_1_0_closes_after_response(self):
+        sock = self.raw_socket()
+        response = self.raw(b"PUT /data/repo HTTP/1.0\r\nContent-Length: 3\r\n\r\nold", sock=sock)
+        self.assertEqual(response.status, 201)
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertClosed(sock)
+
+    def test_connection_close_is_honoured(self):
+        sock = self.raw_socket()
+        self.assertEqual(self.raw(b"GET /data/r/x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                                  sock=sock).status, 404)
+        self.assertClosed(sock)
+
+    def test_chunked_upload(self):
+        body = (b"5;ext=1\r\nhello\r\n"
+                b"1\r\n \r\n"
+                b"000005\r\nworld\r\n"
+                b"0\r\nX-Trailer: yes\r\n\r\n")
+        sock = self.raw_socket()
+        put, get = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+                            + b"GET /data/repo/" + sha256(b"hello world").encode()
+                            + b" HTTP/1.1\r\n\r\n", responses=2, sock=sock)
+        self.assertEqual(put.json(), {"oid": sha256(b"hello world"), "size": 11})
+        self.assertEqual(get.body, b"hello world")
+
+    def test_chunked_upload_from_http_client(self):
+        data = os.urandom(300000)
+        connection = self.connect()
+        connection.request("PUT", "/data/repo", body=iter([data[:100000], data[100000:]]),
+                           encode_chunked=True)
+        self.assertEqual(connection.getresponse().read(), json.dumps(
+            {"oid": sha256(data), "size": len(data)}).encode())
+
+    def test_malformed_chunks_are_400_and_store_nothing(self):
+        for body in (b"zz\r\nhello\r\n0\r\n\r\n",
+                     b"5\r\nhelloXX0\r\n\r\n",
+                     b"5\nhello\r\n0\r\n\r\n",
+                     b"-5\r\nhello\r\n0\r\n\r\n",
+                     b"1" * 20 + b"\r\n"):
+            with self.subTest(body=body):
+                sock = self.raw_socket()
+                response = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    + body, sock=sock)
+                self.assertJSONError(response, 400)
+                self.assertClosed(sock)
+        self.assertNotStored("repo", b"hello")
+
+    def test_conflicting_framing_is_400(self):
+        for headers in (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+                        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+                        b"Content-Length: 5, 6\r\n",
+                        b"Content-Length: +5\r\n",
+                        b"Content-Length: -5\r\n",
+                        b"Content-Length: 1_0\r\n",
+                        b"Content-Length: 5x\r\n",
+                        b"Transfer-Encoding: chunked, gzip\r\n",
+                        b"Transfer-Encoding: chunked, chunked\r\n"):
+            with self.subTest(headers=headers):
+                sock = self.raw_socket()
+                self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\n" + headers + b"\r\nhello",
+                                              sock=sock), 400)
+                self.assertClosed(sock)
+        self.assertNotStored("repo", b"hello")
+
+    def test_identical_repeated_content_length_is_accepted(self):
+        response = self.raw(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n"
+                            b"\r\nhello")
+        self.assertEqual(response.json()["size"], 5)
+
+    def test_unsupported_transfer_coding_is_501(self):
+        self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\n"
+                                      b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"), 501)
+
+    def test_unread_body_does_not_become_the_next_request(self):
+        smuggled = b"GET /data/repo/missing HTTP/1.1\r\n\r\n"
+        first, second = self.raw(b"GET /data/r/missing HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                                 % len(smuggled) + smuggled
+                                 + b"PUT /data/repo HTTP/1.1\r\nContent-Length: 4\r\n\r\nnext",
+                                 responses=2)
+        self.assertEqual((first.status, second.status), (404, 201))
+
+    def test_large_unread_body_closes_the_connection(self):
+        sock = self.raw_socket()
+        response = self.raw(b"POST /data/repo HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n"
+                            + b"x" * 1000000, sock=sock)
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertClosed(sock)
+
+    def test_expect_continue_on_acceptable_upload(self):
+        sock = self.raw_socket()
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 8\r\nExpect: 100-continue\r\n\r\n")
+        reader = sock.makefile("rb")
+        self.assertEqual(reader.readline(), b"HTTP/1.1 100 Continue\r\n")
+        self.assertEqual(reader.readline(), b"\r\n")
+        sock.sendall(b"continue")
+        response = http.client.HTTPResponse(_SharedFile(file=reader), method="PUT")
+        response.begin()
+        self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 8))
+
+    def test_expect_continue_refused_requests_get_final_status_instead(self):
+        self.restart_server(max_object_size=100)
+        for request, status in ((b"PUT /data/repo HTTP/1.1\r\nContent-Length: 101\r\n", 413),
+                                (b"POST /data/repo HTTP/1.1\r\nContent-Length: 5\r\n", 405),
+                                (b"PUT /data/repo/missing HTTP/1.1\r\nContent-Length: 5\r\n", 400),
+                                (b"PUT /data/a%2Fb HTTP/1.1\r\nContent-Length: 5\r\n", 400),
+                                (b"PUT /nowhere HTTP/1.1\r\nContent-Length: 5\r\n", 404)):
+            with self.subTest(request=request):
+                sock = self.raw_socket()
+                response = self.raw(request + b"Expect: 100-continue\r\n\r\n", sock=sock)
+                self.assertJSONError(response, status)   # http.client would fail on a 100 here
+                self.assertClosed(sock)
+
+    # Concurrency ---------------------------------------------------------------
+
+    def test_32_concurrent_clients(self):
+        failures = []
+
+        def client(number):
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            try:
+                for round_ in range(10):
+                    data = b"client %d round %d " % (number, round_) * (number + 1)
+                    oid = sha256(data)
+                    checks = [self.request("PUT", "/data/repo", data, connection=connection).status == 201,
+                              self.request("GET", "/data/repo/" + oid, connection=connection).body == data,
+                              self.request("DELETE", "/data/repo/" + oid, connection=connection).status == 200,
+                              self.request("GET", "/data/repo/" + oid, connection=connection).status == 404]
+                    if not all(checks):
+                        failures.append((number, round_, checks))
+            except Exception as error:   # a thread's exception would otherwise vanish
+                failures.append((number, repr(error)))
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(failures, [])
+
+    def test_concurrent_put_and_delete_never_expose_a_partial_object(self):
+        data = os.urandom(512 * 1024)
+        oid = sha256(data)
+        bad = []
+        done = threading.Event()
+
+        def churn():
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            for _ in range(15):
+                self.request("PUT", "/data/race", data, connection=connection)
+                self.request("DELETE", "/data/race/" + oid, connection=connection)
+            connection.close()
+
+        def read():
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            while not done.is_set():
+                response = self.request("GET", "/data/race/" + oid, connection=connection)
+                if response.status not in (200, 404) or (response.status == 200 and response.body != data):
+                    bad.append((response.status, len(response.body)))
+            connection.close()
+
+        writers = [threading.Thread(target=churn) for _ in range(2)]
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for thread in writers + readers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        done.set()
+        for thread in readers:
+            thread.join()
+        self.assertEqual(bad, [])
+
+    # Logging ---------------------------------------------------------------------
+
+    def test_one_access_log_line_per_request(self):
+        self.put("repo", b"logged")
+        self.request("GET", "/data/repo/missing")
+        # The line is written just after the response is sent.
+        wait_until(lambda: len(self.running.log.getvalue().splitlines()) >= 2)
+        lines = self.running.log.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn('"PUT /data/repo HTTP/1.1" 201', lines[0])
+        self.assertIn('"GET /data/repo/missing HTTP/1.1" 404', lines[1])
+
+
+class MemoryStoreServerTest(ServerContract, unittest.TestCase):
+    def make_store(self):
+        return storage.MemoryStore()
+
+
+class CommandLineTest(unittest.TestCase):
+    """``python server.py`` as a user runs it, in a subprocess."""
+
+    def start(self, *args, env=None):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py"), *args],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=dict(os.environ, **(env or {})))
+        self.addCleanup(self.stop, process)
+        line = process.stdout.readline().decode()
+        self.assertIn("listening on http://127.0.0.1:", line)
+        return process, int(line.rsplit(":", 1)[1].split()[0])
+
+    @staticmethod
+    def stop(process):
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+    def test_help_documents_every_flag(self):
+        output = subprocess.run([sys.executable, os.path.join(HERE, "server.py"), "--help"],
+                                capture_output=True, text=True, check=True).stdout
+        for flag in ("--host", "--port", "--max-object-size"):
+            self.assertIn(flag, output)
+
+    def test_rejects_malformed_numbers(self):
+        for args in (["--port", "+5"], ["--port", "70000"], ["--max-object-size", "1_0"]):
+            result = subprocess.run([sys.executable, os.path.join(HERE, "server.py"), *args],
+                                    capture_output=True, text=True)
+            self.assertEqual(result.returncode, 2, args)
+
+    def test_serves_and_stops_cleanly_on_signals(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            process, port = self.start("--port", "0")
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("PUT", "/data/cli", body=b"from the command line")
+            self.assertEqual(connection.getresponse().status, 201)
+            connection.close()
+            self.assertIn(b'"PUT /data/cli HTTP/1.1" 201', read_line(process.stderr))
+            process.send_signal(signum)
+            self.assertEqual(process.wait(timeout=10), 0)
+
+    def test_port_from_environment(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        process, listening = self.start(env={"PORT": str(port)})
+        self.assertEqual(listening, port)
+        process.terminate()
+        self.assertEqual(process.wait(timeout=10), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
