@@ -52,6 +52,7 @@ STORE_ERROR_STATUS = {
     storage.InvalidObjectId: 400,
     storage.DigestMismatch: 400,
     storage.ObjectNotFound: 404,
+    storage.InsufficientStorage: 507,
 }
 
 
@@ -612,6 +613,9 @@ def parse_args(argv=None):
                         metavar="BYTES",
                         help="largest object accepted; larger uploads get 413 "
                              "(default: %(default)s, 1 GiB)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="keep objects durably in files under DIR (created if missing); "
+                             "without it, objects live in memory and vanish on exit")
     return parser.parse_args(argv)
 
 
@@ -621,18 +625,25 @@ def _stop(signum, frame):
 
 def main(argv=None):
     args = parse_args(argv)
-    server = DataStorageServer((args.host, args.port), storage.MemoryStore(),
-                               max_object_size=args.max_object_size)
-    signal.signal(signal.SIGTERM, _stop)
-    host, port = server.server_address[:2]
-    print("data storage service listening on http://%s:%d (in-memory store)"
-          % ("[%s]" % host if ":" in host else host, port), flush=True)
+    if args.data_dir:
+        store, described = storage.DiskStore(args.data_dir), "disk store in %s" % args.data_dir
+    else:
+        store, described = storage.MemoryStore(), "in-memory store"
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server = DataStorageServer((args.host, args.port), store,
+                                   max_object_size=args.max_object_size)
+        signal.signal(signal.SIGTERM, _stop)
+        host, port = server.server_address[:2]
+        print("data storage service listening on http://%s:%d (%s)"
+              % ("[%s]" % host if ":" in host else host, port, described), flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
     finally:
-        server.server_close()
+        store.close()
     return 0
 
 

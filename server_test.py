@@ -21,6 +21,7 @@ import unittest
 
 import server
 import storage
+from test_storage import files_under, open_disk_store, small_filesystem, temporary_directory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,10 +103,10 @@ class ServerContract:
         self.running = RunningServer(self.make_store(), **self.server_options)
         self.addCleanup(lambda: self.running.stop())
 
-    def restart_server(self, **options):
-        """Replace the running server with one built with other options."""
+    def restart_server(self, store=None, **options):
+        """Replace the running server with one built with another store or options."""
         self.running.stop()
-        self.running = RunningServer(self.make_store(), **options)
+        self.running = RunningServer(store or self.make_store(), **options)
 
     # Helpers -------------------------------------------------------------
 
@@ -599,6 +600,121 @@ class MemoryStoreServerTest(ServerContract, unittest.TestCase):
         return storage.MemoryStore()
 
 
+class DiskStoreServerTest(ServerContract, unittest.TestCase):
+    def make_store(self):
+        return open_disk_store(self, temporary_directory(self))
+
+    def test_delete_during_download_does_not_break_it(self):
+        data = os.urandom(16 * 1024 * 1024)
+        oid = self.put("repo", data)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # keep the server mid-send
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", self.running.port))
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /data/repo/%s HTTP/1.1\r\n\r\n" % oid.encode())
+        response = http.client.HTTPResponse(sock, method="GET")
+        response.begin()
+        first = response.read(1024)
+        self.assertEqual(self.request("DELETE", "/data/repo/" + oid).status, 200)
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+        self.assertEqual(first + response.read(), data)
+
+    def test_full_disk_is_507_and_keeps_serving(self):
+        with small_filesystem(self) as mount_point:
+            self.restart_server(store=open_disk_store(self, mount_point))
+            oid = self.put("repo", b"stored before")
+            self.assertJSONError(self.request("PUT", "/data/repo", os.urandom(2 * 1024 * 1024)), 507)
+            self.assertEqual(self.request("GET", "/data/repo/" + oid).body, b"stored before")
+            self.assertEqual(self.request("PUT", "/data/repo", b"fits").status, 201)
+
+
+class ServerProcess:
+    """``python server.py ARGS`` in a subprocess, with the port it reports."""
+
+    def __init__(self, test, *args):
+        self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py"),
+                                         "--port", "0", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        test.addCleanup(self.stop)
+        line = read_line(self.process.stdout).decode()
+        test.assertIn("listening on http://127.0.0.1:", line)
+        self.port = int(line.rsplit(":", 1)[1].split()[0])
+
+    def request(self, method, path, body=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body)
+            return Response(connection.getresponse())
+        finally:
+            connection.close()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+
+class DiskStoreProcessTest(unittest.TestCase):
+    """Crash safety and several processes on one data directory."""
+
+    def setUp(self):
+        self.root = temporary_directory(self)
+
+    def assertAllObjectsIntact(self):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "storage.py"), "verify", self.root],
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_sigkill_mid_upload_leaves_no_partial_object(self):
+        first = ServerProcess(self, "--data-dir", self.root)
+        self.assertEqual(first.request("PUT", "/data/repo", b"acknowledged").status, 201)
+        sock = socket.create_connection(("127.0.0.1", first.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
+        wait_until(lambda: any(path.startswith("@tmp") and
+                               os.path.getsize(os.path.join(self.root, path)) > 0
+                               for path in files_under(self.root)))
+        first.process.kill()
+        first.process.wait()
+        second = ServerProcess(self, "--data-dir", self.root)
+        self.assertEqual(second.request("GET", "/data/repo/" + sha256(b"acknowledged")).body,
+                         b"acknowledged")
+        self.assertEqual(files_under(self.root),
+                         ["repo/%s/%s" % (sha256(b"acknowledged")[:2], sha256(b"acknowledged"))])
+        self.assertAllObjectsIntact()
+
+    def test_two_processes_share_one_directory(self):
+        one = ServerProcess(self, "--data-dir", self.root)
+        two = ServerProcess(self, "--data-dir", self.root)
+        oid = one.request("PUT", "/data/repo", b"written by one").json()["oid"]
+        self.assertEqual(two.request("GET", "/data/repo/" + oid).body, b"written by one")
+        self.assertEqual(two.request("DELETE", "/data/repo/" + oid).status, 200)
+        self.assertEqual(one.request("GET", "/data/repo/" + oid).status, 404)
+
+        data = os.urandom(256 * 1024)
+        contested = sha256(data)
+        problems = []
+
+        def churn(server_process):
+            for _ in range(15):
+                put = server_process.request("PUT", "/data/shared", data)
+                deleted = server_process.request("DELETE", "/data/shared/" + contested)
+                got = server_process.request("GET", "/data/shared/" + contested)
+                if (put.status != 201 or deleted.status not in (200, 404)
+                        or (got.status, got.body) not in ((404, got.body), (200, data))):
+                    problems.append((put.status, deleted.status, got.status, len(got.body)))
+
+        threads = [threading.Thread(target=churn, args=(p,)) for p in (one, two, one, two)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(problems, [])
+        self.assertAllObjectsIntact()
+
+
 class CommandLineTest(unittest.TestCase):
     """``python server.py`` as a user runs it, in a subprocess."""
 
@@ -621,7 +737,7 @@ class CommandLineTest(unittest.TestCase):
     def test_help_documents_every_flag(self):
         output = subprocess.run([sys.executable, os.path.join(HERE, "server.py"), "--help"],
                                 capture_output=True, text=True, check=True).stdout
-        for flag in ("--host", "--port", "--max-object-size"):
+        for flag in ("--host", "--port", "--max-object-size", "--data-dir"):
             self.assertIn(flag, output)
 
     def test_rejects_malformed_numbers(self):

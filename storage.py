@@ -1,6 +1,7 @@
 """Content-addressed object stores, keyed by repository and SHA-256 object id.
 
-A store knows nothing about HTTP. It takes a readable binary *source* (anything
+Two backends: ``MemoryStore`` (a dict, the embedded default) and ``DiskStore``
+(files under a directory, durable). A store knows nothing about HTTP. It takes a readable binary *source* (anything
 with ``read()`` returning every remaining byte and ``readinto(buffer)``
 returning how many bytes it wrote, 0 at the end), names what it reads by the
 lowercase hex SHA-256 of its bytes (the *oid*), and keeps one copy per
@@ -12,11 +13,21 @@ Every store offers the same three calls:
 ``put(repository, source, expected_oid=None) -> (oid, size)``
 ``open(repository, oid) -> StoredObject``
 ``delete(repository, oid)``
+``close()``
+
+Run as a program, it checks a disk store: ``python storage.py verify DIR``.
 """
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
+import os
 import re
+import shutil
+import sys
+import tempfile
 import threading
 
 OID_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
@@ -41,6 +52,10 @@ class ObjectNotFound(StoreError):
 
 class DigestMismatch(StoreError):
     """The uploaded bytes do not hash to the oid the client announced."""
+
+
+class InsufficientStorage(StoreError):
+    """The disk (or the user's quota) is full; nothing was stored."""
 
 
 def check_repository(name):
@@ -136,6 +151,9 @@ class MemoryStore:
             raise ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
         return StoredObject(io.BytesIO(data), len(data))  # BytesIO shares bytes: no copy
 
+    def close(self):
+        """Nothing to release: the objects go with the process."""
+
     def delete(self, repository, oid):
         """Remove the object, or raise ObjectNotFound if the repository lacks it."""
         check_repository(repository)
@@ -143,3 +161,251 @@ class MemoryStore:
             data = self._objects.pop((repository, canonical_oid(oid)), None)
         if data is None:
             raise ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
+
+
+def object_path(root, repository, oid):
+    """Where an object lives on disk: ``root/<repository>/<oid[:2]>/<oid>``."""
+    return os.path.join(root, repository, oid[:2], oid)
+
+
+class DiskStore:
+    """Objects as files under ``root``, laid out as ``root/<repository>/<oid[:2]>/<oid>``.
+
+    Guarantees:
+    - A returned ``put`` means durable: the bytes were fsynced in a temporary
+      file, renamed into place with ``os.replace``, and the directory entry was
+      fsynced, before ``put`` returns.
+    - Never a partial object: bodies stream into a uniquely named temporary
+      file in this process's own directory under ``root/@tmp`` (same
+      filesystem, so the rename is atomic), hashed as they are written. A
+      failed, cut-off or mismatched upload removes its temporary file. Every
+      file named like an oid holds bytes that hash to that name, even after a
+      crash at any moment.
+    - Bounded memory: uploads are copied through one fixed-size buffer;
+      downloads are open files, which the server streams with sendfile.
+    - An open object keeps its bytes if it is deleted meanwhile (POSIX keeps
+      an unlinked file alive while it is open).
+    - Repositories are separate directories: the same bytes in two
+      repositories are two files. Names are validated before any path is
+      built, and ``@tmp`` and the quarantine's files use ``@``, which no
+      repository name or oid can contain, so nothing escapes or collides.
+    - Several processes may share one root: each writes its own temporary
+      files and publishes them by an atomic rename, so no cross-process lock
+      is needed. A process holds an exclusive ``flock`` on its temporary
+      directory for its lifetime; start-up clean-up removes only directories
+      whose lock it can take, that is, whose owner has exited.
+    - A full disk (ENOSPC, EDQUOT) raises InsufficientStorage after removing
+      the temporary file; stored objects are untouched.
+    - Directories are never removed on delete, so a delete cannot race a put
+      that is about to rename into the same directory.
+    """
+
+    BLOCK_BYTES = 1 << 20
+    TEMPORARY_DIR = "@tmp"
+    QUARANTINE_DIR = "quarantine"
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        temporary_root = os.path.join(self.root, self.TEMPORARY_DIR)
+        os.makedirs(temporary_root, exist_ok=True)
+        self._remove_abandoned_temporary_dirs(temporary_root)
+        self._temporary_dir = tempfile.mkdtemp(prefix="%d-" % os.getpid(), dir=temporary_root)
+        self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def close(self):
+        """Release this process's temporary directory."""
+        if self._lock_fd is not None:
+            shutil.rmtree(self._temporary_dir, ignore_errors=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @staticmethod
+    def _remove_abandoned_temporary_dirs(temporary_root):
+        for entry in os.scandir(temporary_root):
+            try:
+                fd = os.open(entry.path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue   # its process is alive and may be writing there
+            else:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            finally:
+                os.close(fd)
+
+    def put(self, repository, source, expected_oid=None):
+        """Stream ``source`` to disk and publish it in ``repository``.
+
+        Returns ``(oid, size)`` once the object is durable. If
+        ``expected_oid`` is given it is checked before anything is read, and
+        content that hashes to anything else raises DigestMismatch with
+        nothing stored. Any exception leaves no trace on disk.
+        """
+        check_repository(repository)
+        if expected_oid is not None:
+            expected_oid = check_expected_oid(expected_oid)
+        with _disk_full_is_insufficient_storage():
+            fd, temporary_path = tempfile.mkstemp(dir=self._temporary_dir)
+            try:
+                with open(fd, "wb", buffering=0) as file:
+                    oid, size = self._write(source, file)
+                    os.fsync(file.fileno())
+                check_digest(oid, expected_oid)
+                final_path = object_path(self.root, repository, oid)
+                self._make_parent_dirs(final_path)
+                os.replace(temporary_path, final_path)
+            except BaseException:
+                _remove_quietly(temporary_path)
+                raise
+            _fsync_dir(os.path.dirname(final_path))
+        return oid, size
+
+    def _write(self, source, file):
+        """Copy ``source`` into ``file`` through one buffer, hashing as it goes."""
+        digest = hashlib.sha256()
+        block = bytearray(self.BLOCK_BYTES)
+        view = memoryview(block)
+        size = 0
+        while True:
+            count = source.readinto(block)
+            if not count:
+                return digest.hexdigest(), size
+            chunk = view[:count]
+            digest.update(chunk)
+            while chunk:
+                chunk = chunk[file.write(chunk):]
+            size += count
+
+    def _make_parent_dirs(self, path):
+        """Create the object's directories, fsyncing each new entry's parent."""
+        shard_dir = os.path.dirname(path)
+        if os.path.isdir(shard_dir):
+            return
+        repository_dir = os.path.dirname(shard_dir)
+        os.makedirs(shard_dir, exist_ok=True)
+        _fsync_dir(repository_dir)
+        _fsync_dir(self.root)
+
+    def open(self, repository, oid):
+        """Return the object as a StoredObject over an open file, or raise ObjectNotFound."""
+        check_repository(repository)
+        canonical = canonical_oid(oid)
+        try:
+            if canonical is None:
+                raise FileNotFoundError(oid)
+            file = open(object_path(self.root, repository, canonical), "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound("object %s not found in repository %s"
+                                 % (oid[:80], repository)) from None
+        return StoredObject(file, os.fstat(file.fileno()).st_size)
+
+    def delete(self, repository, oid):
+        """Remove the object durably, or raise ObjectNotFound if the repository lacks it."""
+        check_repository(repository)
+        canonical = canonical_oid(oid)
+        try:
+            if canonical is None:
+                raise FileNotFoundError(oid)
+            path = object_path(self.root, repository, canonical)
+            os.unlink(path)
+        except FileNotFoundError:
+            raise ObjectNotFound("object %s not found in repository %s"
+                                 % (oid[:80], repository)) from None
+        _fsync_dir(os.path.dirname(path))
+
+    def stored_objects(self):
+        """Yield ``(repository, oid, path)`` for every object file under the root."""
+        for repository in sorted(os.listdir(self.root)):
+            repository_dir = os.path.join(self.root, repository)
+            if not REPOSITORY_PATTERN.fullmatch(repository) or not os.path.isdir(repository_dir):
+                continue
+            for shard in sorted(os.listdir(repository_dir)):
+                shard_dir = os.path.join(repository_dir, shard)
+                if len(shard) != 2 or not os.path.isdir(shard_dir):
+                    continue
+                for name in sorted(os.listdir(shard_dir)):
+                    if canonical_oid(name) == name and name[:2] == shard:
+                        yield repository, name, os.path.join(shard_dir, name)
+
+    def verify(self, report=print):
+        """Re-hash every object; move each whose bytes do not match its name to
+        ``root/quarantine/<repository>@<oid>``. Returns ``(checked, corrupt)``."""
+        quarantine = os.path.join(self.root, self.QUARANTINE_DIR)
+        checked = corrupt = 0
+        for repository, oid, path in self.stored_objects():
+            try:
+                actual = _hash_file(path)
+            except FileNotFoundError:
+                continue   # deleted by a running server meanwhile
+            checked += 1
+            if actual != oid:
+                corrupt += 1
+                os.makedirs(quarantine, exist_ok=True)
+                destination = os.path.join(quarantine, "%s@%s" % (repository, oid))
+                os.replace(path, destination)
+                report("corrupt: %s/%s moved to %s" % (repository, oid, destination))
+        return checked, corrupt
+
+
+@contextlib.contextmanager
+def _disk_full_is_insufficient_storage():
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise InsufficientStorage("not enough storage for the object: %s"
+                                  % os.strerror(error.errno)) from error
+
+
+def _hash_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as file:
+        block = bytearray(DiskStore.BLOCK_BYTES)
+        view = memoryview(block)
+        for count in iter(lambda: file.readinto(block), 0):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def main(argv=None):
+    """``python storage.py verify DIR``: exit 0 if every object is intact, 1 if not."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "verify":
+        print("usage: python storage.py verify DIR\n\n"
+              "Re-hash every object under DIR; move corrupt ones to DIR/quarantine/.",
+              file=sys.stderr)
+        return 2
+    if not os.path.isdir(argv[1]):
+        print("verify: %s is not a directory" % argv[1], file=sys.stderr)
+        return 2
+    store = DiskStore(argv[1])
+    try:
+        checked, corrupt = store.verify()
+    finally:
+        store.close()
+    print("verified %d objects in %s: %d corrupt%s" % (
+        checked, store.root, corrupt, " (moved to quarantine/)" if corrupt else ""))
+    return 1 if corrupt else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,12 +4,19 @@
 and inherits every test, so each backend proves the same guarantees.
 """
 
+import contextlib
 import hashlib
 import io
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import unittest
 
 import storage
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def sha256(data):
@@ -176,6 +183,173 @@ class StoreContract:
 class MemoryStoreTest(StoreContract, unittest.TestCase):
     def make_store(self):
         return storage.MemoryStore()
+
+
+def temporary_directory(test):
+    """A fresh directory removed when ``test`` ends."""
+    directory = tempfile.TemporaryDirectory()
+    test.addCleanup(directory.cleanup)
+    return directory.name
+
+
+def open_disk_store(test, root):
+    store = storage.DiskStore(root)
+    test.addCleanup(store.close)
+    return store
+
+
+@contextlib.contextmanager
+def small_filesystem(test, size="1m"):
+    """A tmpfs of ``size`` for real ENOSPC; skips the test where mounting is not allowed."""
+    mount_point = temporary_directory(test)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", mount_point],
+                            capture_output=True)
+    if result.returncode != 0:
+        test.skipTest("cannot mount a tmpfs here: %s" % result.stderr.decode().strip())
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", mount_point], check=True)
+
+
+class BlockingSource(io.BytesIO):
+    """Yields its first block, then waits for ``release`` before the rest."""
+
+    def __init__(self, data, release):
+        super().__init__(data)
+        self.started = threading.Event()
+        self._release = release
+
+    def readinto(self, buffer):
+        if self.started.is_set():
+            self._release.wait(10)
+        count = super().readinto(memoryview(buffer)[:4096])
+        self.started.set()
+        return count
+
+
+def files_under(root):
+    return sorted(os.path.relpath(os.path.join(top, name), root)
+                  for top, _, names in os.walk(root) for name in names)
+
+
+class DiskStoreTest(StoreContract, unittest.TestCase):
+    def make_store(self):
+        self.root = temporary_directory(self)
+        return open_disk_store(self, self.root)
+
+    def temporary_files(self):
+        return [path for path in files_under(self.root) if path.startswith("@tmp")]
+
+    def test_layout(self):
+        oid, _ = self.put("repo", b"laid out")
+        with open(os.path.join(self.root, "repo", oid[:2], oid), "rb") as file:
+            self.assertEqual(file.read(), b"laid out")
+        self.assertEqual(self.temporary_files(), [])
+
+    def test_objects_and_deletions_survive_restart(self):
+        kept, _ = self.put("repo", b"kept")
+        gone, _ = self.put("repo", b"gone")
+        self.store.delete("repo", gone)
+        self.store.close()
+        reopened = open_disk_store(self, self.root)
+        with reopened.open("repo", kept) as stored:
+            self.assertEqual(stored.file.read(), b"kept")
+        with self.assertRaises(storage.ObjectNotFound):
+            reopened.open("repo", gone)
+
+    def test_failed_uploads_leave_no_files(self):
+        with self.assertRaises(ConnectionResetError):
+            self.store.put("repo", FailingSource(b"cut off" * 100000))
+        with self.assertRaises(storage.DigestMismatch):
+            self.put("repo", b"mismatch", expected_oid=sha256(b"other"))
+        self.assertEqual(files_under(self.root), [])
+
+    def test_concurrent_uploads_of_one_object_both_succeed(self):
+        data = b"twice at once" * 1000
+        release = threading.Event()
+        self.addCleanup(release.set)
+        sources = [BlockingSource(data, release) for _ in range(2)]
+        results = []
+        threads = [threading.Thread(target=lambda s=s: results.append(self.store.put("repo", s)))
+                   for s in sources]
+        for thread in threads:
+            thread.start()
+        for source in sources:
+            self.assertTrue(source.started.wait(10))
+        self.assertEqual(len(self.temporary_files()), 2)   # both mid-upload, in distinct files
+        release.set()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(results, [(sha256(data), len(data))] * 2)
+        self.assertEqual(self.temporary_files(), [])
+
+    def test_start_up_removes_only_abandoned_temporary_files(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        source = BlockingSource(b"in progress" * 1000, release)
+        upload = threading.Thread(target=self.store.put, args=("repo", source))
+        upload.start()
+        self.assertTrue(source.started.wait(10))
+        in_progress = self.temporary_files()
+        self.assertEqual(len(in_progress), 1)
+        abandoned = os.path.join(self.root, "@tmp", "12345-dead")
+        os.makedirs(abandoned)
+        with open(os.path.join(abandoned, "partial"), "wb") as file:
+            file.write(b"left by a crashed process")
+        open_disk_store(self, self.root)          # a second process starting on the same root
+        self.assertFalse(os.path.exists(abandoned))
+        self.assertEqual(self.temporary_files(), in_progress)
+        release.set()
+        upload.join()
+        self.assertEqual(self.read("repo", sha256(b"in progress" * 1000)), b"in progress" * 1000)
+
+    def test_full_disk_is_insufficient_storage_and_loses_nothing(self):
+        with small_filesystem(self) as mount_point:
+            store = storage.DiskStore(mount_point)
+            try:
+                oid, _ = store.put("repo", io.BytesIO(b"small"))
+                with self.assertRaises(storage.InsufficientStorage):
+                    store.put("repo", io.BytesIO(os.urandom(2 * 1024 * 1024)))
+                self.assertEqual([p for p in files_under(mount_point) if p.startswith("@tmp")], [])
+                with store.open("repo", oid) as stored:
+                    self.assertEqual(stored.file.read(), b"small")
+                self.assertEqual(store.put("repo", io.BytesIO(b"room again"))[1], 10)
+            finally:
+                store.close()
+
+    def test_verify_quarantines_corrupt_objects(self):
+        good, _ = self.put("repo", b"good")
+        bad, _ = self.put("repo", b"bad")
+        with open(os.path.join(self.root, "repo", bad[:2], bad), "r+b") as file:
+            file.write(b"B")
+        self.assertEqual(self.store.verify(report=lambda line: None), (2, 1))
+        self.assertTrue(os.path.exists(os.path.join(self.root, "quarantine", "repo@" + bad)))
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.open("repo", bad)
+        self.assertEqual(self.read("repo", good), b"good")
+        self.assertEqual(self.store.verify(report=lambda line: None), (1, 0))
+
+    def test_quarantine_is_also_a_valid_repository_name(self):
+        oid, _ = self.put("quarantine", b"a repository like any other")
+        self.assertEqual(self.store.verify(report=lambda line: None), (1, 0))
+        self.assertEqual(self.read("quarantine", oid), b"a repository like any other")
+
+    def test_verify_command(self):
+        self.put("repo", b"fine")
+        bad, _ = self.put("repo", b"to be corrupted")
+        with open(os.path.join(self.root, "repo", bad[:2], bad), "ab") as file:
+            file.write(b"!")
+        command = [sys.executable, os.path.join(HERE, "storage.py"), "verify", self.root]
+        first = subprocess.run(command, capture_output=True, text=True)
+        self.assertEqual(first.returncode, 1, first.stderr)
+        self.assertIn("verified 2 objects", first.stdout)
+        self.assertIn("1 corrupt", first.stdout)
+        second = subprocess.run(command, capture_output=True, text=True)
+        self.assertEqual((second.returncode, second.stdout.splitlines()[-1].split(":")[-1]),
+                         (0, " 0 corrupt"))
+        usage = subprocess.run(command[:2], capture_output=True, text=True)
+        self.assertEqual(usage.returncode, 2)
 
 
 if __name__ == "__main__":
