@@ -10,15 +10,19 @@ Run ``python server.py --help`` for the command line.
 """
 
 import argparse
+import collections
 import email.utils
+import hmac
 import http
 import json
 import os
 import re
+import select
 import signal
 import socket
 import socketserver
 import sys
+import threading
 import time
 import traceback
 import urllib.parse
@@ -28,6 +32,10 @@ import storage
 
 DEFAULT_PORT = 8282
 DEFAULT_MAX_OBJECT_SIZE = 1 << 30
+DEFAULT_REQUEST_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_SHUTDOWN_TIMEOUT = 20.0
+SERVER_SOFTWARE = "data-storage/1.0"
 
 MAX_LINE_BYTES = 8192        # request line, each header line, each chunk-size line
 MAX_HEADER_FIELDS = 100
@@ -65,6 +73,10 @@ class HTTPError(Exception):
         self.status = status
         self.headers = list(headers)
         self.close = close
+
+
+class ClientDisconnected(ConnectionError):
+    """The client closed the connection before the end of the request body."""
 
 
 class RangeNotSatisfiable(Exception):
@@ -181,7 +193,7 @@ class RequestBody:
 
     @staticmethod
     def _cut_off():
-        return HTTPError(400, "request body ended before its declared end", close=True)
+        return ClientDisconnected("connection closed before the end of the request body")
 
 
 class EmptyBody(RequestBody):
@@ -283,6 +295,111 @@ class ChunkedBody(RequestBody):
         raise HTTPError(400, "too many trailer fields", close=True)
 
 
+class ConnectionLimiter:
+    """Bounds the connections served at once and drains them at shutdown.
+
+    A connection is *idle* while its thread waits for the next request line.
+    When every slot is taken, a new connection reclaims the slot of the
+    connection idle the longest (RFC 9112 §9.5 lets a server close an idle
+    persistent connection at any time), so idle keep-alive clients cannot
+    lock out real requests; only when every connection is mid-request is the
+    newcomer refused. A connection whose next request has already arrived,
+    unread, is not idle and is never closed under it. Sockets are shut down,
+    never closed, from other threads: the owning thread sees end-of-file and
+    cleans up.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.draining = False
+        self._open = set()
+        self._idle = collections.OrderedDict()   # socket -> None, longest idle first
+        self._lock = threading.Lock()
+        self._all_closed = threading.Condition(self._lock)
+
+    def admit(self, sock):
+        """Take a slot for a new connection; False if every slot is mid-request."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                victim = next((s for s in self._idle if not _has_unread_bytes(s)), None)
+                if victim is None:
+                    return False
+                del self._idle[victim]
+                self._open.discard(victim)
+                _shut_down(victim)
+            self._open.add(sock)
+            self._idle[sock] = None
+            return True
+
+    def idle(self, sock):
+        """Mark a connection as waiting for a request; False if it should close instead."""
+        with self._lock:
+            if self.draining or sock not in self._open:
+                return False
+            self._idle[sock] = None
+            self._idle.move_to_end(sock)
+            return True
+
+    def busy(self, sock):
+        with self._lock:
+            self._idle.pop(sock, None)
+
+    def counts(self):
+        """``(open, idle)`` connections right now."""
+        with self._lock:
+            return len(self._open), len(self._idle)
+
+    def release(self, sock):
+        with self._lock:
+            self._open.discard(sock)
+            self._idle.pop(sock, None)
+            if not self._open:
+                self._all_closed.notify_all()
+
+    def drain(self, timeout):
+        """Close idle connections, let busy ones finish their request, and wait
+        up to ``timeout`` seconds for all to close. Returns how many remain."""
+        with self._lock:
+            self.draining = True
+            for sock in self._idle:
+                if not _has_unread_bytes(sock):
+                    _shut_down(sock)
+            self._idle.clear()
+            self._all_closed.wait_for(lambda: not self._open, timeout)
+            return len(self._open)
+
+
+def _has_unread_bytes(sock):
+    """True if the socket is readable now: a request, or the client's close, has arrived.
+    (A zero-timeout poll; recv would first wait out the socket's timeout.)"""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _shut_down(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def format_head(status, headers, content_length, date, close):
+    """The bytes of a response's status line and header section."""
+    lines = ["HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "")),
+             "Date: %s\r\nServer: %s\r\nContent-Length: %d\r\n"
+             % (date, SERVER_SOFTWARE, content_length)]
+    lines.extend("%s: %s\r\n" % field for field in headers)
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def json_error(message):
+    return json.dumps({"error": message}).encode()
+
+
 class DataStorageHandler(BaseHTTPRequestHandler):
     """Serves one connection: a keep-alive sequence of requests.
 
@@ -294,7 +411,7 @@ class DataStorageHandler(BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
-    server_version = "data-storage/1.0"
+    server_version = SERVER_SOFTWARE
     disable_nagle_algorithm = True   # small responses must not wait ~40 ms for an ACK
     routes = {
         "repository": {"PUT": "put_object"},
@@ -302,8 +419,15 @@ class DataStorageHandler(BaseHTTPRequestHandler):
                    "PUT": "put_object", "DELETE": "delete_object"},
     }
 
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        super().setup()
+
     def handle_one_request(self):
         """Read, route and answer one request; turn any exception into a response."""
+        if not self.server.connections.idle(self.connection):
+            self.close_connection = True
+            return
         self.command = None
         self.requestline = ""
         self.request_version = self.protocol_version
@@ -328,7 +452,8 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             self._finish_request_body()
         except (ConnectionError, socket.timeout) as error:
             # The client went away or stalled: nobody is left to answer.
-            self.log_error("connection lost: %r", error)
+            if self.command is not None:
+                self.log_error('"%s" abandoned: %s', self.requestline, error)
             self.close_connection = True
 
     def _read_request_head(self):
@@ -338,6 +463,7 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             raw = self.rfile.readline(MAX_LINE_BYTES + 1)
         if not raw:
             return False
+        self.server.connections.busy(self.connection)
         if len(raw) > MAX_LINE_BYTES:
             raise HTTPError(414, "request line longer than %d bytes" % MAX_LINE_BYTES, close=True)
         self.requestline = raw.decode("latin-1").rstrip("\r\n")
@@ -414,6 +540,9 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _dispatch(self):
+        if self.server.auth_token is not None and not self._authorized():
+            raise HTTPError(401, "missing or wrong bearer token",
+                            [("WWW-Authenticate", 'Bearer realm="data-storage"')])
         if self.command not in KNOWN_METHODS:
             raise HTTPError(501, "method %s not implemented" % self.command[:40])
         route, arguments = parse_target(self.path)
@@ -425,6 +554,12 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             raise HTTPError(405, "method %s not allowed here" % self.command,
                             [("Allow", ", ".join(methods))])
         getattr(self, handler)(*arguments)
+
+    def _authorized(self):
+        """Check ``Authorization: Bearer <token>`` in constant time (RFC 6750 §2.1)."""
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("latin-1"), self.server.auth_token)
 
     # Route handlers -------------------------------------------------------
 
@@ -483,8 +618,8 @@ class DataStorageHandler(BaseHTTPRequestHandler):
     # Responses ------------------------------------------------------------
 
     def _send_json(self, status, document, headers=()):
-        body = json.dumps(document).encode()
-        self._send_response(status, [("Content-Type", "application/json"), *headers], body)
+        self._send_response(status, [("Content-Type", "application/json"), *headers],
+                            json.dumps(document).encode())
 
     def _send_error(self, status, message, headers=(), close=False):
         """Answer with a JSON error, unless a response is already under way,
@@ -494,7 +629,8 @@ class DataStorageHandler(BaseHTTPRequestHandler):
         if self._response_started:
             self.close_connection = True
             return
-        self._send_json(status, {"error": message}, headers)
+        self._send_response(status, [("Content-Type", "application/json"), *headers],
+                            json_error(message))
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's error path, should anything in it run: JSON, not HTML."""
@@ -503,19 +639,14 @@ class DataStorageHandler(BaseHTTPRequestHandler):
     def _send_response(self, status, headers, body=b"", content_length=None):
         """Write the status line, headers and body in one send. If
         ``content_length`` is given, the caller sends that many bytes after."""
-        if not self._body.finished and (self._expect_continue or not self._can_drain_body()):
+        if ((not self._body.finished and (self._expect_continue or not self._can_drain_body()))
+                or self.server.connections.draining):
             self.close_connection = True
-        lines = ["%s %d %s\r\n" % (self.protocol_version, status, REASONS.get(status, "")),
-                 "Date: %s\r\nServer: %s\r\n" % (self.server.http_date(), self.server_version),
-                 "Content-Length: %d\r\n" % (len(body) if content_length is None else content_length)]
-        lines.extend("%s: %s\r\n" % field for field in headers)
-        if self.close_connection:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
+        length = len(body) if content_length is None else content_length
+        head = format_head(status, headers, length, self.server.http_date(), self.close_connection)
         self._response_started = True
         self.wfile.write(head + body if self.command != "HEAD" else head)
-        self.log_request(status, len(body) if content_length is None else content_length)
+        self.log_request(status, length)
 
     def log_message(self, format, *args):
         """Access and error log lines go to the server's log stream (stderr by default)."""
@@ -556,15 +687,25 @@ class DataStorageHandler(BaseHTTPRequestHandler):
 
 
 class DataStorageServer(ThreadingHTTPServer):
-    """A threaded HTTP server that owns the store and the service's limits."""
+    """A threaded HTTP server that owns the store and the service's limits.
 
-    request_queue_size = 128
+    One thread per connection, at most ``max_connections`` of them (see
+    ConnectionLimiter); threads are daemons so that a stuck client cannot
+    keep the process alive, and ``drain`` gives in-flight requests their
+    time at shutdown instead.
+    """
+
+    request_queue_size = 1024
     daemon_threads = True
 
     def __init__(self, address, store, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
-                 log_stream=None, handler_class=DataStorageHandler):
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 auth_token=None, log_stream=None, handler_class=DataStorageHandler):
         self.store = store
         self.max_object_size = max_object_size
+        self.request_timeout = request_timeout
+        self.connections = ConnectionLimiter(max_connections)
+        self.auth_token = os.fsencode(auth_token) if auth_token else None
         self.log_stream = log_stream or sys.stderr
         self._date = (0, "")
         if ":" in address[0]:
@@ -576,6 +717,35 @@ class DataStorageServer(ThreadingHTTPServer):
         # stall start-up on a machine without DNS.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        if self.connections.admit(request):
+            super().process_request(request, client_address)
+        else:
+            self._refuse(request)
+
+    def _refuse(self, request):
+        """Answer 503 on the accepting thread, without reading the request."""
+        body = json_error("too many connections; retry shortly")
+        try:
+            request.settimeout(1.0)
+            request.sendall(format_head(503, [("Content-Type", "application/json"),
+                                              ("Retry-After", "1")],
+                                        len(body), self.http_date(), close=True) + body)
+            request.setblocking(False)
+            request.recv(65536)   # drop what has arrived: closing on unread bytes sends a reset
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def shutdown_request(self, request):
+        self.connections.release(request)
+        super().shutdown_request(request)
+
+    def drain(self, timeout):
+        """Close idle connections and give in-flight requests up to ``timeout``
+        seconds to finish; returns how many were still open after it."""
+        return self.connections.drain(timeout)
 
     def http_date(self):
         """The current time as an HTTP-date, formatted at most once a second."""
@@ -591,6 +761,23 @@ def _byte_count(text):
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError("expected a whole number, got %r" % text)
     return int(text)
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("expected a positive number of seconds, got %r" % text)
+    return value
+
+
+def _positive_count(text):
+    value = _byte_count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected at least 1")
+    return value
 
 
 def _port_number(text):
@@ -616,32 +803,63 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", metavar="DIR",
                         help="keep objects durably in files under DIR (created if missing); "
                              "without it, objects live in memory and vanish on exit")
+    parser.add_argument("--max-total-size", type=_byte_count, metavar="BYTES",
+                        help="quota on the bytes stored; uploads beyond it get 507 "
+                             "(default: no quota)")
+    parser.add_argument("--request-timeout", type=_seconds, default=DEFAULT_REQUEST_TIMEOUT,
+                        metavar="SECONDS",
+                        help="close a connection idle or stalled this long, mid-request "
+                             "included (default: %(default)s)")
+    parser.add_argument("--max-connections", type=_positive_count, default=DEFAULT_MAX_CONNECTIONS,
+                        metavar="N",
+                        help="connections served at once; idle keep-alive connections are "
+                             "reclaimed first, then new ones get 503 (default: %(default)s)")
+    parser.add_argument("--shutdown-timeout", type=_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                        metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, how long in-flight requests may take to "
+                             "finish (default: %(default)s)")
+    parser.add_argument("--auth-token", default=os.environ.get("DATA_STORAGE_TOKEN"),
+                        metavar="TOKEN",
+                        help="require 'Authorization: Bearer TOKEN' on every request "
+                             "(default: $DATA_STORAGE_TOKEN; unset: no authentication)")
     return parser.parse_args(argv)
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt
+def serve_until_signalled(server, shutdown_timeout):
+    """Serve until SIGTERM or SIGINT; then stop accepting, close idle
+    connections and give in-flight requests ``shutdown_timeout`` seconds."""
+    def stop(signum, frame):
+        # shutdown() waits for serve_forever() to return, so not on this thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    server.serve_forever()
+    server.server_close()
+    left = server.drain(shutdown_timeout)
+    if left:
+        server.log_stream.write("stopping with %d requests unfinished after %ss\n"
+                                % (left, shutdown_timeout))
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.data_dir:
-        store, described = storage.DiskStore(args.data_dir), "disk store in %s" % args.data_dir
+        store = storage.DiskStore(args.data_dir, max_total_size=args.max_total_size)
+        described = "disk store in %s" % args.data_dir
     else:
-        store, described = storage.MemoryStore(), "in-memory store"
+        store = storage.MemoryStore(max_total_size=args.max_total_size)
+        described = "in-memory store"
     try:
-        server = DataStorageServer((args.host, args.port), store,
-                                   max_object_size=args.max_object_size)
-        signal.signal(signal.SIGTERM, _stop)
+        server = DataStorageServer(
+            (args.host, args.port), store, max_object_size=args.max_object_size,
+            request_timeout=args.request_timeout, max_connections=args.max_connections,
+            auth_token=args.auth_token)
         host, port = server.server_address[:2]
-        print("data storage service listening on http://%s:%d (%s)"
-              % ("[%s]" % host if ":" in host else host, port, described), flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
+        print("data storage service listening on http://%s:%d (%s%s)"
+              % ("[%s]" % host if ":" in host else host, port, described,
+                 ", bearer token required" if args.auth_token else ""), flush=True)
+        serve_until_signalled(server, args.shutdown_timeout)
     finally:
         store.close()
     return 0

@@ -10,6 +10,8 @@ import http.client
 import io
 import json
 import os
+import random
+import re
 import select
 import signal
 import socket
@@ -107,6 +109,10 @@ class ServerContract:
         """Replace the running server with one built with another store or options."""
         self.running.stop()
         self.running = RunningServer(store or self.make_store(), **options)
+
+    @property
+    def store(self):
+        return self.running.httpd.store
 
     # Helpers -------------------------------------------------------------
 
@@ -582,6 +588,40 @@ class ServerContract:
             thread.join()
         self.assertEqual(bad, [])
 
+    # Faults and limits -------------------------------------------------------------
+
+    def test_client_disconnecting_mid_upload_stores_nothing(self):
+        sock = self.raw_socket()
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
+        sock.close()
+        wait_until(lambda: "abandoned" in self.running.log.getvalue())
+        self.assertEqual(len(self.running.log.getvalue().splitlines()), 1)
+        self.assertEqual(self.store.usage(), (0, 0))
+        self.assertEqual(self.put("repo", b"unaffected"), sha256(b"unaffected"))
+
+    def test_stalled_requests_are_closed_after_the_timeout(self):
+        self.restart_server(request_timeout=0.3)
+        for request in (b"",                                               # idle keep-alive
+                        b"PUT /data/repo HTTP/1.1\r\nHost: x\r\n",         # mid-headers
+                        b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nhalf"):  # mid-body
+            with self.subTest(request=request):
+                sock = self.raw_socket()
+                sock.sendall(request)
+                self.assertClosed(sock)
+        self.assertEqual(self.store.usage(), (0, 0))
+        self.assertEqual(self.put("repo", b"still serving"), sha256(b"still serving"))
+
+    def test_quota(self):
+        self.restart_server(store=self.make_store(max_total_size=10))
+        first = self.put("repo", b"123456")
+        self.assertJSONError(self.request("PUT", "/data/repo", b"abcdef"), 507)
+        self.assertNotStored("repo", b"abcdef")
+        self.assertEqual(self.request("PUT", "/data/repo", b"123456").status, 201)  # already stored
+        self.assertEqual(self.request("PUT", "/data/repo/" + first, b"123456").status, 201)
+        self.assertEqual(self.request("GET", "/data/repo/" + first).body, b"123456")
+        self.assertEqual(self.request("DELETE", "/data/repo/" + first).status, 200)
+        self.assertEqual(self.request("PUT", "/data/repo", b"abcdef").status, 201)
+
     # Logging ---------------------------------------------------------------------
 
     def test_one_access_log_line_per_request(self):
@@ -596,13 +636,13 @@ class ServerContract:
 
 
 class MemoryStoreServerTest(ServerContract, unittest.TestCase):
-    def make_store(self):
-        return storage.MemoryStore()
+    def make_store(self, **options):
+        return storage.MemoryStore(**options)
 
 
 class DiskStoreServerTest(ServerContract, unittest.TestCase):
-    def make_store(self):
-        return open_disk_store(self, temporary_directory(self))
+    def make_store(self, **options):
+        return open_disk_store(self, temporary_directory(self), **options)
 
     def test_delete_during_download_does_not_break_it(self):
         data = os.urandom(16 * 1024 * 1024)
@@ -627,6 +667,185 @@ class DiskStoreServerTest(ServerContract, unittest.TestCase):
             self.assertJSONError(self.request("PUT", "/data/repo", os.urandom(2 * 1024 * 1024)), 507)
             self.assertEqual(self.request("GET", "/data/repo/" + oid).body, b"stored before")
             self.assertEqual(self.request("PUT", "/data/repo", b"fits").status, 201)
+
+
+class HardeningTest(unittest.TestCase):
+    """Connection limits, authentication and hostile input (HTTP only: one store)."""
+
+    def setUp(self):
+        self.running = None
+        self.addCleanup(lambda: self.running.stop())
+
+    def start(self, **options):
+        if self.running:
+            self.running.stop()
+        self.running = RunningServer(storage.MemoryStore(), **options)
+        return self.running
+
+    request = ServerContract.request
+    raw = ServerContract.raw
+    raw_socket = ServerContract.raw_socket
+    connect = ServerContract.connect
+    assertJSONError = ServerContract.assertJSONError
+    assertClosed = ServerContract.assertClosed
+
+    def idle_connections(self, count):
+        return [self.raw_socket() for _ in range(count)]
+
+    def test_connections_beyond_the_limit_get_503_when_all_are_busy(self):
+        limiter = self.start(max_connections=2).httpd.connections
+        for _ in range(2):   # two uploads stalled mid-body keep both slots busy
+            self.raw_socket().sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+        wait_until(lambda: limiter.counts() == (2, 0))
+        sock = self.raw_socket()
+        response = self.raw(b"GET /data/repo/x HTTP/1.1\r\n\r\n", sock=sock)
+        self.assertJSONError(response, 503)
+        self.assertEqual(response.headers["Retry-After"], "1")
+        self.assertClosed(sock)
+
+    def test_idle_connections_are_reclaimed_for_new_requests(self):
+        limiter = self.start(max_connections=4).httpd.connections
+        idle = self.idle_connections(4)
+        wait_until(lambda: limiter.counts() == (4, 4))
+        self.assertEqual(self.request("PUT", "/data/repo", b"served").status, 201)
+        self.assertClosed(idle[0])   # the longest idle gave up its slot
+
+    def test_400_idle_connections_do_not_block_a_request_with_defaults(self):
+        limiter = self.start().httpd.connections
+        self.idle_connections(400)
+        wait_until(lambda: limiter.counts()[0] == server.DEFAULT_MAX_CONNECTIONS)
+        connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=2)
+        self.addCleanup(connection.close)
+        self.assertEqual(self.request("PUT", "/data/repo", b"through", connection=connection).status,
+                         201)
+
+    def test_bearer_token(self):
+        self.start(auth_token="s3cret")
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "Bearer s3cret2"}):
+            response = self.request("PUT", "/data/repo", b"guarded", headers=headers)
+            self.assertJSONError(response, 401)
+            self.assertEqual(response.headers["WWW-Authenticate"], 'Bearer realm="data-storage"')
+        self.assertEqual(self.request("GET", "/data/repo/" + sha256(b"guarded"),
+                                      headers={"Authorization": "Bearer s3cret"}).status, 404)
+        response = self.request("PUT", "/data/repo", b"guarded",
+                                headers={"Authorization": "bearer s3cret"})
+        self.assertEqual(response.status, 201)
+        refused = self.raw(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 5\r\n"
+                           b"Expect: 100-continue\r\n\r\n")
+        self.assertJSONError(refused, 401)   # instead of 100 Continue
+
+    def test_hostile_requests_get_4xx_or_a_closed_connection(self):
+        self.start(request_timeout=2)
+        for request in (os.urandom(2000),
+                        b"\x00\x01\x02\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\nX: " + b"a" * 100000 + b"\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n",
+                        b"GET /data/../../etc/passwd HTTP/1.1\r\n\r\n",
+                        b"GET /data/%2E%2E/" + sha256(b"").encode() + b" HTTP/1.1\r\n\r\n",
+                        b"GET /data/r\xc3\x28/x HTTP/1.1\r\n\r\n",
+                        b"PUT /data/r HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                        b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"FFFFFFFFFFFFFFFF\r\n",
+                        b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + b"F" * 1000 + b"\r\n",
+                        b"PUT /data/r HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+                        b"GET http://[::1/data/r/x HTTP/1.1\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\nRange: bytes=" + b"9" * 5000 + b"-\r\n\r\n"):
+            with self.subTest(request=request[:40]):
+                statuses = self.exchange(request)
+                self.assertTrue(all(400 <= status < 500 for status in statuses), statuses)
+        self.assertEqual(self.request("PUT", "/data/repo", b"fine").status, 201)
+
+    def exchange(self, request):
+        """Send ``request``, half-close, and return the statuses of every response."""
+        sock = self.raw_socket()
+        try:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass   # the server may close on us before it has read everything
+        received = bytearray()
+        try:
+            for data in iter(lambda: sock.recv(65536), b""):
+                received += data
+        except ConnectionResetError:
+            pass
+        return [int(status) for status in re.findall(rb"(?:^|\n)HTTP/1\.1 (\d{3}) ", received)]
+
+    def test_fuzzed_requests_never_get_a_server_error(self):
+        self.start(request_timeout=1, max_object_size=1 << 20)
+        oid = sha256(b"seed").encode()
+        seeds = [b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nseed",
+                 b"PUT /data/repo/" + oid + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"2;x=y\r\nse\r\n2\r\ned\r\n0\r\nT: 1\r\n\r\n",
+                 b"GET /data/repo/" + oid + b" HTTP/1.1\r\nRange: bytes=1-2\r\n"
+                 b"If-None-Match: W/\"x\", *\r\n\r\n",
+                 b"HEAD /data/repo/" + oid + b"?q=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                 b"DELETE /data/repo/" + oid + b" HTTP/1.1\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: 0\r\n\r\n"]
+        generator = random.Random(20261126)
+        pieces = [b"\r\n", b"\n", b" ", b":", b";", b"%", b"%ff", b"/", b"..", b"\x00", b"\xff",
+                  b"-1", b"99999999999999999999", b"chunked", b"Content-Length: 5\r\n",
+                  b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1", b"0\r\n\r\n"]
+
+        def mutate(data):
+            data = bytearray(data)
+            for _ in range(generator.randint(1, 4)):
+                position = generator.randrange(len(data) + 1)
+                choice = generator.randrange(5)
+                if choice == 0 and data:
+                    data[min(position, len(data) - 1)] = generator.randrange(256)
+                elif choice == 1:
+                    data[position:position] = generator.choice(pieces)
+                elif choice == 2:
+                    del data[position:position + generator.randint(1, 8)]
+                elif choice == 3:
+                    data[position:position] = data[position:position + generator.randint(1, 30)]
+                else:
+                    data[position:position] = os.urandom(generator.randint(1, 16))
+            return bytes(data)
+
+        server_errors = []
+        for _ in range(300):
+            request = mutate(generator.choice(seeds))
+            statuses = self.exchange(request)
+            if any(status == 500 or status > 505 for status in statuses):
+                server_errors.append((request, statuses))
+        self.assertEqual(server_errors, [])
+        self.assertEqual(self.request("PUT", "/data/repo", b"after fuzzing").status, 201)
+        self.assertEqual(self.request("GET", "/data/repo/" + sha256(b"after fuzzing")).body,
+                         b"after fuzzing")
+
+    def test_64_clients_for_two_seconds(self):
+        self.start()
+        deadline = time.monotonic() + 2
+        failures, rounds = [], []
+
+        def client(number):
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            count = 0
+            try:
+                while time.monotonic() < deadline:
+                    data = b"%d-%d " % (number, count) * (1 + count % 50)
+                    put = self.request("PUT", "/data/load", data, connection=connection)
+                    got = self.request("GET", "/data/load/" + sha256(data), connection=connection)
+                    if put.status != 201 or put.json()["oid"] != sha256(data) or got.body != data:
+                        failures.append((number, count, put.status, got.status))
+                    count += 1
+            except Exception as error:
+                failures.append((number, repr(error)))
+            finally:
+                connection.close()
+                rounds.append(count)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(64)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(failures, [])
+        self.assertTrue(all(rounds), rounds)
 
 
 class ServerProcess:
@@ -737,7 +956,8 @@ class CommandLineTest(unittest.TestCase):
     def test_help_documents_every_flag(self):
         output = subprocess.run([sys.executable, os.path.join(HERE, "server.py"), "--help"],
                                 capture_output=True, text=True, check=True).stdout
-        for flag in ("--host", "--port", "--max-object-size", "--data-dir"):
+        for flag in ("--host", "--port", "--max-object-size", "--data-dir", "--max-total-size",
+                     "--request-timeout", "--max-connections", "--shutdown-timeout", "--auth-token"):
             self.assertIn(flag, output)
 
     def test_rejects_malformed_numbers(self):
@@ -756,6 +976,46 @@ class CommandLineTest(unittest.TestCase):
             self.assertIn(b'"PUT /data/cli HTTP/1.1" 201', read_line(process.stderr))
             process.send_signal(signum)
             self.assertEqual(process.wait(timeout=10), 0)
+
+    def test_sigterm_lets_an_upload_in_progress_finish(self):
+        process, port = self.start("--port", "0")
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(idle.close)
+        upload = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(upload.close)
+        upload.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nfirst")
+        self.assertIn(b"HTTP/1.1 404", self.exchange_on(idle, b"GET /data/repo/x HTTP/1.1\r\n\r\n"))
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: not self.accepts(port))             # stopped accepting
+        self.assertEqual(idle.recv(1), b"")                      # idle keep-alive closed
+        upload.sendall(b"half")
+        upload.sendall(b"!")
+        response = http.client.HTTPResponse(upload, method="PUT")
+        response.begin()
+        self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 10))
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertEqual(process.wait(timeout=10), 0)
+
+    @staticmethod
+    def exchange_on(sock, request):
+        sock.sendall(request)
+        return sock.recv(65536)
+
+    @staticmethod
+    def accepts(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def test_token_from_environment(self):
+        process, port = self.start("--port", "0", env={"DATA_STORAGE_TOKEN": "from-env"})
+        for headers, status in (({}, 401), ({"Authorization": "Bearer from-env"}, 201)):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("PUT", "/data/repo", body=b"x", headers=headers)
+            self.assertEqual(connection.getresponse().status, status)
+            connection.close()
 
     def test_port_from_environment(self):
         probe = socket.socket()

@@ -13,7 +13,12 @@ Every store offers the same three calls:
 ``put(repository, source, expected_oid=None) -> (oid, size)``
 ``open(repository, oid) -> StoredObject``
 ``delete(repository, oid)``
+``usage() -> (objects, bytes)``
 ``close()``
+
+Both take ``max_total_size``, a quota on the bytes stored: an upload that
+would exceed it raises InsufficientStorage, except an upload of an object the
+repository already holds, which adds nothing.
 
 Run as a program, it checks a disk store: ``python storage.py verify DIR``.
 """
@@ -118,10 +123,14 @@ class MemoryStore:
     - Storing bytes a repository already holds keeps the first copy.
     - Objects are immutable ``bytes``: a reader that opened an object keeps
       reading the same bytes even if the object is deleted meanwhile.
+    - The quota is checked and the object added in one step under the lock,
+      so concurrent uploads cannot overshoot it together.
     """
 
-    def __init__(self):
+    def __init__(self, max_total_size=None):
         self._objects = {}  # (repository, oid) -> bytes
+        self._bytes = 0
+        self._max_total_size = max_total_size
         self._lock = threading.Lock()
 
     def put(self, repository, source, expected_oid=None):
@@ -139,7 +148,10 @@ class MemoryStore:
         oid = hashlib.sha256(data).hexdigest()
         check_digest(oid, expected_oid)
         with self._lock:
-            self._objects.setdefault((repository, oid), data)
+            if (repository, oid) not in self._objects:
+                _check_quota(self._bytes, len(data), self._max_total_size)
+                self._objects[repository, oid] = data
+                self._bytes += len(data)
         return oid, len(data)
 
     def open(self, repository, oid):
@@ -159,8 +171,21 @@ class MemoryStore:
         check_repository(repository)
         with self._lock:
             data = self._objects.pop((repository, canonical_oid(oid)), None)
+            if data is not None:
+                self._bytes -= len(data)
         if data is None:
             raise ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
+
+    def usage(self):
+        """``(objects, bytes)`` currently stored, all repositories together."""
+        with self._lock:
+            return len(self._objects), self._bytes
+
+
+def _check_quota(used, size, limit):
+    if limit is not None and used + size > limit:
+        raise InsufficientStorage("storing %d more bytes would exceed the %d-byte quota "
+                                  "(%d bytes in use)" % (size, limit, used))
 
 
 def object_path(root, repository, oid):
@@ -198,20 +223,31 @@ class DiskStore:
       the temporary file; stored objects are untouched.
     - Directories are never removed on delete, so a delete cannot race a put
       that is about to rename into the same directory.
+    - Usage (objects, bytes) is counted once at start by walking the tree and
+      then kept by this process; the quota is checked and the object
+      published in one step under a lock. Another process's changes to a
+      shared root are seen at the next start, so with several processes the
+      quota is enforced per process against that view.
     """
 
     BLOCK_BYTES = 1 << 20
     TEMPORARY_DIR = "@tmp"
     QUARANTINE_DIR = "quarantine"
 
-    def __init__(self, root):
+    def __init__(self, root, max_total_size=None):
         self.root = os.path.abspath(root)
+        self._max_total_size = max_total_size
+        self._lock = threading.Lock()
         temporary_root = os.path.join(self.root, self.TEMPORARY_DIR)
         os.makedirs(temporary_root, exist_ok=True)
         self._remove_abandoned_temporary_dirs(temporary_root)
         self._temporary_dir = tempfile.mkdtemp(prefix="%d-" % os.getpid(), dir=temporary_root)
         self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._objects = self._bytes = 0
+        for _, _, path in self.stored_objects():
+            self._objects += 1
+            self._bytes += os.stat(path).st_size
 
     def close(self):
         """Release this process's temporary directory."""
@@ -256,12 +292,23 @@ class DiskStore:
                 check_digest(oid, expected_oid)
                 final_path = object_path(self.root, repository, oid)
                 self._make_parent_dirs(final_path)
-                os.replace(temporary_path, final_path)
+                self._publish(temporary_path, final_path, size)
             except BaseException:
                 _remove_quietly(temporary_path)
                 raise
             _fsync_dir(os.path.dirname(final_path))
         return oid, size
+
+    def _publish(self, temporary_path, final_path, size):
+        """Rename the finished file into place, within the quota."""
+        with self._lock:
+            if os.path.exists(final_path):   # already stored: the rename changes nothing
+                os.replace(temporary_path, final_path)
+                return
+            _check_quota(self._bytes, size, self._max_total_size)
+            os.replace(temporary_path, final_path)
+            self._objects += 1
+            self._bytes += size
 
     def _write(self, source, file):
         """Copy ``source`` into ``file`` through one buffer, hashing as it goes."""
@@ -310,11 +357,20 @@ class DiskStore:
             if canonical is None:
                 raise FileNotFoundError(oid)
             path = object_path(self.root, repository, canonical)
-            os.unlink(path)
+            with self._lock:
+                size = os.stat(path).st_size
+                os.unlink(path)
+                self._objects -= 1
+                self._bytes -= size
         except FileNotFoundError:
             raise ObjectNotFound("object %s not found in repository %s"
                                  % (oid[:80], repository)) from None
         _fsync_dir(os.path.dirname(path))
+
+    def usage(self):
+        """``(objects, bytes)`` as this process counts them (see the class docstring)."""
+        with self._lock:
+            return self._objects, self._bytes
 
     def stored_objects(self):
         """Yield ``(repository, oid, path)`` for every object file under the root."""

@@ -143,6 +143,44 @@ class StoreContract:
                 with self.subTest(name=name), self.assertRaises(storage.InvalidRepository):
                     call()
 
+    def test_usage_counts_objects_and_bytes(self):
+        self.assertEqual(self.store.usage(), (0, 0))
+        oid, _ = self.put("one", b"12345")
+        self.put("one", b"12345")
+        self.put("two", b"12345")
+        self.put("two", b"123")
+        self.assertEqual(self.store.usage(), (3, 13))
+        self.store.delete("one", oid)
+        self.assertEqual(self.store.usage(), (2, 8))
+
+    def test_quota(self):
+        self.store = self.make_store(max_total_size=10)
+        first, _ = self.put("repo", b"123456")
+        with self.assertRaises(storage.InsufficientStorage):
+            self.put("repo", b"abcdef")
+        self.assertEqual(self.put("repo", b"123456")[0], first)   # already stored: no new bytes
+        self.assertEqual(self.put("repo", b"abcd")[1], 4)          # exactly at the quota
+        self.store.delete("repo", first)
+        self.assertEqual(self.put("repo", b"abcdef")[1], 6)
+        self.assertEqual(self.store.usage(), (2, 10))
+
+    def test_concurrent_uploads_cannot_overshoot_the_quota(self):
+        self.store = self.make_store(max_total_size=100)
+        refused = []
+
+        def upload(number):
+            try:
+                self.put("repo", b"%02d" % number * 5)   # 10 bytes each
+            except storage.InsufficientStorage:
+                refused.append(number)
+
+        threads = [threading.Thread(target=upload, args=(n,)) for n in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual((len(refused), self.store.usage()), (20, (10, 100)))
+
     def test_open_object_survives_delete(self):
         data = b"still readable" * 10000
         oid, _ = self.put("repo", data)
@@ -181,8 +219,8 @@ class StoreContract:
 
 
 class MemoryStoreTest(StoreContract, unittest.TestCase):
-    def make_store(self):
-        return storage.MemoryStore()
+    def make_store(self, **options):
+        return storage.MemoryStore(**options)
 
 
 def temporary_directory(test):
@@ -192,8 +230,8 @@ def temporary_directory(test):
     return directory.name
 
 
-def open_disk_store(test, root):
-    store = storage.DiskStore(root)
+def open_disk_store(test, root, **options):
+    store = storage.DiskStore(root, **options)
     test.addCleanup(store.close)
     return store
 
@@ -234,9 +272,9 @@ def files_under(root):
 
 
 class DiskStoreTest(StoreContract, unittest.TestCase):
-    def make_store(self):
+    def make_store(self, **options):
         self.root = temporary_directory(self)
-        return open_disk_store(self, self.root)
+        return open_disk_store(self, self.root, **options)
 
     def temporary_files(self):
         return [path for path in files_under(self.root) if path.startswith("@tmp")]
@@ -253,6 +291,7 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
         self.store.delete("repo", gone)
         self.store.close()
         reopened = open_disk_store(self, self.root)
+        self.assertEqual(reopened.usage(), (1, 4))
         with reopened.open("repo", kept) as stored:
             self.assertEqual(stored.file.read(), b"kept")
         with self.assertRaises(storage.ObjectNotFound):
