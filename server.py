@@ -689,6 +689,9 @@ class DataStorageHandler(BaseHTTPRequestHandler):
 class DataStorageServer(ThreadingHTTPServer):
     """A threaded HTTP server that owns the store and the service's limits.
 
+    ``store`` may be given later (set the attribute before serving): worker
+    processes open their own store after the listening socket is shared.
+
     One thread per connection, at most ``max_connections`` of them (see
     ConnectionLimiter); threads are daemons so that a stuck client cannot
     keep the process alive, and ``drain`` gives in-flight requests their
@@ -822,7 +825,17 @@ def parse_args(argv=None):
                         metavar="TOKEN",
                         help="require 'Authorization: Bearer TOKEN' on every request "
                              "(default: $DATA_STORAGE_TOKEN; unset: no authentication)")
-    return parser.parse_args(argv)
+    parser.add_argument("--workers", type=_positive_count, default=1, metavar="N",
+                        help="serve from N processes sharing the listening socket; needs "
+                             "--data-dir, since processes cannot share memory (default: 1)")
+    args = parser.parse_args(argv)
+    if args.workers > 1 and not args.data_dir:
+        parser.error("--workers above 1 needs --data-dir: worker processes cannot share "
+                     "the in-memory store")
+    return args
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def serve_until_signalled(server, shutdown_timeout):
@@ -832,8 +845,9 @@ def serve_until_signalled(server, shutdown_timeout):
         # shutdown() waits for serve_forever() to return, so not on this thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # blocked across a worker's fork
     server.serve_forever()
     server.server_close()
     left = server.drain(shutdown_timeout)
@@ -842,26 +856,83 @@ def serve_until_signalled(server, shutdown_timeout):
                                 % (left, shutdown_timeout))
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def open_store(args):
     if args.data_dir:
-        store = storage.DiskStore(args.data_dir, max_total_size=args.max_total_size)
-        described = "disk store in %s" % args.data_dir
-    else:
-        store = storage.MemoryStore(max_total_size=args.max_total_size)
-        described = "in-memory store"
+        return storage.DiskStore(args.data_dir, max_total_size=args.max_total_size)
+    return storage.MemoryStore(max_total_size=args.max_total_size)
+
+
+def serve_in_this_process(server, args):
+    server.store = open_store(args)
     try:
-        server = DataStorageServer(
-            (args.host, args.port), store, max_object_size=args.max_object_size,
-            request_timeout=args.request_timeout, max_connections=args.max_connections,
-            auth_token=args.auth_token)
-        host, port = server.server_address[:2]
-        print("data storage service listening on http://%s:%d (%s%s)"
-              % ("[%s]" % host if ":" in host else host, port, described,
-                 ", bearer token required" if args.auth_token else ""), flush=True)
         serve_until_signalled(server, args.shutdown_timeout)
     finally:
-        store.close()
+        server.store.close()
+
+
+def run_workers(server, args):
+    """Fork ``args.workers`` processes that accept on the one listening socket,
+    each with its own handle on the shared disk store. Restart a worker that
+    dies; on SIGTERM or SIGINT, pass SIGTERM on and wait for all to drain."""
+    workers = {}   # pid -> start time
+    stopping = False
+
+    def start_worker():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # no signal between fork and set-up
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                serve_in_this_process(server, args)
+                status = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        workers[pid] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    for _ in range(args.workers):
+        start_worker()
+    while workers:
+        pid, status = os.wait()
+        started = workers.pop(pid, None)
+        if started is None or stopping:
+            continue
+        server.log_stream.write("worker %d exited (wait status %d); starting another\n" % (pid, status))
+        if time.monotonic() - started < 1:
+            time.sleep(1)   # a worker that dies at once would otherwise fork in a tight loop
+        if not stopping:
+            start_worker()
+    server.server_close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    server = DataStorageServer(
+        (args.host, args.port), None, max_object_size=args.max_object_size,
+        request_timeout=args.request_timeout, max_connections=args.max_connections,
+        auth_token=args.auth_token)
+    host, port = server.server_address[:2]
+    print("data storage service listening on http://%s:%d (%s%s%s)" % (
+        "[%s]" % host if ":" in host else host, port,
+        "disk store in %s" % args.data_dir if args.data_dir else "in-memory store",
+        ", %d workers" % args.workers if args.workers > 1 else "",
+        ", bearer token required" if args.auth_token else ""), flush=True)
+    if args.workers > 1:
+        run_workers(server, args)
+    else:
+        serve_in_this_process(server, args)
     return 0
 
 

@@ -957,7 +957,8 @@ class CommandLineTest(unittest.TestCase):
         output = subprocess.run([sys.executable, os.path.join(HERE, "server.py"), "--help"],
                                 capture_output=True, text=True, check=True).stdout
         for flag in ("--host", "--port", "--max-object-size", "--data-dir", "--max-total-size",
-                     "--request-timeout", "--max-connections", "--shutdown-timeout", "--auth-token"):
+                     "--request-timeout", "--max-connections", "--shutdown-timeout", "--auth-token",
+                     "--workers"):
             self.assertIn(flag, output)
 
     def test_rejects_malformed_numbers(self):
@@ -1016,6 +1017,46 @@ class CommandLineTest(unittest.TestCase):
             connection.request("PUT", "/data/repo", body=b"x", headers=headers)
             self.assertEqual(connection.getresponse().status, status)
             connection.close()
+
+    def test_workers_share_the_socket_and_the_disk_store(self):
+        process, port = self.start("--port", "0", "--workers", "2",
+                                   "--data-dir", temporary_directory(self))
+        children = "/proc/%d/task/%d/children" % (process.pid, process.pid)
+
+        def workers():
+            with open(children) as file:
+                return [int(pid) for pid in file.read().split()]
+
+        wait_until(lambda: len(workers()) == 2)
+        first_workers = workers()
+
+        def round_trips(count):
+            for number in range(count):   # each request on a new connection: any worker may take it
+                data = b"object %d" % number
+                put = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                put.request("PUT", "/data/repo", body=data)
+                self.assertEqual(put.getresponse().status, 201)
+                put.close()
+                get = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                get.request("GET", "/data/repo/" + sha256(data))
+                self.assertEqual(get.getresponse().read(), data)
+                get.close()
+
+        round_trips(20)
+        os.kill(first_workers[0], signal.SIGKILL)
+        wait_until(lambda: len(workers()) == 2 and first_workers[0] not in workers())
+        round_trips(10)
+        final_workers = workers()
+        process.terminate()
+        self.assertEqual(process.wait(timeout=20), 0)
+        for pid in final_workers:
+            self.assertFalse(os.path.exists("/proc/%d" % pid), "worker %d still running" % pid)
+
+    def test_workers_need_the_disk_store(self):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "server.py"), "--workers", "2"],
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--workers above 1 needs --data-dir", result.stderr)
 
     def test_port_from_environment(self):
         probe = socket.socket()
