@@ -603,8 +603,12 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             if self.command == "HEAD":
                 self._send_response(status, headers, content_length=count)
             elif count <= INLINE_BODY_BYTES:
-                stored.file.seek(first)
-                self._send_response(status, headers, stored.file.read(count))
+                if first:
+                    stored.file.seek(first)   # a stored object's file starts at 0
+                body = stored.file.read(count)
+                if len(body) != count:
+                    raise OSError("stored object shorter than its recorded size")
+                self._send_response(status, headers, body)
             else:
                 self._send_response(status, headers, content_length=count)
                 if self.connection.sendfile(stored.file, first, count) != count:

@@ -299,7 +299,7 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
 
     def test_failed_uploads_leave_no_files(self):
         with self.assertRaises(ConnectionResetError):
-            self.store.put("repo", FailingSource(b"cut off" * 100000))
+            self.store.put("repo", FailingSource(b"cut off" * 500000))   # through the pipeline
         with self.assertRaises(storage.DigestMismatch):
             self.put("repo", b"mismatch", expected_oid=sha256(b"other"))
         self.assertEqual(files_under(self.root), [])

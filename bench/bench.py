@@ -1,0 +1,425 @@
+"""Benchmark of the data storage service, each figure beside a baseline from the same run.
+
+    python bench/bench.py                 # everything, a table (about 2 minutes)
+    python bench/bench.py --json          # the same figures as JSON
+    python bench/bench.py --quick         # short runs and a 256 MiB large object
+
+The machine is shared and noisy, so absolute numbers mean little: every
+figure is compared with a baseline measured minutes apart, as a ratio.
+
+Small objects: 1 KiB GET and PUT over keep-alive connections, for our server
+(in-memory store) and for bench/baseline_server.py, which only parses, hashes
+and replies. Load comes from wrk when it is installed, else from a stdlib
+client in several processes. Then the same for the disk store with 1 and 2
+workers (the load generator shares the machine's cores with the workers).
+
+Large objects: a PUT and a GET of one large object (1 GiB by default) over
+loopback to the disk store, against SHA-256 throughput, the data directory's
+write+fsync throughput and loopback sendfile throughput; the server's peak RSS
+growth (VmHWM); and the in-memory store's peak RSS growth for the same PUT.
+"""
+
+import argparse
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVER = os.path.join(HERE, os.pardir, "server.py")
+BASELINE = os.path.join(HERE, "baseline_server.py")
+SMALL_BODY = b"x" * 1024
+BLOCK = 1 << 20
+MIB = 1 << 20
+
+
+# Servers -------------------------------------------------------------------
+
+class Process:
+    """A server in a subprocess; the port comes from its first line of output."""
+
+    def __init__(self, command):
+        self.popen = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = self.popen.stdout.readline().decode()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError("server did not start: %r" % line)
+        self.port = int(match.group(1))
+
+    def memory_kib(self, field):
+        with open("/proc/%d/status" % self.popen.pid) as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field)
+
+    def stop(self):
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self.popen.stdout.close()
+
+
+def our_server(*args):
+    return Process([sys.executable, SERVER, "--port", "0", *args])
+
+
+def baseline_server():
+    return Process([sys.executable, BASELINE, "0"])
+
+
+def request(port, method, path, body=b""):
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"%s %s HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                     % (method.encode(), path.encode(), len(body)) + body)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+# Small-object load ---------------------------------------------------------------
+
+def wrk_load(port, method, path, connections, duration):
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    with script:
+        if method == "PUT":
+            script.write('wrk.method = "PUT"\nwrk.body = string.rep("x", %d)\n' % len(SMALL_BODY))
+    try:
+        output = subprocess.run(
+            ["wrk", "-t2", "-c%d" % connections, "-d%ds" % duration, "--latency",
+             "-s", script.name, "http://127.0.0.1:%d%s" % (port, path)],
+            capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script.name)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: (.*)", output)
+
+    def latency(percent):
+        value, unit = re.search(r"\s%s%%\s+([\d.]+)(us|ms|s)\b" % percent, output).groups()
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    return {"requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+            "p50_ms": latency(50), "p99_ms": latency(99),
+            "errors": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def _python_client(port, raw_request, duration):
+    """One keep-alive connection sending ``raw_request`` until ``duration`` is up."""
+    latencies, errors = [], 0
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        deadline = time.perf_counter() + duration
+        while True:
+            started = time.perf_counter()
+            if started > deadline:
+                break
+            sock.sendall(raw_request)
+            status = reader.readline()
+            length = 0
+            for line in iter(reader.readline, b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            reader.read(length)
+            latencies.append(time.perf_counter() - started)
+            errors += not status.startswith((b"HTTP/1.1 2", b"HTTP/1.1 3"))
+    return latencies, errors
+
+
+def python_load(port, method, path, connections, duration):
+    body = SMALL_BODY if method == "PUT" else b""
+    raw_request = (b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n"
+                   % (method.encode(), path.encode(), len(body)) + body)
+    with concurrent.futures.ProcessPoolExecutor(connections) as pool:
+        results = list(pool.map(_python_client, [port] * connections,
+                                [raw_request] * connections, [duration] * connections))
+    latencies = sorted(latency for result in results for latency in result[0])
+    return {"requests_per_second": len(latencies) / duration,
+            "p50_ms": latencies[len(latencies) // 2] * 1e3,
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+            "errors": sum(result[1] for result in results), "socket_errors": ""}
+
+
+def small_object_load(port, method, path, options):
+    load = wrk_load if options.client == "wrk" else python_load
+    return load(port, method, path, options.connections, options.duration)
+
+
+def best_of(rounds, measure):
+    """The best of several runs: noise on a shared machine only ever slows a run down."""
+    return max((measure() for _ in range(rounds)), key=lambda r: r["requests_per_second"])
+
+
+def prepare_small_object(port):
+    response = request(port, "PUT", "/data/bench", SMALL_BODY)
+    assert b" 201 " in response.split(b"\r\n", 1)[0], response
+    return "/data/bench/" + hashlib.sha256(SMALL_BODY).hexdigest()
+
+
+def bench_small_objects(options, report):
+    ours, baseline = our_server(), baseline_server()
+    try:
+        get_path = prepare_small_object(ours.port)
+        for method, path in (("GET", get_path), ("PUT", "/data/bench")):
+            base = best_of(options.rounds, lambda: small_object_load(baseline.port, method, path, options))
+            mine = best_of(options.rounds, lambda: small_object_load(ours.port, method, path, options))
+            report.add("1 KiB %s req/s (memory store)" % method, mine["requests_per_second"],
+                       base["requests_per_second"], "baseline server", target=0.8, unit="req/s",
+                       details={"ours": mine, "baseline": base})
+            limit = max(20.0, 2 * base["p99_ms"])
+            report.add("1 KiB %s p99 latency" % method, mine["p99_ms"], limit,
+                       "max(20 ms, 2x baseline p99 %.2f ms)" % base["p99_ms"], unit="ms",
+                       at_most=1.0, details={"p50_ms": mine["p50_ms"],
+                                             "baseline_p50_ms": base["p50_ms"]})
+    finally:
+        ours.stop()
+        baseline.stop()
+
+
+def bench_workers(options, report, data_root):
+    rates = {}
+    for workers in (1, 2):
+        directory = tempfile.mkdtemp(dir=data_root)
+        server = our_server("--data-dir", directory, "--workers", str(workers))
+        try:
+            get_path = prepare_small_object(server.port)
+            for method, path in (("GET", get_path), ("PUT", "/data/bench")):
+                rates[workers, method] = best_of(
+                    options.rounds, lambda: small_object_load(server.port, method, path, options))
+        finally:
+            server.stop()
+            shutil.rmtree(directory, ignore_errors=True)
+    for method in ("GET", "PUT"):
+        report.add("1 KiB %s req/s, disk store, 2 workers" % method,
+                   rates[2, method]["requests_per_second"], rates[1, method]["requests_per_second"],
+                   "1 worker", unit="req/s")
+
+
+# Large objects ----------------------------------------------------------------
+
+def make_large_file(directory, size):
+    path = os.path.join(directory, "large-object")
+    with open(path, "wb") as file:
+        for _ in range(size // BLOCK):
+            file.write(os.urandom(BLOCK))
+    return path
+
+
+def sha256_throughput(path):
+    started = time.perf_counter()
+    digest = hashlib.sha256()
+    block = bytearray(BLOCK)
+    with open(path, "rb", buffering=0) as file:
+        for count in iter(lambda: file.readinto(block), 0):
+            digest.update(memoryview(block)[:count])
+    return os.path.getsize(path) / (time.perf_counter() - started), digest.hexdigest()
+
+
+def write_fsync_throughput(directory, size):
+    block = os.urandom(BLOCK)
+    path = os.path.join(directory, "write-test")
+    started = time.perf_counter()
+    with open(path, "wb", buffering=0) as file:
+        for _ in range(size // BLOCK):
+            file.write(block)
+        os.fsync(file.fileno())
+    elapsed = time.perf_counter() - started
+    os.unlink(path)
+    return size / elapsed
+
+
+def _drain_socket(sock, total):
+    block = bytearray(BLOCK)
+    received = 0
+    while received < total:
+        count = sock.recv_into(block)
+        if not count:
+            raise ConnectionError("peer closed after %d of %d bytes" % (received, total))
+        received += count
+
+
+def sendfile_throughput(path):
+    """Loopback socket.sendfile into a reader that drops the bytes: the ceiling for a GET."""
+    size = os.path.getsize(path)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = {}
+
+    def receive():
+        connection, _ = listener.accept()
+        with connection:
+            _drain_socket(connection, size)
+        accepted["done"] = time.perf_counter()
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    with socket.create_connection(listener.getsockname()) as sock, open(path, "rb") as file:
+        started = time.perf_counter()
+        sock.sendfile(file)
+        thread.join()
+    listener.close()
+    return size / (accepted["done"] - started)
+
+
+def timed_put(port, path, repository):
+    size = os.path.getsize(path)
+    with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as file:
+        started = time.perf_counter()
+        sock.sendall(b"PUT /data/%s HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                     % (repository.encode(), size))
+        sock.sendfile(file)
+        response = sock.recv(65536)
+        elapsed = time.perf_counter() - started
+    assert b" 201 " in response.split(b"\r\n", 1)[0], response
+    return size / elapsed, json.loads(response.split(b"\r\n\r\n", 1)[1])["oid"]
+
+
+def timed_get(port, repository, oid, size):
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        started = time.perf_counter()
+        sock.sendall(b"GET /data/%s/%s HTTP/1.1\r\n\r\n" % (repository.encode(), oid.encode()))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        head, body_start = head.split(b"\r\n\r\n", 1)
+        assert b" 200 " in head.split(b"\r\n", 1)[0], head
+        _drain_socket(sock, size - len(body_start))
+        return size / (time.perf_counter() - started)
+
+
+def bench_large_objects(options, report, data_root):
+    size = options.large_size
+    work = tempfile.mkdtemp(dir=data_root)
+    try:
+        path = make_large_file(work, size)
+        hash_rate, expected_oid = sha256_throughput(path)
+        write_rate = write_fsync_throughput(work, size)
+        sendfile_rate = sendfile_throughput(path)
+
+        server = our_server("--data-dir", os.path.join(work, "store"),
+                            "--max-object-size", str(size))
+        try:
+            rss_before = server.memory_kib("VmRSS")
+            put_rate, oid = timed_put(server.port, path, "large")
+            assert oid == expected_oid, (oid, expected_oid)
+            get_rate = timed_get(server.port, "large", oid, size)
+            rss_growth = (server.memory_kib("VmHWM") - rss_before) * 1024
+        finally:
+            server.stop()
+        floor = min(hash_rate, write_rate)
+        label = "%d MiB" % (size // MIB)
+        report.add("%s PUT MB/s (disk store)" % label, put_rate / 1e6, floor / 1e6,
+                   "min(sha256 %.0f, write+fsync %.0f)" % (hash_rate / 1e6, write_rate / 1e6),
+                   target=0.7, unit="MB/s")
+        report.add("%s GET MB/s (disk store)" % label, get_rate / 1e6, sendfile_rate / 1e6,
+                   "loopback sendfile", target=0.7, unit="MB/s")
+        report.add("%s PUT+GET peak RSS growth (disk store)" % label, rss_growth / MIB, 64,
+                   "64 MiB limit", unit="MiB", at_most=1.0)
+
+        server = our_server("--max-object-size", str(size))
+        try:
+            rss_before = server.memory_kib("VmRSS")
+            put_rate, _ = timed_put(server.port, path, "large")
+            rss_growth = (server.memory_kib("VmHWM") - rss_before) * 1024
+        finally:
+            server.stop()
+        report.add("%s PUT peak RSS growth (memory store)" % label, rss_growth / MIB, size / MIB,
+                   "the object's size", unit="MiB", at_most=1.25,
+                   details={"put_mb_per_second": put_rate / 1e6})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# Report -------------------------------------------------------------------------
+
+class Report:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, figure, value, baseline, baseline_name, unit, target=None, at_most=None,
+            details=None):
+        """A figure and its baseline. ``target``: the ratio must be at least this;
+        ``at_most``: at most this."""
+        ratio = value / baseline if baseline else float("inf")
+        met = None
+        if target is not None:
+            met = ratio >= target
+        elif at_most is not None:
+            met = ratio <= at_most
+        self.rows.append({"figure": figure, "value": round(value, 2), "unit": unit,
+                          "baseline": round(baseline, 2), "baseline_name": baseline_name,
+                          "ratio": round(ratio, 3),
+                          "target": (">= %s" % target if target is not None else
+                                     "<= %s" % at_most if at_most is not None else None),
+                          "met": met, "details": details or {}})
+        print("  %s: %.2f %s vs %.2f (%s) = %.2fx" % (figure, value, unit, baseline,
+                                                      baseline_name, ratio), file=sys.stderr)
+
+    def table(self):
+        lines = ["| figure | ours | baseline | ratio | target |", "|---|---|---|---|---|"]
+        for row in self.rows:
+            verdict = "" if row["met"] is None else (" met" if row["met"] else " **missed**")
+            lines.append("| %s | %.2f %s | %.2f (%s) | %.2fx | %s%s |" % (
+                row["figure"], row["value"], row["unit"], row["baseline"], row["baseline_name"],
+                row["ratio"], row["target"] or "(report)", verdict))
+        return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 s runs, one round, a 256 MiB large object")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per small-object run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per figure; the best counts")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--large-size", type=int, default=1 << 30, metavar="BYTES")
+    parser.add_argument("--data-dir", default=tempfile.gettempdir(),
+                        help="where the disk store and test files go (default: %(default)s)")
+    parser.add_argument("--client", choices=("wrk", "python"),
+                        default="wrk" if shutil.which("wrk") else "python",
+                        help="load generator (default: wrk if installed)")
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=("small", "workers", "large"), help="leave out a part")
+    options = parser.parse_args()
+    if options.quick:
+        options.duration, options.rounds, options.large_size = 1, 1, 256 * MIB
+
+    report = Report()
+    started = time.time()
+    if "small" not in options.skip:
+        bench_small_objects(options, report)
+    if "workers" not in options.skip:
+        bench_workers(options, report, options.data_dir)
+    if "large" not in options.skip:
+        bench_large_objects(options, report, options.data_dir)
+    context = {"date": datetime.date.today().isoformat(), "client": options.client,
+               "connections": options.connections, "duration_s": options.duration,
+               "rounds": options.rounds, "python": platform.python_version(),
+               "cpus": os.cpu_count(), "machine": platform.machine(),
+               "seconds": round(time.time() - started)}
+    if options.json:
+        print(json.dumps({"context": context, "figures": report.rows}, indent=2))
+    else:
+        print("%s, Python %s, %d CPUs, load from %s (%d connections, %d s x %d rounds, best)"
+              % (context["date"], context["python"], context["cpus"], context["client"],
+                 options.connections, options.duration, options.rounds))
+        print(report.table())
+    return 0 if all(row["met"] is not False for row in report.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
