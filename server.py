@@ -906,6 +906,10 @@ def run_workers(server, args):
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
+    # Every worker wakes for each new connection and only one wins it; the
+    # others must get EAGAIN from accept() (which socketserver ignores), not
+    # block there, deaf to shutdown, until the next connection.
+    server.socket.setblocking(False)
     for _ in range(args.workers):
         start_worker()
     while workers:
