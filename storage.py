@@ -424,13 +424,47 @@ class DiskStore:
         return checked, corrupt
 
 
+class _BackgroundFlush(threading.Thread):
+    """Runs fdatasync on a file whenever asked, on its own thread, so the disk
+    writes back while the upload carries on and the final fsync has little
+    left to do. Requests that arrive during a flush merge into the next one."""
+
+    def __init__(self, fd):
+        super().__init__(daemon=True)
+        self._fd = fd
+        self._wanted = threading.Event()
+        self._stopping = False
+        self.error = None
+        self.start()
+
+    def request(self):
+        self._wanted.set()
+
+    def stop(self):
+        self._stopping = True
+        self._wanted.set()
+        self.join()
+
+    def run(self):
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopping:
+                return
+            try:
+                _fdatasync(self._fd)
+            except OSError as error:
+                self.error = error
+                return
+
+
 class _FileWriter(threading.Thread):
     """Writes submitted buffers to a file on its own thread, in order, and
-    hands each buffer back for reuse once written. It also fdatasyncs every
-    SYNC_BYTES, so the caller's final fsync has little left to flush. A write
-    error is kept and raised to the caller at its next call."""
+    hands each buffer back for reuse once written. Every FLUSH_BYTES it asks
+    a _BackgroundFlush to fdatasync, without waiting for it. An error is
+    kept and raised to the caller at its next call."""
 
-    SYNC_BYTES = 16 << 20
+    FLUSH_BYTES = 16 << 20
 
     def __init__(self, file, buffers):
         super().__init__(daemon=True)
@@ -440,6 +474,7 @@ class _FileWriter(threading.Thread):
         for buffer in buffers:
             self._free.put(buffer)
         self._error = None
+        self._flush = _BackgroundFlush(file.fileno())
         self.start()
 
     def submit(self, chunk):
@@ -454,9 +489,11 @@ class _FileWriter(threading.Thread):
         return buffer
 
     def finish(self):
-        """Write what is queued, stop the thread, and raise its error if it had one."""
+        """Write what is queued, stop the threads, and raise an error if one had it."""
         self._written.put(None)
         self.join()
+        self._flush.stop()
+        self._error = self._error or self._flush.error
         self._raise_if_failed()
 
     def _raise_if_failed(self):
@@ -464,17 +501,17 @@ class _FileWriter(threading.Thread):
             raise self._error
 
     def run(self):
-        unsynced = 0
+        unflushed = 0
         for chunk in iter(self._written.get, None):
             if self._error is None:
                 try:
                     _write_all(self._file, chunk)
-                    unsynced += len(chunk)
-                    if unsynced >= self.SYNC_BYTES:
-                        _fdatasync(self._file.fileno())
-                        unsynced = 0
                 except BaseException as error:
                     self._error = error
+                unflushed += len(chunk)
+                if unflushed >= self.FLUSH_BYTES:
+                    self._flush.request()
+                    unflushed = 0
             self._free.put(chunk.obj)
 
 
