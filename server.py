@@ -11,6 +11,7 @@ Run ``python server.py --help`` for the command line.
 
 import argparse
 import collections
+import datetime
 import email.utils
 import hmac
 import http
@@ -28,6 +29,7 @@ import traceback
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import metrics
 import storage
 
 DEFAULT_PORT = 8282
@@ -46,6 +48,18 @@ LINGER_SECONDS = 2.0
 BODY_BLOCK_BYTES = 256 * 1024
 OVERSIZED = 1 << 62   # stands for a Content-Length too long to be worth converting
 
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 10000
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
+ROUTE_PATHS = {   # route name -> path template, as in openapi.json
+    "health": "/healthz",
+    "metrics": "/metrics",
+    "openapi": "/openapi.json",
+    "repository": "/data/{repository}",
+    "object": "/data/{repository}/{oid}",
+}
+FIXED_ROUTES = {path: route for route, path in ROUTE_PATHS.items() if "{" not in path}
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -104,11 +118,11 @@ def split_list(value):
 
 
 def parse_target(target):
-    """Map a request target to ``(route, arguments)``; route is None if unknown.
+    """Map a request target to ``(route, arguments, query)``; route is None if unknown.
 
-    Accepts origin-form and absolute-form (RFC 9112 §3.2). The query is
-    ignored. Each segment is percent-decoded on its own, so ``a%2Fb`` stays
-    one segment.
+    Accepts origin-form and absolute-form (RFC 9112 §3.2). Each segment is
+    percent-decoded on its own, so ``a%2Fb`` stays one segment. The query is
+    returned raw; only the routes that take parameters read it.
     """
     if not target.isascii():
         raise HTTPError(400, "request target must be ASCII; percent-encode other bytes")
@@ -117,14 +131,38 @@ def parse_target(target):
         if scheme.lower() not in ("http", "https") or not rest:
             raise HTTPError(400, "invalid request target %r" % target[:200])
         target = "/" + rest.partition("/")[2]
-    segments = target.partition("?")[0].split("/")[1:]
+    path, _, query = target.partition("?")
+    if path in FIXED_ROUTES:
+        return FIXED_ROUTES[path], (), query
+    segments = path.split("/")[1:]
     if segments[0] != "data" or len(segments) not in (2, 3) or "" in segments:
-        return None, ()
+        return None, (), query
     try:
         arguments = tuple(urllib.parse.unquote(s, errors="strict") for s in segments[1:])
     except UnicodeDecodeError:
         raise HTTPError(400, "path segments must be percent-encoded UTF-8") from None
-    return ("repository", "object")[len(arguments) - 1], arguments
+    return ("repository", "object")[len(arguments) - 1], arguments, query
+
+
+def parse_listing_query(query):
+    """``(limit, after)`` from a listing's query string; 400 if either is malformed."""
+    try:
+        fields = urllib.parse.parse_qs(query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "query must be percent-encoded UTF-8") from None
+    for name in ("limit", "after"):
+        if len(fields.get(name, ())) > 1:
+            raise HTTPError(400, "query parameter %r given more than once" % name)
+    limit_text = fields.get("limit", [str(DEFAULT_LIST_LIMIT)])[0]
+    if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 6
+            and 1 <= int(limit_text) <= MAX_LIST_LIMIT):
+        raise HTTPError(400, "limit must be a whole number from 1 to %d" % MAX_LIST_LIMIT)
+    after = fields.get("after", [None])[0]
+    if after is not None:
+        after = storage.canonical_oid(after)
+        if after is None:
+            raise HTTPError(400, "after must be an object id (64 hex digits)")
+    return int(limit_text), after
 
 
 def parse_range(value, size):
@@ -175,6 +213,7 @@ class RequestBody:
         self._on_first_read = on_first_read
         self.started = False
         self.finished = False
+        self.received = 0   # body bytes read so far
 
     def _start(self):
         if not self.started:
@@ -228,6 +267,7 @@ class FixedLengthBody(RequestBody):
         if not count:
             raise self._cut_off()
         self.remaining -= count
+        self.received += count
         self.finished = not self.remaining
         return count
 
@@ -236,6 +276,7 @@ class FixedLengthBody(RequestBody):
         data = self._rfile.read(self.remaining)  # one allocation, filled in place
         if len(data) != self.remaining:
             raise self._cut_off()
+        self.received += self.remaining
         self.remaining = 0
         self.finished = True
         return data
@@ -249,7 +290,7 @@ class ChunkedBody(RequestBody):
     def __init__(self, rfile, limit, on_first_read):
         super().__init__(rfile, on_first_read)
         self._limit = limit
-        self._received = 0
+        self._declared = 0
         self._chunk_left = 0
 
     def readinto(self, buffer):
@@ -266,6 +307,7 @@ class ChunkedBody(RequestBody):
         if not count:
             raise self._cut_off()
         self._chunk_left -= count
+        self.received += count
         if not self._chunk_left and self._rfile.read(2) != b"\r\n":
             raise HTTPError(400, "chunk data not followed by CRLF", close=True)
         return count
@@ -283,8 +325,8 @@ class ChunkedBody(RequestBody):
         if not match:
             raise HTTPError(400, "malformed chunk size line", close=True)
         size = int(match.group(1), 16)
-        self._received += size
-        if self._received > self._limit:
+        self._declared += size
+        if self._declared > self._limit:
             raise HTTPError(413, "object larger than the %d-byte limit" % self._limit, close=True)
         return size
 
@@ -331,10 +373,12 @@ class ConnectionLimiter:
             self._idle[sock] = None
             return True
 
-    def idle(self, sock):
-        """Mark a connection as waiting for a request; False if it should close instead."""
+    def idle(self, sock, first_request):
+        """Mark a connection as waiting for a request; False if it should close
+        instead. While draining, a connection still gets its first request
+        answered (with Connection: close), so a health check sees 503."""
         with self._lock:
-            if self.draining or sock not in self._open:
+            if (self.draining and not first_request) or sock not in self._open:
                 return False
             self._idle[sock] = None
             self._idle.move_to_end(sock)
@@ -377,6 +421,9 @@ def _has_unread_bytes(sock):
     return bool(poller.poll(0))
 
 
+_CONTROL_CHARACTERS = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
+
+
 def _shut_down(sock):
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -414,56 +461,82 @@ class DataStorageHandler(BaseHTTPRequestHandler):
     server_version = SERVER_SOFTWARE
     disable_nagle_algorithm = True   # small responses must not wait ~40 ms for an ACK
     routes = {
-        "repository": {"PUT": "put_object"},
+        "health": {"GET": "get_health", "HEAD": "get_health"},
+        "metrics": {"GET": "get_metrics", "HEAD": "get_metrics"},
+        "openapi": {"GET": "get_openapi", "HEAD": "get_openapi"},
+        "repository": {"GET": "list_objects", "HEAD": "list_objects", "PUT": "put_object"},
         "object": {"GET": "get_object", "HEAD": "get_object",
                    "PUT": "put_object", "DELETE": "delete_object"},
     }
+    public_routes = frozenset({"health"})   # answered without a token, for load balancers
 
     def setup(self):
         self.timeout = self.server.request_timeout
+        self._requests_seen = 0
         super().setup()
 
     def handle_one_request(self):
-        """Read, route and answer one request; turn any exception into a response."""
-        if not self.server.connections.idle(self.connection):
-            self.close_connection = True
+        """Wait for a request, then read, route and answer it, accounting for it
+        once at the end (access log, metrics)."""
+        self.close_connection = True
+        if not self.server.connections.idle(self.connection, first_request=not self._requests_seen):
             return
+        try:
+            raw = self.rfile.readline(MAX_LINE_BYTES + 1)
+            if raw in (b"\r\n", b"\n"):   # RFC 9112 §2.2: ignore an empty line before a request
+                raw = self.rfile.readline(MAX_LINE_BYTES + 1)
+        except (ConnectionError, socket.timeout):
+            return   # idle too long, or gone: nothing to answer
+        if not raw:
+            return
+        self.server.connections.busy(self.connection)
+        self._requests_seen += 1
+        self.close_connection = False
         self.command = None
         self.requestline = ""
         self.request_version = self.protocol_version
-        self._response_started = False
+        self._status = None
+        self._sent_bytes = 0
         self._expect_continue = False
         self._body = EmptyBody()
+        started = time.monotonic()
+        self.server.metrics.request_started()
         try:
-            try:
-                if not self._read_request_head():
-                    self.close_connection = True
-                    return
-                self._dispatch()
-            except HTTPError as error:
-                self._send_error(error.status, str(error), error.headers, error.close)
-            except storage.StoreError as error:
-                self._send_error(STORE_ERROR_STATUS.get(type(error), 500), str(error))
-            except (ConnectionError, socket.timeout):
-                raise
-            except Exception:
-                self.log_error("unexpected error:\n%s", traceback.format_exc())
-                self._send_error(500, "internal server error", close=True)
-            self._finish_request_body()
+            self._answer(raw)
         except (ConnectionError, socket.timeout) as error:
             # The client went away or stalled: nobody is left to answer.
-            if self.command is not None:
-                self.log_error('"%s" abandoned: %s', self.requestline, error)
+            self.server.log("warning", '%s "%s" abandoned: %s'
+                            % (self.address_string(), self.requestline[:200], error))
             self.close_connection = True
+        finally:
+            self._account(time.monotonic() - started)
 
-    def _read_request_head(self):
-        """Parse the request line and header fields; return False at a clean end of connection."""
-        raw = self.rfile.readline(MAX_LINE_BYTES + 1)
-        if raw in (b"\r\n", b"\n"):   # RFC 9112 §2.2: ignore an empty line before the request
-            raw = self.rfile.readline(MAX_LINE_BYTES + 1)
-        if not raw:
-            return False
-        self.server.connections.busy(self.connection)
+    def _answer(self, raw_request_line):
+        """Answer one request; any exception but a lost connection becomes a response."""
+        try:
+            self._read_request_head(raw_request_line)
+            self._dispatch()
+        except HTTPError as error:
+            self._send_error(error.status, str(error), error.headers, error.close)
+        except storage.StoreError as error:
+            self._send_error(STORE_ERROR_STATUS.get(type(error), 500), str(error))
+        except (ConnectionError, socket.timeout):
+            raise
+        except Exception:
+            self.server.log("error", "unexpected error in %r:\n%s"
+                            % (self.requestline[:200], traceback.format_exc()))
+            self._send_error(500, "internal server error", close=True)
+        self._finish_request_body()
+
+    def _account(self, seconds):
+        method = self.command if self.command in KNOWN_METHODS else "other"
+        self.server.metrics.request_ended(method, self._status, seconds, self._body.received,
+                                          self._sent_bytes)
+        if self._status is not None:
+            self.server.log_access(self, seconds)
+
+    def _read_request_head(self, raw):
+        """Parse the request line and header fields."""
         if len(raw) > MAX_LINE_BYTES:
             raise HTTPError(414, "request line longer than %d bytes" % MAX_LINE_BYTES, close=True)
         self.requestline = raw.decode("latin-1").rstrip("\r\n")
@@ -480,7 +553,6 @@ class DataStorageHandler(BaseHTTPRequestHandler):
         connection = [option.lower() for option in split_list(self.headers.get("Connection", ""))]
         self.close_connection = minor == "0" or "close" in connection
         self._body = self._frame_body()
-        return True
 
     def _read_header_fields(self):
         headers = Headers()
@@ -540,12 +612,13 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _dispatch(self):
-        if self.server.auth_token is not None and not self._authorized():
+        route, arguments, self._query = parse_target(self.path)
+        if (self.server.auth_token is not None and route not in self.public_routes
+                and not self._authorized()):
             raise HTTPError(401, "missing or wrong bearer token",
                             [("WWW-Authenticate", 'Bearer realm="data-storage"')])
         if self.command not in KNOWN_METHODS:
             raise HTTPError(501, "method %s not implemented" % self.command[:40])
-        route, arguments = parse_target(self.path)
         if route is None:
             raise HTTPError(404, "no such resource: %s" % self.path[:200])
         methods = self.routes[route]
@@ -611,13 +684,39 @@ class DataStorageHandler(BaseHTTPRequestHandler):
                 self._send_response(status, headers, body)
             else:
                 self._send_response(status, headers, content_length=count)
-                if self.connection.sendfile(stored.file, first, count) != count:
+                self._sent_bytes = self.connection.sendfile(stored.file, first, count)
+                if self._sent_bytes != count:
                     raise ConnectionError("object ended before its recorded size")
 
     def delete_object(self, repository, oid):
         """Remove the object; 404 if the repository does not hold it."""
         self.server.store.delete(repository, oid)
         self._send_response(200, [])
+
+    def list_objects(self, repository):
+        """A page of the repository's objects, sorted by oid: ``?limit=N&after=OID``."""
+        limit, after = parse_listing_query(self._query)
+        listed = self.server.store.list_objects(repository, after=after, limit=limit + 1)
+        page = listed[:limit]
+        self._send_json(200, {"objects": [{"oid": oid, "size": size} for oid, size in page],
+                              "next": page[-1][0] if len(listed) > limit else None})
+
+    def get_health(self):
+        """200 while serving; 503 once shutdown has begun, so balancers move away."""
+        if self.server.connections.draining:
+            self._send_json(503, {"status": "draining"})
+        else:
+            self._send_json(200, {"status": "ok"})
+
+    def get_metrics(self):
+        """Prometheus text exposition of the request metrics and the store's usage."""
+        text = self.server.metrics.render(*self.server.store.usage())
+        self._send_response(200, [("Content-Type", metrics.CONTENT_TYPE)], text.encode())
+
+    def get_openapi(self):
+        """The OpenAPI 3.1 description of this API, served as stored."""
+        self._send_response(200, [("Content-Type", "application/json")],
+                            self.server.openapi_document)
 
     # Responses ------------------------------------------------------------
 
@@ -630,7 +729,7 @@ class DataStorageHandler(BaseHTTPRequestHandler):
         in which case the only honest thing left is to close the connection."""
         if close:
             self.close_connection = True
-        if self._response_started:
+        if self._status is not None:
             self.close_connection = True
             return
         self._send_response(status, [("Content-Type", "application/json"), *headers],
@@ -648,14 +747,16 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         length = len(body) if content_length is None else content_length
         head = format_head(status, headers, length, self.server.http_date(), self.close_connection)
-        self._response_started = True
-        self.wfile.write(head + body if self.command != "HEAD" else head)
-        self.log_request(status, length)
+        self._status = status
+        if self.command == "HEAD":
+            self.wfile.write(head)
+        else:
+            self.wfile.write(head + body)
+            self._sent_bytes = len(body)
 
     def log_message(self, format, *args):
-        """Access and error log lines go to the server's log stream (stderr by default)."""
-        self.server.log_stream.write("%s - - [%s] %s\n" % (
-            self.address_string(), self.log_date_time_string(), format % args))
+        """Whatever the stdlib logs goes through the server's log, as errors."""
+        self.server.log("error", "%s %s" % (self.address_string(), format % args))
 
     def _can_drain_body(self):
         return self._body.length is not None and self._body.remaining <= DRAIN_BODY_BYTES
@@ -707,13 +808,19 @@ class DataStorageServer(ThreadingHTTPServer):
 
     def __init__(self, address, store, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
                  request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 auth_token=None, log_stream=None, handler_class=DataStorageHandler):
+                 auth_token=None, log_stream=None, log_format="text", log_level="info",
+                 handler_class=DataStorageHandler):
         self.store = store
         self.max_object_size = max_object_size
         self.request_timeout = request_timeout
         self.connections = ConnectionLimiter(max_connections)
         self.auth_token = os.fsencode(auth_token) if auth_token else None
+        self.metrics = metrics.Metrics()
+        with open(OPENAPI_PATH, "rb") as document:
+            self.openapi_document = document.read()
         self.log_stream = log_stream or sys.stderr
+        self.log_json = log_format == "json"
+        self.log_threshold = LOG_LEVELS[log_level]
         self._date = (0, "")
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -753,6 +860,37 @@ class DataStorageServer(ThreadingHTTPServer):
         """Close idle connections and give in-flight requests up to ``timeout``
         seconds to finish; returns how many were still open after it."""
         return self.connections.drain(timeout)
+
+    def log(self, level, message):
+        """A line of the service log (start-up, warnings, errors), if ``level`` passes
+        ``--log-level``."""
+        if LOG_LEVELS[level] < self.log_threshold:
+            return
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if self.log_json:
+            line = json.dumps({"time": now.isoformat(timespec="milliseconds"),
+                               "level": level, "message": message})
+        else:
+            line = "%s %s %s" % (now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+                                 level.upper(), message)
+        self.log_stream.write(line + "\n")
+
+    def log_access(self, handler, seconds):
+        """The access-log line of a finished request: Common Log Format, or JSON."""
+        if self.log_json:
+            line = json.dumps({
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="milliseconds"),
+                "remote": handler.client_address[0], "method": handler.command,
+                "path": handler.path if handler.command else None, "status": handler._status,
+                "request_bytes": handler._body.received, "response_bytes": handler._sent_bytes,
+                "duration_ms": round(seconds * 1000, 3)})
+        else:
+            line = '%s - - [%s] "%s" %d %d' % (
+                handler.client_address[0], handler.log_date_time_string(),
+                handler.requestline.translate(_CONTROL_CHARACTERS), handler._status,
+                handler._sent_bytes)
+        self.log_stream.write(line + "\n")
 
     def http_date(self):
         """The current time as an HTTP-date, formatted at most once a second."""
@@ -829,6 +967,12 @@ def parse_args(argv=None):
                         metavar="TOKEN",
                         help="require 'Authorization: Bearer TOKEN' on every request "
                              "(default: $DATA_STORAGE_TOKEN; unset: no authentication)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="access log: Common Log Format lines, or one JSON object per "
+                             "line (default: %(default)s)")
+    parser.add_argument("--log-level", choices=tuple(LOG_LEVELS), default="info",
+                        help="least severe service-log line written: start-up, warnings, "
+                             "errors (default: %(default)s)")
     parser.add_argument("--workers", type=_positive_count, default=1, metavar="N",
                         help="serve from N processes sharing the listening socket; needs "
                              "--data-dir, since processes cannot share memory (default: 1)")
@@ -846,6 +990,7 @@ def serve_until_signalled(server, shutdown_timeout):
     """Serve until SIGTERM or SIGINT; then stop accepting, close idle
     connections and give in-flight requests ``shutdown_timeout`` seconds."""
     def stop(signum, frame):
+        server.log("info", "signal %d: draining and stopping" % signum)
         # shutdown() waits for serve_forever() to return, so not on this thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
@@ -856,8 +1001,8 @@ def serve_until_signalled(server, shutdown_timeout):
     server.server_close()
     left = server.drain(shutdown_timeout)
     if left:
-        server.log_stream.write("stopping with %d requests unfinished after %ss\n"
-                                % (left, shutdown_timeout))
+        server.log("warning", "stopping with %d requests unfinished after %ss"
+                   % (left, shutdown_timeout))
 
 
 def open_store(args):
@@ -917,7 +1062,7 @@ def run_workers(server, args):
         started = workers.pop(pid, None)
         if started is None or stopping:
             continue
-        server.log_stream.write("worker %d exited (wait status %d); starting another\n" % (pid, status))
+        server.log("warning", "worker %d exited (wait status %d); starting another" % (pid, status))
         if time.monotonic() - started < 1:
             time.sleep(1)   # a worker that dies at once would otherwise fork in a tight loop
         if not stopping:
@@ -930,7 +1075,7 @@ def main(argv=None):
     server = DataStorageServer(
         (args.host, args.port), None, max_object_size=args.max_object_size,
         request_timeout=args.request_timeout, max_connections=args.max_connections,
-        auth_token=args.auth_token)
+        auth_token=args.auth_token, log_format=args.log_format, log_level=args.log_level)
     host, port = server.server_address[:2]
     print("data storage service listening on http://%s:%d (%s%s%s)" % (
         "[%s]" % host if ":" in host else host, port,

@@ -348,7 +348,7 @@ class ServerContract:
     def test_disallowed_method_is_405_with_allow(self):
         response = self.request("POST", "/data/repo", b"x")
         self.assertJSONError(response, 405)
-        self.assertEqual(response.headers["Allow"], "PUT")
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT")
         response = self.request("PATCH", "/data/repo/%s" % sha256(b""), b"x")
         self.assertJSONError(response, 405)
         self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT, DELETE")
@@ -622,6 +622,75 @@ class ServerContract:
         self.assertEqual(self.request("DELETE", "/data/repo/" + first).status, 200)
         self.assertEqual(self.request("PUT", "/data/repo", b"abcdef").status, 201)
 
+    # Listing ---------------------------------------------------------------------
+
+    def test_listing_pages_through_a_repository(self):
+        expected = sorted(({"oid": self.put("repo", b"entry %d" % n), "size": len(b"entry %d" % n)}
+                           for n in range(7)), key=lambda entry: entry["oid"])
+        self.put("other", b"elsewhere")
+        collected, after = [], None
+        for _ in range(5):
+            query = "?limit=3" + ("&after=" + after if after else "")
+            page = self.request("GET", "/data/repo" + query)
+            self.assertEqual((page.status, page.headers["Content-Type"]), (200, "application/json"))
+            collected += page.json()["objects"]
+            after = page.json()["next"]
+            if after is None:
+                break
+        self.assertEqual(collected, expected)
+        self.assertEqual(self.request("GET", "/data/repo").json(), {"objects": expected, "next": None})
+
+    def test_listing_an_empty_repository(self):
+        self.assertEqual(self.request("GET", "/data/nothing-here").json(), {"objects": [], "next": None})
+        head = self.request("HEAD", "/data/nothing-here")
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertEqual(int(head.headers["Content-Length"]), len(b'{"objects": [], "next": null}'))
+
+    def test_listing_rejects_bad_parameters(self):
+        for query in ("limit=0", "limit=10001", "limit=-1", "limit=%2B5", "limit=null",
+                      "limit=-1e400", "limit=", "limit=1&limit=2", "after=xyz", "after=",
+                      "after=%ff", "after=%00", "after=%s&after=%s" % ("0" * 64, "1" * 64)):
+            with self.subTest(query=query):
+                self.assertJSONError(self.request("GET", "/data/repo?" + query), 400)
+        self.assertJSONError(self.request("GET", "/data/" + "x" * 101), 400)
+        self.assertJSONError(self.request("GET", "/data/%01"), 400)
+        self.assertEqual(self.request("GET", "/data/repo?limit=10000&after=%s&unknown=1"
+                                      % ("F" * 64)).status, 200)
+
+    # Health and metrics --------------------------------------------------------------
+
+    def test_health(self):
+        response = self.request("GET", "/healthz")
+        self.assertEqual((response.status, response.json()), (200, {"status": "ok"}))
+        self.running.httpd.drain(0)   # what SIGTERM does, minus closing the listener
+        response = self.request("GET", "/healthz")
+        self.assertEqual((response.status, response.json()), (503, {"status": "draining"}))
+        self.assertEqual(response.headers["Connection"], "close")
+
+    def test_metrics(self):
+        oid = self.put("repo", b"measured")
+        self.put("repo", b"measured")
+        self.request("GET", "/data/repo/" + oid)
+        self.request("GET", "/data/repo/missing")
+        response = self.request("GET", "/metrics")
+        self.assertEqual(response.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples = {}
+        for line in response.body.decode().splitlines():
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        self.assertEqual(samples['datastore_http_requests_total{method="PUT",status="201"}'], 2)
+        self.assertEqual(samples['datastore_http_requests_total{method="GET",status="200"}'], 1)
+        self.assertEqual(samples['datastore_http_requests_total{method="GET",status="404"}'], 1)
+        self.assertEqual(samples["datastore_http_request_duration_seconds_count"], 4)
+        self.assertEqual(samples['datastore_http_request_duration_seconds_bucket{le="+Inf"}'], 4)
+        self.assertLessEqual(samples['datastore_http_request_duration_seconds_bucket{le="0.0005"}'], 4)
+        self.assertGreater(samples["datastore_http_request_duration_seconds_sum"], 0)
+        self.assertEqual(samples["datastore_http_in_flight_requests"], 1)   # this request
+        self.assertEqual((samples["datastore_objects"], samples["datastore_bytes"]), (1, 8))
+        self.assertEqual(samples["datastore_received_bytes_total"], 16)
+        self.assertGreaterEqual(samples["datastore_sent_bytes_total"], 8)
+
     # Logging ---------------------------------------------------------------------
 
     def test_one_access_log_line_per_request(self):
@@ -848,6 +917,86 @@ class HardeningTest(unittest.TestCase):
         self.assertTrue(all(rounds), rounds)
 
 
+class OperabilityTest(unittest.TestCase):
+    """The OpenAPI document, tokens on operational routes, and log formats."""
+
+    request = ServerContract.request
+    connect = ServerContract.connect
+    assertJSONError = ServerContract.assertJSONError
+
+    def start(self, **options):
+        self.running = RunningServer(storage.MemoryStore(), **options)
+        self.addCleanup(self.running.stop)
+
+    def test_openapi_document_is_served_as_stored(self):
+        self.start()
+        response = self.request("GET", "/openapi.json")
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        with open(os.path.join(HERE, "openapi.json"), "rb") as document:
+            self.assertEqual(response.body, document.read())
+
+    def test_openapi_routes_match_the_server(self):
+        with open(os.path.join(HERE, "openapi.json")) as document:
+            paths = json.load(document)["paths"]
+        documented = {(path, method.upper()) for path, item in paths.items() for method in item
+                      if method in ("get", "head", "put", "post", "delete", "patch", "options")}
+        served = {(server.ROUTE_PATHS[route], method)
+                  for route, methods in server.DataStorageHandler.routes.items() for method in methods}
+        self.assertEqual(documented, served)
+        for path, route in server.FIXED_ROUTES.items():
+            self.assertEqual(server.parse_target(path)[0], route)
+        self.assertEqual(server.parse_target("/data/r")[0], "repository")
+        self.assertEqual(server.parse_target("/data/r/o")[0], "object")
+
+    def test_openapi_responses_are_concrete(self):
+        with open(os.path.join(HERE, "openapi.json")) as document:
+            paths = json.load(document)["paths"]
+        bodyless = {("head", status) for status in ("200", "304", "400", "401", "404", "414", "431",
+                                                    "500", "501", "503", "505")}
+        bodyless |= {("get", "304"), ("delete", "200")}
+        for path, item in paths.items():
+            for method, operation in item.items():
+                self.assertNotIn("default", operation["responses"], (path, method))
+                for status, response in operation["responses"].items():
+                    where = (path, method, status)
+                    if (method, status) in bodyless:
+                        self.assertNotIn("content", response, where)
+                        continue
+                    self.assertTrue(response["content"], where)
+                    for media_type, content in response["content"].items():
+                        self.assertNotIn("*", media_type, where)
+                        self.assertTrue(content["schema"], where)
+
+    def test_health_needs_no_token_but_the_rest_does(self):
+        self.start(auth_token="t0ken")
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        for path in ("/metrics", "/openapi.json", "/data/repo"):
+            self.assertJSONError(self.request("GET", path), 401)
+            self.assertEqual(self.request("GET", path, headers={"Authorization": "Bearer t0ken"}).status,
+                             200)
+
+    def test_json_access_log(self):
+        self.start(log_format="json")
+        self.request("PUT", "/data/repo?q=1", b"twelve bytes")
+        wait_until(lambda: self.running.log.getvalue().count("\n") >= 1)
+        record = json.loads(self.running.log.getvalue().splitlines()[0])
+        self.assertEqual(set(record), {"time", "remote", "method", "path", "status",
+                                       "request_bytes", "response_bytes", "duration_ms"})
+        self.assertEqual((record["method"], record["path"], record["status"], record["request_bytes"],
+                          record["remote"]), ("PUT", "/data/repo?q=1", 201, 12, "127.0.0.1"))
+        self.assertGreater(record["response_bytes"], 0)
+        self.assertGreaterEqual(record["duration_ms"], 0)
+
+    def test_log_level_filters_the_service_log(self):
+        self.start(log_level="error", log_format="json")
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort")
+        sock.close()   # an abandoned upload: a warning, below the level
+        self.request("GET", "/data/repo/missing")
+        wait_until(lambda: '"status": 404' in self.running.log.getvalue())
+        self.assertNotIn("abandoned", self.running.log.getvalue())
+
+
 class ServerProcess:
     """``python server.py ARGS`` in a subprocess, with the port it reports."""
 
@@ -958,7 +1107,7 @@ class CommandLineTest(unittest.TestCase):
                                 capture_output=True, text=True, check=True).stdout
         for flag in ("--host", "--port", "--max-object-size", "--data-dir", "--max-total-size",
                      "--request-timeout", "--max-connections", "--shutdown-timeout", "--auth-token",
-                     "--workers"):
+                     "--workers", "--log-format", "--log-level"):
             self.assertIn(flag, output)
 
     def test_rejects_malformed_numbers(self):

@@ -13,6 +13,7 @@ Every store offers the same three calls:
 ``put(repository, source, expected_oid=None) -> (oid, size)``
 ``open(repository, oid) -> StoredObject``
 ``delete(repository, oid)``
+``list_objects(repository, after=None, limit=1000) -> [(oid, size), ...]``
 ``usage() -> (objects, bytes)``
 ``close()``
 
@@ -27,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import heapq
 import io
 import os
 import queue
@@ -129,7 +131,8 @@ class MemoryStore:
     """
 
     def __init__(self, max_total_size=None):
-        self._objects = {}  # (repository, oid) -> bytes
+        self._repositories = {}  # repository -> {oid: bytes}
+        self._objects = 0
         self._bytes = 0
         self._max_total_size = max_total_size
         self._lock = threading.Lock()
@@ -149,9 +152,11 @@ class MemoryStore:
         oid = hashlib.sha256(data).hexdigest()
         check_digest(oid, expected_oid)
         with self._lock:
-            if (repository, oid) not in self._objects:
+            objects = self._repositories.setdefault(repository, {})
+            if oid not in objects:
                 _check_quota(self._bytes, len(data), self._max_total_size)
-                self._objects[repository, oid] = data
+                objects[oid] = data
+                self._objects += 1
                 self._bytes += len(data)
         return oid, len(data)
 
@@ -159,7 +164,7 @@ class MemoryStore:
         """Return the object as a StoredObject, or raise ObjectNotFound."""
         check_repository(repository)
         with self._lock:
-            data = self._objects.get((repository, canonical_oid(oid)))
+            data = self._repositories.get(repository, {}).get(canonical_oid(oid))
         if data is None:
             raise ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
         return StoredObject(io.BytesIO(data), len(data))  # BytesIO shares bytes: no copy
@@ -171,16 +176,29 @@ class MemoryStore:
         """Remove the object, or raise ObjectNotFound if the repository lacks it."""
         check_repository(repository)
         with self._lock:
-            data = self._objects.pop((repository, canonical_oid(oid)), None)
+            objects = self._repositories.get(repository, {})
+            data = objects.pop(canonical_oid(oid), None)
             if data is not None:
+                self._objects -= 1
                 self._bytes -= len(data)
+                if not objects:
+                    del self._repositories[repository]
         if data is None:
             raise ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
 
     def usage(self):
         """``(objects, bytes)`` currently stored, all repositories together."""
         with self._lock:
-            return len(self._objects), self._bytes
+            return self._objects, self._bytes
+
+    def list_objects(self, repository, after=None, limit=1000):
+        """Up to ``limit`` ``(oid, size)`` pairs of ``repository``, sorted by oid,
+        starting after the oid ``after``; an unknown repository has none."""
+        check_repository(repository)
+        with self._lock:
+            objects = self._repositories.get(repository, {})
+            oids = heapq.nsmallest(limit, (oid for oid in objects if after is None or oid > after))
+            return [(oid, len(objects[oid])) for oid in oids]
 
 
 def _check_quota(used, size, limit):
@@ -247,8 +265,11 @@ class DiskStore:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._objects = self._bytes = 0
         for _, _, path in self.stored_objects():
+            try:
+                self._bytes += os.stat(path).st_size
+            except FileNotFoundError:
+                continue   # deleted meanwhile by another process on this root
             self._objects += 1
-            self._bytes += os.stat(path).st_size
 
     def close(self):
         """Release this process's temporary directory."""
@@ -390,19 +411,42 @@ class DiskStore:
         with self._lock:
             return self._objects, self._bytes
 
+    def list_objects(self, repository, after=None, limit=1000):
+        """Up to ``limit`` ``(oid, size)`` pairs of ``repository``, sorted by oid,
+        starting after the oid ``after``. Reads one shard directory at a time,
+        never the whole repository."""
+        check_repository(repository)
+        listed = []
+        for oid, path in self._repository_objects(repository, after):
+            if len(listed) == limit:
+                break
+            try:
+                listed.append((oid, os.stat(path).st_size))
+            except FileNotFoundError:
+                continue   # deleted since the directory was read
+        return listed
+
+    def _repository_objects(self, repository, after=None):
+        """Yield ``(oid, path)`` for the repository's objects in oid order, after ``after``."""
+        repository_dir = os.path.join(self.root, repository)
+        try:
+            shards = sorted(os.listdir(repository_dir))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for shard in shards:
+            shard_dir = os.path.join(repository_dir, shard)
+            if len(shard) != 2 or (after and shard < after[:2]) or not os.path.isdir(shard_dir):
+                continue
+            for name in sorted(os.listdir(shard_dir)):
+                if canonical_oid(name) == name and name[:2] == shard and (not after or name > after):
+                    yield name, os.path.join(shard_dir, name)
+
     def stored_objects(self):
         """Yield ``(repository, oid, path)`` for every object file under the root."""
         for repository in sorted(os.listdir(self.root)):
-            repository_dir = os.path.join(self.root, repository)
-            if not REPOSITORY_PATTERN.fullmatch(repository) or not os.path.isdir(repository_dir):
-                continue
-            for shard in sorted(os.listdir(repository_dir)):
-                shard_dir = os.path.join(repository_dir, shard)
-                if len(shard) != 2 or not os.path.isdir(shard_dir):
-                    continue
-                for name in sorted(os.listdir(shard_dir)):
-                    if canonical_oid(name) == name and name[:2] == shard:
-                        yield repository, name, os.path.join(shard_dir, name)
+            if REPOSITORY_PATTERN.fullmatch(repository) and repository not in (".", ".."):
+                for oid, path in self._repository_objects(repository):
+                    yield repository, oid, path
 
     def verify(self, report=print):
         """Re-hash every object; move each whose bytes do not match its name to

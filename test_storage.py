@@ -181,6 +181,26 @@ class StoreContract:
             thread.join()
         self.assertEqual((len(refused), self.store.usage()), (20, (10, 100)))
 
+    def test_listing_is_sorted_and_paged(self):
+        expected = sorted((self.put("repo", b"object %d" % n)[0], len(b"object %d" % n))
+                          for n in range(25))
+        self.put("other", b"not listed")
+        pages, after = [], None
+        while True:
+            page = self.store.list_objects("repo", after=after, limit=10)
+            if not page:
+                break
+            pages.append(page)
+            after = page[-1][0]
+        self.assertEqual([len(page) for page in pages], [10, 10, 5])
+        self.assertEqual([entry for page in pages for entry in page], expected)
+        between = expected[3][0][:-1] + ("0" if expected[3][0][-1] != "0" else "1")
+        self.assertEqual(self.store.list_objects("repo", after=between, limit=1000),
+                         [entry for entry in expected if entry[0] > between])
+        self.assertEqual(self.store.list_objects("never-used"), [])
+        self.store.delete("repo", expected[0][0])
+        self.assertEqual(self.store.list_objects("repo", limit=1), [expected[1]])
+
     def test_open_object_survives_delete(self):
         data = b"still readable" * 10000
         oid, _ = self.put("repo", data)
