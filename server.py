@@ -821,7 +821,7 @@ class DataStorageServer(ThreadingHTTPServer):
         self.log_stream = log_stream or sys.stderr
         self.log_json = log_format == "json"
         self.log_threshold = LOG_LEVELS[log_level]
-        self._date = (0, "")
+        self._date = self._log_date_cache = (0, "")
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler_class)
@@ -886,10 +886,11 @@ class DataStorageServer(ThreadingHTTPServer):
                 "request_bytes": handler._body.received, "response_bytes": handler._sent_bytes,
                 "duration_ms": round(seconds * 1000, 3)})
         else:
-            line = '%s - - [%s] "%s" %d %d' % (
-                handler.client_address[0], handler.log_date_time_string(),
-                handler.requestline.translate(_CONTROL_CHARACTERS), handler._status,
-                handler._sent_bytes)
+            request_line = handler.requestline
+            if not request_line.isprintable():
+                request_line = request_line.translate(_CONTROL_CHARACTERS)
+            line = '%s - - [%s] "%s" %d %d' % (handler.client_address[0], self._log_date(),
+                                                 request_line, handler._status, handler._sent_bytes)
         self.log_stream.write(line + "\n")
 
     def http_date(self):
@@ -898,6 +899,15 @@ class DataStorageServer(ThreadingHTTPServer):
         cached = self._date
         if cached[0] != now:
             cached = self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return cached[1]
+
+    def _log_date(self):
+        """The current time as the access log writes it, formatted at most once a second."""
+        now = int(time.time())
+        cached = self._log_date_cache
+        if cached[0] != now:
+            cached = self._log_date_cache = (now, time.strftime("%d/%b/%Y %H:%M:%S",
+                                                                time.localtime(now)))
         return cached[1]
 
 
