@@ -60,7 +60,7 @@ ROUTE_PATHS = {   # route name -> path template, as in openapi.json
 }
 FIXED_ROUTES = {path: route for route, path in ROUTE_PATHS.items() if "{" not in path}
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-KNOWN_METHODS = frozenset(
+KNOWN_METHODS = frozenset(   # metrics label other methods "other"
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 REQUEST_LINE = re.compile(r"(%s) (\S+) HTTP/(\d)\.(\d)" % TOKEN)
@@ -346,16 +346,20 @@ class ConnectionLimiter:
     persistent connection at any time), so idle keep-alive clients cannot
     lock out real requests; only when every connection is mid-request is the
     newcomer refused. A connection whose next request has already arrived,
-    unread, is not idle and is never closed under it. Sockets are shut down,
-    never closed, from other threads: the owning thread sees end-of-file and
-    cleans up.
+    unread, is not idle and is never closed under it. While draining, only
+    connections idle for IDLE_GRACE_SECONDS are closed (checked again as the
+    drain waits): a connection accepted a moment ago may have a request that
+    its thread has read but not yet announced. Sockets are shut down, never
+    closed, from other threads: the owning thread sees end-of-file and cleans up.
     """
+
+    IDLE_GRACE_SECONDS = 0.5
 
     def __init__(self, limit):
         self.limit = limit
         self.draining = False
         self._open = set()
-        self._idle = collections.OrderedDict()   # socket -> None, longest idle first
+        self._idle = collections.OrderedDict()   # socket -> idle since (monotonic), longest first
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
 
@@ -370,7 +374,7 @@ class ConnectionLimiter:
                 self._open.discard(victim)
                 _shut_down(victim)
             self._open.add(sock)
-            self._idle[sock] = None
+            self._idle[sock] = time.monotonic()
             return True
 
     def idle(self, sock, first_request):
@@ -380,7 +384,7 @@ class ConnectionLimiter:
         with self._lock:
             if (self.draining and not first_request) or sock not in self._open:
                 return False
-            self._idle[sock] = None
+            self._idle[sock] = time.monotonic()
             self._idle.move_to_end(sock)
             return True
 
@@ -400,17 +404,29 @@ class ConnectionLimiter:
             if not self._open:
                 self._all_closed.notify_all()
 
-    def drain(self, timeout):
-        """Close idle connections, let busy ones finish their request, and wait
-        up to ``timeout`` seconds for all to close. Returns how many remain."""
+    def begin_draining(self):
+        """From now on connections close after their current request; idle ones
+        are closed now or, if they became idle a moment ago, while ``wait_closed`` waits."""
         with self._lock:
             self.draining = True
-            for sock in self._idle:
-                if not _has_unread_bytes(sock):
-                    _shut_down(sock)
-            self._idle.clear()
-            self._all_closed.wait_for(lambda: not self._open, timeout)
+            self._close_idle()
+
+    def wait_closed(self, timeout):
+        """Wait up to ``timeout`` seconds for every connection to close; return how many remain."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._open and time.monotonic() < deadline:
+                self._all_closed.wait(min(deadline - time.monotonic(), self.IDLE_GRACE_SECONDS))
+                self._close_idle()
             return len(self._open)
+
+    def _close_idle(self):
+        """Shut down connections idle past the grace period with nothing unread (lock held)."""
+        now = time.monotonic()
+        for sock, since in list(self._idle.items()):
+            if now - since >= self.IDLE_GRACE_SECONDS and not _has_unread_bytes(sock):
+                _shut_down(sock)
+                del self._idle[sock]
 
 
 def _has_unread_bytes(sock):
@@ -617,14 +633,14 @@ class DataStorageHandler(BaseHTTPRequestHandler):
                 and not self._authorized()):
             raise HTTPError(401, "missing or wrong bearer token",
                             [("WWW-Authenticate", 'Bearer realm="data-storage"')])
-        if self.command not in KNOWN_METHODS:
-            raise HTTPError(501, "method %s not implemented" % self.command[:40])
         if route is None:
             raise HTTPError(404, "no such resource: %s" % self.path[:200])
         methods = self.routes[route]
         handler = methods.get(self.command)
         if handler is None:
-            raise HTTPError(405, "method %s not allowed here" % self.command,
+            # Also for methods we have never heard of: the resource exists and
+            # Allow says what it supports (RFC 9110 §15.5.6).
+            raise HTTPError(405, "method %s not allowed here" % self.command[:40],
                             [("Allow", ", ".join(methods))])
         getattr(self, handler)(*arguments)
 
@@ -856,10 +872,25 @@ class DataStorageServer(ThreadingHTTPServer):
         self.connections.release(request)
         super().shutdown_request(request)
 
+    def stop_accepting(self):
+        """Close the listening socket, but first take the connections already
+        waiting in its backlog: their clients have connected and may have sent
+        a request, which they get answered (with Connection: close)."""
+        self.connections.begin_draining()
+        self.socket.setblocking(False)
+        while True:
+            try:
+                request, client_address = self.get_request()
+            except OSError:   # the backlog is empty
+                break
+            self.process_request(request, client_address)
+        self.server_close()
+
     def drain(self, timeout):
         """Close idle connections and give in-flight requests up to ``timeout``
         seconds to finish; returns how many were still open after it."""
-        return self.connections.drain(timeout)
+        self.connections.begin_draining()
+        return self.connections.wait_closed(timeout)
 
     def log(self, level, message):
         """A line of the service log (start-up, warnings, errors), if ``level`` passes
@@ -1008,7 +1039,7 @@ def serve_until_signalled(server, shutdown_timeout):
         signal.signal(signum, stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # blocked across a worker's fork
     server.serve_forever()
-    server.server_close()
+    server.stop_accepting()
     left = server.drain(shutdown_timeout)
     if left:
         server.log("warning", "stopping with %d requests unfinished after %ss"

@@ -353,8 +353,11 @@ class ServerContract:
         self.assertJSONError(response, 405)
         self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT, DELETE")
 
-    def test_unknown_method_is_501(self):
-        self.assertJSONError(self.raw(b"BREW /data/repo HTTP/1.1\r\n\r\n"), 501)
+    def test_unknown_method_is_405_on_a_known_route(self):
+        response = self.raw(b"QUERY /data/repo HTTP/1.1\r\n\r\n")
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT")
+        self.assertJSONError(self.raw(b"BREW /nowhere HTTP/1.1\r\n\r\n"), 404)
 
     # Malformed requests ---------------------------------------------------------
 
