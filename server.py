@@ -4,7 +4,9 @@ A ThreadingHTTPServer whose handler speaks HTTP/1.1 (RFC 9110, RFC 9112),
 parses the request target into a route and hands request bodies, as streams,
 to a store from ``storage``. Every error, whether found while parsing the
 request, by the store, or unexpected, is raised as an exception and turned
-into a JSON response in one place: ``DataStorageHandler.handle_one_request``.
+into a JSON response in one place: ``DataStorageHandler._answer``. Also here:
+connection limits and graceful shutdown (``ConnectionLimiter``), logs, and
+``--workers`` processes.
 
 Run ``python server.py --help`` for the command line.
 """
@@ -508,7 +510,7 @@ class DataStorageHandler(BaseHTTPRequestHandler):
         self.server.connections.busy(self.connection)
         self._requests_seen += 1
         self.close_connection = False
-        self.command = None
+        self.command = self.path = None
         self.requestline = ""
         self.request_version = self.protocol_version
         self._status = None
@@ -549,7 +551,9 @@ class DataStorageHandler(BaseHTTPRequestHandler):
         self.server.metrics.request_ended(method, self._status, seconds, self._body.received,
                                           self._sent_bytes)
         if self._status is not None:
-            self.server.log_access(self, seconds)
+            self.server.log_access(self.client_address[0], self.command, self.path,
+                                   self.requestline, self._status, self._body.received,
+                                   self._sent_bytes, seconds)
 
     def _read_request_head(self, raw):
         """Parse the request line and header fields."""
@@ -751,10 +755,6 @@ class DataStorageHandler(BaseHTTPRequestHandler):
         self._send_response(status, [("Content-Type", "application/json"), *headers],
                             json_error(message))
 
-    def send_error(self, code, message=None, explain=None):
-        """The stdlib's error path, should anything in it run: JSON, not HTML."""
-        self._send_error(code, message or REASONS.get(code, "error"), close=True)
-
     def _send_response(self, status, headers, body=b"", content_length=None):
         """Write the status line, headers and body in one send. If
         ``content_length`` is given, the caller sends that many bytes after."""
@@ -770,10 +770,6 @@ class DataStorageHandler(BaseHTTPRequestHandler):
             self.wfile.write(head + body)
             self._sent_bytes = len(body)
 
-    def log_message(self, format, *args):
-        """Whatever the stdlib logs goes through the server's log, as errors."""
-        self.server.log("error", "%s %s" % (self.address_string(), format % args))
-
     def _can_drain_body(self):
         return self._body.length is not None and self._body.remaining <= DRAIN_BODY_BYTES
 
@@ -783,8 +779,9 @@ class DataStorageHandler(BaseHTTPRequestHandler):
         if self._body.finished or self.close_connection:
             self._linger_if_unread()
             return
+        buffer = bytearray(DRAIN_BODY_BYTES)
         try:
-            while self._body.readinto(bytearray(DRAIN_BODY_BYTES)):
+            while self._body.readinto(buffer):
                 pass
         except (HTTPError, OSError):
             self.close_connection = True
@@ -906,23 +903,27 @@ class DataStorageServer(ThreadingHTTPServer):
                                  level.upper(), message)
         self.log_stream.write(line + "\n")
 
-    def log_access(self, handler, seconds):
-        """The access-log line of a finished request: Common Log Format, or JSON."""
+    def log_access(self, remote, method, path, request_line, status, received, sent, seconds):
+        """The access-log line of a finished request: Common Log Format, or JSON.
+        ``received`` and ``sent`` count body bytes."""
         if self.log_json:
             line = json.dumps({
                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="milliseconds"),
-                "remote": handler.client_address[0], "method": handler.command,
-                "path": handler.path if handler.command else None, "status": handler._status,
-                "request_bytes": handler._body.received, "response_bytes": handler._sent_bytes,
+                "remote": remote, "method": method, "path": path, "status": status,
+                "request_bytes": received, "response_bytes": sent,
                 "duration_ms": round(seconds * 1000, 3)})
         else:
-            request_line = handler.requestline
             if not request_line.isprintable():
                 request_line = request_line.translate(_CONTROL_CHARACTERS)
-            line = '%s - - [%s] "%s" %d %d' % (handler.client_address[0], self._log_date(),
-                                                 request_line, handler._status, handler._sent_bytes)
+            line = '%s - - [%s] "%s" %d %d' % (remote, self._log_date(), request_line, status,
+                                                 sent)
         self.log_stream.write(line + "\n")
+
+    def handle_error(self, request, client_address):
+        """An exception escaped a connection's handler: log it, instead of socketserver's
+        traceback on stderr."""
+        self.log("error", "error serving %s:\n%s" % (client_address[0], traceback.format_exc()))
 
     def http_date(self):
         """The current time as an HTTP-date, formatted at most once a second."""

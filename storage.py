@@ -237,7 +237,9 @@ class DiskStore:
       files and publishes them by an atomic rename, so no cross-process lock
       is needed. A process holds an exclusive ``flock`` on its temporary
       directory for its lifetime; start-up clean-up removes only directories
-      whose lock it can take, that is, whose owner has exited.
+      whose lock it can take, that is, whose owner has exited. Start-ups take
+      turns under a lock on ``@tmp``, so a directory is locked before any
+      other process's clean-up can see it.
     - A full disk (ENOSPC, EDQUOT) raises InsufficientStorage after removing
       the temporary file; stored objects are untouched.
     - Directories are never removed on delete, so a delete cannot race a put
@@ -259,10 +261,17 @@ class DiskStore:
         self._lock = threading.Lock()
         temporary_root = os.path.join(self.root, self.TEMPORARY_DIR)
         os.makedirs(temporary_root, exist_ok=True)
-        self._remove_abandoned_temporary_dirs(temporary_root)
-        self._temporary_dir = tempfile.mkdtemp(prefix="%d-" % os.getpid(), dir=temporary_root)
-        self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Start-ups take turns (a lock on @tmp itself), so that no process's
+        # clean-up can remove another's directory before it is locked.
+        startup_fd = os.open(temporary_root, os.O_RDONLY)
+        try:
+            fcntl.flock(startup_fd, fcntl.LOCK_EX)
+            self._remove_abandoned_temporary_dirs(temporary_root)
+            self._temporary_dir = tempfile.mkdtemp(prefix="%d-" % os.getpid(), dir=temporary_root)
+            self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(startup_fd)   # releases the start-up lock
         self._objects = self._bytes = 0
         for _, _, path in self.stored_objects():
             try:
