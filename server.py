@@ -232,6 +232,14 @@ class RequestBody:
                 return bytes(parts)
             parts += view[:count]
 
+    def _read_some(self, buffer, limit):
+        """Read up to ``limit`` bytes into ``buffer``; the connection ending here is a cut-off."""
+        count = self._rfile.readinto(memoryview(buffer)[:limit])
+        if not count:
+            raise self._cut_off()
+        self.received += count
+        return count
+
     @staticmethod
     def _cut_off():
         return ClientDisconnected("connection closed before the end of the request body")
@@ -265,11 +273,8 @@ class FixedLengthBody(RequestBody):
         self._start()
         if not self.remaining:
             return 0
-        count = self._rfile.readinto(memoryview(buffer)[:self.remaining])
-        if not count:
-            raise self._cut_off()
+        count = self._read_some(buffer, self.remaining)
         self.remaining -= count
-        self.received += count
         self.finished = not self.remaining
         return count
 
@@ -305,11 +310,8 @@ class ChunkedBody(RequestBody):
                 self._read_trailers()
                 self.finished = True
                 return 0
-        count = self._rfile.readinto(memoryview(buffer)[:self._chunk_left])
-        if not count:
-            raise self._cut_off()
+        count = self._read_some(buffer, self._chunk_left)
         self._chunk_left -= count
-        self.received += count
         if not self._chunk_left and self._rfile.read(2) != b"\r\n":
             raise HTTPError(400, "chunk data not followed by CRLF", close=True)
         return count

@@ -5,6 +5,7 @@
 (malformed framing, pipelining, bad request lines) go over raw sockets.
 """
 
+import functools
 import hashlib
 import http.client
 import io
@@ -23,7 +24,8 @@ import unittest
 
 import server
 import storage
-from test_storage import files_under, open_disk_store, small_filesystem, temporary_directory
+from test_storage import (files_under, open_disk_store, run_concurrently, small_filesystem,
+                          temporary_directory)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -552,11 +554,7 @@ class ServerContract:
             finally:
                 connection.close()
 
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(32)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_concurrently([functools.partial(client, n) for n in range(32)])
         self.assertEqual(failures, [])
 
     def test_concurrent_put_and_delete_never_expose_a_partial_object(self):
@@ -911,11 +909,7 @@ class HardeningTest(unittest.TestCase):
                 connection.close()
                 rounds.append(count)
 
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(64)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_concurrently([functools.partial(client, n) for n in range(64)])
         self.assertEqual(failures, [])
         self.assertTrue(all(rounds), rounds)
 
@@ -1077,11 +1071,7 @@ class DiskStoreProcessTest(unittest.TestCase):
                         or (got.status, got.body) not in ((404, got.body), (200, data))):
                     problems.append((put.status, deleted.status, got.status, len(got.body)))
 
-        threads = [threading.Thread(target=churn, args=(p,)) for p in (one, two, one, two)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_concurrently([functools.partial(churn, p) for p in (one, two, one, two)])
         self.assertEqual(problems, [])
         self.assertAllObjectsIntact()
 

@@ -91,6 +91,10 @@ def check_expected_oid(oid):
     return canonical
 
 
+def not_found(repository, oid):
+    return ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
+
+
 def check_digest(oid, expected_oid):
     """Raise DigestMismatch unless ``expected_oid`` is None or equals ``oid``."""
     if expected_oid is not None and oid != expected_oid:
@@ -166,7 +170,7 @@ class MemoryStore:
         with self._lock:
             data = self._repositories.get(repository, {}).get(canonical_oid(oid))
         if data is None:
-            raise ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
+            raise not_found(repository, oid)
         return StoredObject(io.BytesIO(data), len(data))  # BytesIO shares bytes: no copy
 
     def close(self):
@@ -184,7 +188,7 @@ class MemoryStore:
                 if not objects:
                     del self._repositories[repository]
         if data is None:
-            raise ObjectNotFound("object %s not found in repository %s" % (oid[:80], repository))
+            raise not_found(repository, oid)
 
     def usage(self):
         """``(objects, bytes)`` currently stored, all repositories together."""
@@ -384,35 +388,34 @@ class DiskStore:
         _fsync_dir(repository_dir)
         _fsync_dir(self.root)
 
-    def open(self, repository, oid):
-        """Return the object as a StoredObject over an open file, or raise ObjectNotFound."""
+    def _path(self, repository, oid):
+        """Where the object would be; ObjectNotFound if ``oid`` is no oid at all."""
         check_repository(repository)
         canonical = canonical_oid(oid)
+        if canonical is None:
+            raise not_found(repository, oid)
+        return object_path(self.root, repository, canonical)
+
+    def open(self, repository, oid):
+        """Return the object as a StoredObject over an open file, or raise ObjectNotFound."""
+        path = self._path(repository, oid)
         try:
-            if canonical is None:
-                raise FileNotFoundError(oid)
-            file = open(object_path(self.root, repository, canonical), "rb", buffering=0)
+            file = open(path, "rb", buffering=0)
         except FileNotFoundError:
-            raise ObjectNotFound("object %s not found in repository %s"
-                                 % (oid[:80], repository)) from None
+            raise not_found(repository, oid) from None
         return StoredObject(file, os.fstat(file.fileno()).st_size)
 
     def delete(self, repository, oid):
         """Remove the object durably, or raise ObjectNotFound if the repository lacks it."""
-        check_repository(repository)
-        canonical = canonical_oid(oid)
+        path = self._path(repository, oid)
         try:
-            if canonical is None:
-                raise FileNotFoundError(oid)
-            path = object_path(self.root, repository, canonical)
             with self._lock:
                 size = os.stat(path).st_size
                 os.unlink(path)
                 self._objects -= 1
                 self._bytes -= size
         except FileNotFoundError:
-            raise ObjectNotFound("object %s not found in repository %s"
-                                 % (oid[:80], repository)) from None
+            raise not_found(repository, oid) from None
         _fsync_dir(os.path.dirname(path))
 
     def usage(self):

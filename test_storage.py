@@ -5,6 +5,7 @@ and inherits every test, so each backend proves the same guarantees.
 """
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -21,6 +22,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
+
+
+def run_concurrently(calls):
+    """Run each callable on a thread of its own, all at once, and wait for them all."""
+    threads = [threading.Thread(target=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class FailingSource(io.RawIOBase):
@@ -174,11 +184,7 @@ class StoreContract:
             except storage.InsufficientStorage:
                 refused.append(number)
 
-        threads = [threading.Thread(target=upload, args=(n,)) for n in range(30)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_concurrently([functools.partial(upload, n) for n in range(30)])
         self.assertEqual((len(refused), self.store.usage()), (20, (10, 100)))
 
     def test_listing_is_sorted_and_paged(self):
@@ -230,11 +236,7 @@ class StoreContract:
                 if got != data:
                     errors.append(len(got))
 
-        threads = [threading.Thread(target=f) for f in (writer, writer, reader, reader)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_concurrently([writer, writer, reader, reader])
         self.assertEqual(errors, [])
 
 
