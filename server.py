@@ -1116,6 +1116,9 @@ def run_workers(server, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Held back until the handlers are in place: a SIGTERM that arrives just
+    # after the start-up line must still stop the server cleanly.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     server = DataStorageServer(
         (args.host, args.port), None, max_object_size=args.max_object_size,
         request_timeout=args.request_timeout, max_connections=args.max_connections,
