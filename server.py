@@ -978,8 +978,8 @@ def _port_number(text):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Content-addressed object storage over HTTP: "
-                    "PUT /data/REPO, GET|HEAD|PUT|DELETE /data/REPO/OID.")
+        description="Content-addressed object storage over HTTP: PUT or list /data/REPO; "
+                    "GET|HEAD|PUT|DELETE /data/REPO/OID; /healthz, /metrics, /openapi.json.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; "
                              "0.0.0.0 or :: listens on all interfaces)")
@@ -1129,6 +1129,10 @@ def main(argv=None):
         "disk store in %s" % args.data_dir if args.data_dir else "in-memory store",
         ", %d workers" % args.workers if args.workers > 1 else "",
         ", bearer token required" if args.auth_token else ""), flush=True)
+    server.log("info", "settings: max object size %d, quota %s, request timeout %ss, "
+               "max connections %d, shutdown timeout %ss, workers %d" % (
+                   args.max_object_size, args.max_total_size or "none", args.request_timeout,
+                   args.max_connections, args.shutdown_timeout, args.workers))
     if args.workers > 1:
         run_workers(server, args)
     else:

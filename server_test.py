@@ -1126,7 +1126,7 @@ class CommandLineTest(unittest.TestCase):
             connection.request("PUT", "/data/cli", body=b"from the command line")
             self.assertEqual(connection.getresponse().status, 201)
             connection.close()
-            self.assertIn(b'"PUT /data/cli HTTP/1.1" 201', read_line(process.stderr))
+            wait_until(lambda: b'"PUT /data/cli HTTP/1.1" 201' in read_line(process.stderr))
             process.send_signal(signum)
             self.assertEqual(process.wait(timeout=10), 0)
 
