@@ -54,7 +54,8 @@ def closed_by_server(sock):
 
 
 def read_line(pipe, timeout=10.0):
-    """The next line from a subprocess pipe, failing instead of hanging."""
+    """The next line from an unbuffered subprocess pipe (``bufsize=0``, so that
+    select sees every byte not yet read), failing instead of hanging."""
     ready, _, _ = select.select([pipe], [], [], timeout)
     if not ready:
         raise AssertionError("no output within %s s" % timeout)
@@ -1010,7 +1011,8 @@ class ServerProcess:
     def __init__(self, test, *args):
         self.process = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py"),
                                          "--port", "0", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        bufsize=0)
         test.addCleanup(self.stop)
         line = read_line(self.process.stdout).decode()
         test.assertIn("listening on http://127.0.0.1:", line)
@@ -1091,7 +1093,7 @@ class CommandLineTest(unittest.TestCase):
 
     def start(self, *args, env=None):
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "server.py"), *args],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                                    env=dict(os.environ, **(env or {})))
         self.addCleanup(self.stop, process)
         line = process.stdout.readline().decode()
