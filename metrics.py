@@ -25,6 +25,7 @@ class Metrics:
         self._received = 0
         self._sent = 0
         self._in_flight = 0
+        self._abandoned = 0
 
     def request_started(self):
         with self._lock:
@@ -37,7 +38,9 @@ class Metrics:
             self._in_flight -= 1
             self._received += received
             self._sent += sent
-            if status is not None:
+            if status is None:
+                self._abandoned += 1
+            else:
                 self._requests[method, status] += 1
                 self._bucket_counts[bucket] += 1
                 self._duration_sum += seconds
@@ -48,7 +51,7 @@ class Metrics:
             requests = sorted(self._requests.items())
             buckets = list(self._bucket_counts)
             duration_sum, received, sent = self._duration_sum, self._received, self._sent
-            in_flight = self._in_flight
+            in_flight, abandoned = self._in_flight, self._abandoned
         lines = ["# HELP datastore_http_requests_total HTTP requests answered, by method and status.",
                  "# TYPE datastore_http_requests_total counter"]
         lines += ['datastore_http_requests_total{method="%s",status="%d"} %d' % (method, status, count)
@@ -66,6 +69,8 @@ class Metrics:
         for name, kind, value, text in (
                 ("datastore_http_in_flight_requests", "gauge", in_flight,
                  "Requests being served now."),
+                ("datastore_http_requests_abandoned_total", "counter", abandoned,
+                 "Requests whose client went away or stalled before any response."),
                 ("datastore_objects", "gauge", objects, "Objects stored, all repositories."),
                 ("datastore_bytes", "gauge", stored_bytes, "Bytes stored, all repositories."),
                 ("datastore_received_bytes_total", "counter", received,
