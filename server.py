@@ -1070,6 +1070,8 @@ def run_workers(server, args):
     workers = {}   # pid -> start time
     stopping = False
 
+    parent = os.getpid()
+
     def start_worker():
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # no signal between fork and set-up
         pid = os.fork()
@@ -1078,6 +1080,7 @@ def run_workers(server, args):
             try:
                 for signum in STOP_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
+                threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
                 serve_in_this_process(server, args)
                 status = 0
             except BaseException:
@@ -1112,6 +1115,14 @@ def run_workers(server, args):
         if not stopping:
             start_worker()
     server.server_close()
+
+
+def _stop_when_orphaned(parent, interval=0.5):
+    """In a worker: drain and exit, as on SIGTERM, once the parent is gone
+    (killed with SIGKILL, say), instead of serving on unsupervised."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv=None):

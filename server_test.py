@@ -43,6 +43,20 @@ def wait_until(condition, timeout=10.0):
         time.sleep(0.005)
 
 
+def child_pids(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as file:
+        return [int(child) for child in file.read().split()]
+
+
+def running(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def closed_by_server(sock):
     """True once the server has closed ``sock`` (without waiting if it has not)."""
     if not select.select([sock], [], [], 0)[0]:
@@ -1180,11 +1194,9 @@ class CommandLineTest(unittest.TestCase):
     def test_workers_share_the_socket_and_the_disk_store(self):
         process, port = self.start("--port", "0", "--workers", "2",
                                    "--data-dir", temporary_directory(self))
-        children = "/proc/%d/task/%d/children" % (process.pid, process.pid)
 
         def workers():
-            with open(children) as file:
-                return [int(pid) for pid in file.read().split()]
+            return child_pids(process.pid)
 
         wait_until(lambda: len(workers()) == 2)
         first_workers = workers()
@@ -1209,7 +1221,16 @@ class CommandLineTest(unittest.TestCase):
         process.terminate()
         self.assertEqual(process.wait(timeout=20), 0)
         for pid in final_workers:
-            self.assertFalse(os.path.exists("/proc/%d" % pid), "worker %d still running" % pid)
+            self.assertFalse(running(pid), "worker %d still running" % pid)
+
+    def test_workers_stop_when_the_parent_is_killed(self):
+        process, _ = self.start("--port", "0", "--workers", "2",
+                                "--data-dir", temporary_directory(self))
+        wait_until(lambda: len(child_pids(process.pid)) == 2)
+        workers = child_pids(process.pid)
+        process.kill()
+        process.wait()
+        wait_until(lambda: not any(map(running, workers)))
 
     def test_workers_need_the_disk_store(self):
         result = subprocess.run([sys.executable, os.path.join(HERE, "server.py"), "--workers", "2"],
