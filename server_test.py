@@ -122,26 +122,8 @@ class RunningServer:
         self.thread.join()
 
 
-class ServerContract:
-    """HTTP behaviour every store backend must show. Subclasses define ``make_store()``."""
-
-    server_options = {}
-
-    def setUp(self):
-        super().setUp()
-        self.running = RunningServer(self.make_store(), **self.server_options)
-        self.addCleanup(lambda: self.running.stop())
-
-    def restart_server(self, store=None, **options):
-        """Replace the running server with one built with another store or options."""
-        self.running.stop()
-        self.running = RunningServer(store or self.make_store(), **options)
-
-    @property
-    def store(self):
-        return self.running.httpd.store
-
-    # Helpers -------------------------------------------------------------
+class HTTPClientMixin:
+    """Requests to ``self.running`` (a RunningServer) and assertions on the answers."""
 
     def connect(self):
         connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=10)
@@ -189,6 +171,26 @@ class ServerContract:
 
     def assertNotStored(self, repository, data):
         self.assertEqual(self.request("GET", "/data/%s/%s" % (repository, sha256(data))).status, 404)
+
+
+class ServerContract(HTTPClientMixin):
+    """HTTP behaviour every store backend must show. Subclasses define ``make_store()``."""
+
+    server_options = {}
+
+    def setUp(self):
+        super().setUp()
+        self.running = RunningServer(self.make_store(), **self.server_options)
+        self.addCleanup(lambda: self.running.stop())
+
+    def restart_server(self, store=None, **options):
+        """Replace the running server with one built with another store or options."""
+        self.running.stop()
+        self.running = RunningServer(store or self.make_store(), **options)
+
+    @property
+    def store(self):
+        return self.running.httpd.store
 
     # The exercise's own tests ------------------------------------------------
 
@@ -767,7 +769,7 @@ class DiskStoreServerTest(ServerContract, unittest.TestCase):
             self.assertEqual(self.request("PUT", "/data/repo", b"fits").status, 201)
 
 
-class HardeningTest(unittest.TestCase):
+class HardeningTest(HTTPClientMixin, unittest.TestCase):
     """Connection limits, authentication and hostile input (HTTP only: one store)."""
 
     def setUp(self):
@@ -779,13 +781,6 @@ class HardeningTest(unittest.TestCase):
             self.running.stop()
         self.running = RunningServer(storage.MemoryStore(), **options)
         return self.running
-
-    request = ServerContract.request
-    raw = ServerContract.raw
-    raw_socket = ServerContract.raw_socket
-    connect = ServerContract.connect
-    assertJSONError = ServerContract.assertJSONError
-    assertClosed = ServerContract.assertClosed
 
     def idle_connections(self, count):
         return [self.raw_socket() for _ in range(count)]
@@ -942,12 +937,8 @@ class HardeningTest(unittest.TestCase):
         self.assertTrue(all(rounds), rounds)
 
 
-class OperabilityTest(unittest.TestCase):
+class OperabilityTest(HTTPClientMixin, unittest.TestCase):
     """The OpenAPI document, tokens on operational routes, and log formats."""
-
-    request = ServerContract.request
-    connect = ServerContract.connect
-    assertJSONError = ServerContract.assertJSONError
 
     def start(self, **options):
         self.running = RunningServer(storage.MemoryStore(), **options)
