@@ -229,8 +229,9 @@ class DiskStore:
       failed, cut-off or mismatched upload removes its temporary file. Every
       file named like an oid holds bytes that hash to that name, even after a
       crash at any moment.
-    - Bounded memory: uploads are copied through one fixed-size buffer;
-      downloads are open files, which the server streams with sendfile.
+    - Bounded memory: uploads are copied through at most four BLOCK_BYTES
+      buffers (see ``_write``); downloads are open files, which the server
+      streams with sendfile.
     - An open object keeps its bytes if it is deleted meanwhile (POSIX keeps
       an unlinked file alive while it is open).
     - Repositories are separate directories: the same bytes in two
