@@ -1,8 +1,11 @@
 """Request metrics of the data storage service, in the Prometheus text format.
 
-One ``Metrics`` object per server counts what its requests did. Updates take
-one lock for a handful of integer operations, cheap next to a request's own
-work; ``render`` writes the text exposition format, version 0.0.4.
+One ``Metrics`` object per application counts what its requests did: the
+application counts each request when it hands its response to the server, so
+a client that has read a response finds it counted; the gateway counts the
+responses it gives itself (protocol errors, refusals, abandoned requests).
+Updates take one lock for a handful of integer operations, cheap next to a
+request's own work; ``render`` writes the text exposition format, version 0.0.4.
 """
 
 import bisect
@@ -10,6 +13,8 @@ import collections
 import threading
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+KNOWN_METHODS = frozenset(   # other methods are labelled "other", so clients cannot grow the label set
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -32,10 +37,21 @@ class Metrics:
             self._in_flight += 1
 
     def request_ended(self, method, status, seconds, received, sent):
-        """Count a finished request; ``status`` is None if no response was sent."""
-        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        """Count a request that ``request_started`` counted in flight."""
+        self.count(method, status, seconds, received, sent, in_flight=-1)
+
+    def request_handed_back(self):
+        """A request leaves the application unanswered (its body could not be
+        read): the server answers and counts it."""
         with self._lock:
             self._in_flight -= 1
+
+    def count(self, method, status, seconds, received, sent, in_flight=0):
+        """Count a request; ``status`` is None if no response was sent (abandoned)."""
+        method = method if method in KNOWN_METHODS else "other"
+        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        with self._lock:
+            self._in_flight += in_flight
             self._received += received
             self._sent += sent
             if status is None:
@@ -56,8 +72,8 @@ class Metrics:
                  "# TYPE datastore_http_requests_total counter"]
         lines += ['datastore_http_requests_total{method="%s",status="%d"} %d' % (method, status, count)
                   for (method, status), count in requests]
-        lines += ["# HELP datastore_http_request_duration_seconds Time from request line to "
-                  "the end of the response.",
+        lines += ["# HELP datastore_http_request_duration_seconds Time from the request "
+                  "reaching the application to its response being ready.",
                   "# TYPE datastore_http_request_duration_seconds histogram"]
         cumulative = 0
         for bound, count in zip(DURATION_BUCKETS + (float("inf"),), buckets):
@@ -68,7 +84,7 @@ class Metrics:
                   "datastore_http_request_duration_seconds_count %d" % cumulative]
         for name, kind, value, text in (
                 ("datastore_http_in_flight_requests", "gauge", in_flight,
-                 "Requests being served now."),
+                 "Requests the application is working on now."),
                 ("datastore_http_requests_abandoned_total", "counter", abandoned,
                  "Requests whose client went away or stalled before any response."),
                 ("datastore_objects", "gauge", objects, "Objects stored, all repositories."),

@@ -1,55 +1,38 @@
-"""HTTP front end of the data storage service: /data/<repository>/<oid>.
+"""The data storage service: a PEP 3333 application, and ``main`` to serve it.
 
-A ThreadingHTTPServer whose handler speaks HTTP/1.1 (RFC 9110, RFC 9112),
-parses the request target into a route and hands request bodies, as streams,
-to a store from ``storage``. Every error, whether found while parsing the
-request, by the store, or unexpected, is raised as an exception and turned
-into a JSON response in one place: ``DataStorageHandler._answer``. Also here:
-connection limits and graceful shutdown (``ConnectionLimiter``), logs, and
-``--workers`` processes.
+``DataStorageServer`` holds the object semantics of ``/data/<repository>/<oid>``
+and the operational routes, and nothing about connections: it reads request
+bodies from ``wsgi.input``, hands them to a store from ``storage`` as streams,
+and returns responses as iterables, so any WSGI server or test client can host
+it (``python server.py`` runs it on the stdlib gateway in ``gateway.py``). Every
+error, from the request, the store or a bug, is raised as an exception and
+turned into a JSON response in one place, ``DataStorageServer._respond``.
 
 Run ``python server.py --help`` for the command line.
 """
 
 import argparse
-import collections
-import datetime
-import email.utils
 import hmac
-import http
 import json
 import os
 import re
-import select
-import signal
-import socket
-import socketserver
 import sys
-import threading
 import time
 import traceback
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import gateway
+import http11
+import logs
 import metrics
 import storage
+import workers
 
 DEFAULT_PORT = 8282
 DEFAULT_MAX_OBJECT_SIZE = 1 << 30
-DEFAULT_REQUEST_TIMEOUT = 60.0
-DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_SHUTDOWN_TIMEOUT = 20.0
-SERVER_SOFTWARE = "data-storage/1.0"
-
-MAX_LINE_BYTES = 8192        # request line, each header line, each chunk-size line
-MAX_HEADER_FIELDS = 100
-MAX_HEADER_BYTES = 64 * 1024
-INLINE_BODY_BYTES = 64 * 1024   # bodies up to this size go out in the same write as the headers
-DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
-LINGER_SECONDS = 2.0
+INLINE_BODY_BYTES = 64 * 1024   # larger objects are streamed from their file, not read into memory
 BODY_BLOCK_BYTES = 256 * 1024
-OVERSIZED = 1 << 62   # stands for a Content-Length too long to be worth converting
-
 DEFAULT_LIST_LIMIT = 1000
 MAX_LIST_LIMIT = 10000
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
@@ -61,15 +44,8 @@ ROUTE_PATHS = {   # route name -> path template, as in openapi.json
     "object": "/data/{repository}/{oid}",
 }
 FIXED_ROUTES = {path: route for route, path in ROUTE_PATHS.items() if "{" not in path}
-LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-KNOWN_METHODS = frozenset(   # metrics label other methods "other"
-    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
-TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-REQUEST_LINE = re.compile(r"(%s) (\S+) HTTP/(\d)\.(\d)" % TOKEN)
-HEADER_LINE = re.compile(r"(%s):[ \t]*(.*?)[ \t]*" % TOKEN)
-CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 SINGLE_RANGE = re.compile(r"bytes[ \t]*=[ \t]*(\d{0,19})[ \t]*-[ \t]*(\d{0,19})")
-REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+JSON = ("Content-Type", "application/json")
 
 STORE_ERROR_STATUS = {
     storage.InvalidRepository: 400,
@@ -81,42 +57,151 @@ STORE_ERROR_STATUS = {
 
 
 class HTTPError(Exception):
-    """An error response to send: status, message, extra headers, and whether
-    the connection must be closed afterwards (its framing can't be trusted)."""
+    """An error response to give: status, message and extra headers."""
 
-    def __init__(self, status, message, headers=(), close=False):
+    def __init__(self, status, message, headers=()):
         super().__init__(message)
         self.status = status
         self.headers = list(headers)
-        self.close = close
-
-
-class ClientDisconnected(ConnectionError):
-    """The client closed the connection before the end of the request body."""
 
 
 class RangeNotSatisfiable(Exception):
     """The Range header asks for bytes beyond the object (RFC 9110 §15.5.17)."""
 
 
-class Headers:
-    """Request header fields: case-insensitive names, repeated fields kept in order."""
+class Response:
+    """What a route answers: a status, headers, and a body that is either bytes
+    or a ``FileSlice`` of a stored object. Content-Length is added from the body."""
 
-    def __init__(self):
-        self._fields = {}
+    def __init__(self, status, headers=(), body=b""):
+        self.status = status
+        self.headers = list(headers)
+        self.body = body
 
-    def add(self, name, value):
-        self._fields.setdefault(name.lower(), []).append(value)
-
-    def get(self, name, default=None):
-        """The field's value, repeated fields joined by ", " (RFC 9110 §5.3)."""
-        values = self._fields.get(name.lower())
-        return ", ".join(values) if values else default
+    @classmethod
+    def json(cls, status, document, headers=()):
+        return cls(status, [JSON, *headers], json.dumps(document).encode())
 
 
-def split_list(value):
-    """The members of a comma-separated field value, without empty ones."""
-    return [item.strip() for item in value.split(",") if item.strip()]
+def json_error(message):
+    """The body of every error response."""
+    return json.dumps({"error": message}).encode()
+
+
+# Requests -------------------------------------------------------------------------
+
+class RequestBody:
+    """``wsgi.input`` as a store's source (``read()`` and ``readinto(buffer)``).
+
+    Reads exactly CONTENT_LENGTH bytes, or to the end of the input when the
+    server says it ends there (``wsgi.input_terminated``, as for a chunked
+    body), then at most ``limit`` + 1 bytes before refusing with 413. Uses the
+    input's ``readinto`` when it has one (no copy), else ``read(n)``. An
+    exception from the input itself (a malformed chunk, a client that left)
+    marks the body ``failed``: that request is the server's to answer.
+    """
+
+    def __init__(self, environ, limit):
+        self._input = environ["wsgi.input"]
+        self._readinto = getattr(self._input, "readinto", None)
+        self.length = content_length(environ)
+        if environ.get("wsgi.input_terminated") and not self.length:
+            self._remaining = None   # read to the end of the input
+        else:
+            self._remaining = self.length or 0
+        self._limit = limit
+        self.received = 0
+        self.failed = False
+
+    def readinto(self, buffer):
+        wanted = len(buffer)
+        if self._remaining is not None:
+            wanted = min(wanted, self._remaining)
+        else:
+            wanted = min(wanted, self._limit + 1 - self.received)
+        if wanted <= 0:
+            return 0
+        count = self._input_call(self._fill, memoryview(buffer)[:wanted])
+        self._account(count)
+        return count
+
+    def read(self):
+        """Everything left; a Content-Length body in one allocation."""
+        if self._remaining is None:
+            parts = bytearray()
+            block = bytearray(BODY_BLOCK_BYTES)
+            while True:
+                count = self.readinto(block)
+                if not count:
+                    return bytes(parts)
+                parts += memoryview(block)[:count]
+        parts = []
+        while self._remaining:   # once, unless the server returns less than asked
+            part = self._input_call(self._input.read, self._remaining)
+            self._account(len(part))
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fill(self, view):
+        if self._readinto is not None:
+            return self._readinto(view)
+        data = self._input.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def _input_call(self, function, argument):
+        try:
+            return function(argument)
+        except Exception:
+            self.failed = True
+            raise
+
+    def _account(self, count):
+        if self._remaining is not None:
+            if not count:
+                self.failed = True
+                raise http11.ClientDisconnected("request body ended before its Content-Length")
+            self._remaining -= count
+        self.received += count
+        if self.received > self._limit:
+            raise HTTPError(413, "object larger than the %d-byte limit" % self._limit)
+
+
+def content_length(environ):
+    """CONTENT_LENGTH as a number; None when absent or empty (PEP 3333)."""
+    value = environ.get("CONTENT_LENGTH", "")
+    if not value:
+        return None
+    try:
+        return http11.parse_content_length(value)
+    except http11.InvalidFraming:
+        raise HTTPError(400, "invalid Content-Length %r" % value[:100]) from None
+
+
+class Request:
+    """One request as the application sees it: method, target, headers, body."""
+
+    def __init__(self, environ, max_object_size):
+        self.environ = environ
+        self.method = environ["REQUEST_METHOD"]
+        self.target = request_target(environ)
+        self.query = ""   # set by routing
+        self.body = RequestBody(environ, max_object_size)
+
+    def header(self, name, default=None):
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
+
+
+def request_target(environ):
+    """The target as the client sent it, so that ``a%2Fb`` stays one segment:
+    REQUEST_URI or RAW_URI when the server gives one (and the application is
+    mounted at the root), else rebuilt from PATH_INFO and QUERY_STRING."""
+    raw = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if raw and not environ.get("SCRIPT_NAME"):
+        return raw
+    path = urllib.parse.quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/")
+    query = environ.get("QUERY_STRING", "")
+    return path + ("?" + query if query else "")
 
 
 def parse_target(target):
@@ -172,7 +257,7 @@ def parse_range(value, size):
     or None to send the whole object (RFC 9110 §14.2: a server may ignore
     ranges it does not support, here several ranges or a malformed value).
     Raise RangeNotSatisfiable if the range starts beyond the object."""
-    match = SINGLE_RANGE.fullmatch(value.strip())
+    match = SINGLE_RANGE.fullmatch(value.strip(http11.WHITESPACE))
     if not match:
         return None
     first, last = match.groups()
@@ -193,294 +278,69 @@ def parse_range(value, size):
 
 def etag_matches(if_none_match, etag):
     """Weak comparison of an If-None-Match value with our ETag (RFC 9110 §13.1.2)."""
-    tags = split_list(if_none_match)
+    tags = http11.split_list(if_none_match)
     return "*" in tags or any(tag[2:] == etag if tag.startswith("W/") else tag == etag
                               for tag in tags)
 
 
-class RequestBody:
-    """A request body being read from the connection.
+class FileSlice:
+    """``count`` bytes of a stored object's file from position ``first``: a
+    response body that iterates in blocks, and a file (``read``, ``seek``,
+    ``tell``, ``fileno``) for ``wsgi.file_wrapper``, so that a server that
+    sends files with ``sendfile`` can, and one that reads them stops at the
+    slice's end. Positions are the file's own. Closing it closes the object."""
 
-    On its first read it sends the ``100 Continue`` the client may be waiting
-    for (RFC 9110 §10.1.1), so a request refused before its body is read gets
-    its final status instead. Subclasses frame the body; ``read()`` returns
-    everything that is left and ``readinto(buffer)`` fills part of a buffer,
-    0 meaning the end.
-    """
+    def __init__(self, stored, first, count):
+        self._stored = stored
+        self.file = stored.file
+        self.end = first + count
+        self.file.seek(first)
 
-    length = None  # total length when known in advance
-
-    def __init__(self, rfile, on_first_read):
-        self._rfile = rfile
-        self._on_first_read = on_first_read
-        self.started = False
-        self.finished = False
-        self.received = 0   # body bytes read so far
-
-    def _start(self):
-        if not self.started:
-            self.started = True
-            self._on_first_read()
-
-    def read(self):
-        parts = bytearray()
-        block = bytearray(BODY_BLOCK_BYTES)
-        view = memoryview(block)
-        while True:
-            count = self.readinto(block)
-            if not count:
-                return bytes(parts)
-            parts += view[:count]
-
-    def _read_some(self, buffer, limit):
-        """Read up to ``limit`` bytes into ``buffer``; the connection ending here is a cut-off."""
-        count = self._rfile.readinto(memoryview(buffer)[:limit])
-        if not count:
-            raise self._cut_off()
-        self.received += count
-        return count
-
-    @staticmethod
-    def _cut_off():
-        return ClientDisconnected("connection closed before the end of the request body")
-
-
-class EmptyBody(RequestBody):
-    """No body: neither Content-Length nor Transfer-Encoding (RFC 9112 §6.3)."""
-
-    length = 0
-
-    def __init__(self):
-        super().__init__(None, None)
-        self.started = self.finished = True
-
-    def readinto(self, buffer):
-        return 0
-
-    def read(self):
-        return b""
-
-
-class FixedLengthBody(RequestBody):
-    """A body framed by Content-Length."""
-
-    def __init__(self, rfile, length, on_first_read):
-        super().__init__(rfile, on_first_read)
-        self.length = self.remaining = length
-        self.finished = length == 0
-
-    def readinto(self, buffer):
-        self._start()
-        if not self.remaining:
-            return 0
-        count = self._read_some(buffer, self.remaining)
-        self.remaining -= count
-        self.finished = not self.remaining
-        return count
-
-    def read(self):
-        self._start()
-        data = self._rfile.read(self.remaining)  # one allocation, filled in place
-        if len(data) != self.remaining:
-            raise self._cut_off()
-        self.received += self.remaining
-        self.remaining = 0
-        self.finished = True
+    def read(self, size=-1):
+        left = self.end - self.file.tell()
+        data = self.file.read(left if size is None or size < 0 else min(size, left))
+        if not data and left > 0:
+            raise OSError("stored object shorter than its recorded size")
         return data
 
-
-class ChunkedBody(RequestBody):
-    """A body in the chunked transfer coding (RFC 9112 §7.1), limited to
-    ``limit`` bytes of content. Extensions are ignored; trailers are read
-    and dropped."""
-
-    def __init__(self, rfile, limit, on_first_read):
-        super().__init__(rfile, on_first_read)
-        self._limit = limit
-        self._declared = 0
-        self._chunk_left = 0
-
-    def readinto(self, buffer):
-        self._start()
-        if self.finished:
-            return 0
-        if not self._chunk_left:
-            self._chunk_left = self._read_chunk_size()
-            if not self._chunk_left:
-                self._read_trailers()
-                self.finished = True
-                return 0
-        count = self._read_some(buffer, self._chunk_left)
-        self._chunk_left -= count
-        if not self._chunk_left and self._rfile.read(2) != b"\r\n":
-            raise HTTPError(400, "chunk data not followed by CRLF", close=True)
-        return count
-
-    def _read_line(self):
-        line = self._rfile.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            raise self._cut_off()
-        if len(line) > MAX_LINE_BYTES:
-            raise HTTPError(400, "chunk line longer than %d bytes" % MAX_LINE_BYTES, close=True)
-        return line
-
-    def _read_chunk_size(self):
-        match = CHUNK_SIZE_LINE.fullmatch(self._read_line())
-        if not match:
-            raise HTTPError(400, "malformed chunk size line", close=True)
-        size = int(match.group(1), 16)
-        self._declared += size
-        if self._declared > self._limit:
-            raise HTTPError(413, "object larger than the %d-byte limit" % self._limit, close=True)
-        return size
-
-    def _read_trailers(self):
-        for _ in range(MAX_HEADER_FIELDS + 1):
-            if self._read_line() in (b"\r\n", b"\n"):
+    def __iter__(self):
+        while True:
+            block = self.read(BODY_BLOCK_BYTES)
+            if not block:
                 return
-        raise HTTPError(400, "too many trailer fields", close=True)
+            yield block
+
+    def seek(self, position, whence=0):
+        return self.file.seek(position, whence)
+
+    def tell(self):
+        return self.file.tell()
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self._stored.close()
 
 
-class ConnectionLimiter:
-    """Bounds the connections served at once and drains them at shutdown.
+# The application ---------------------------------------------------------------------
 
-    A connection is *idle* while its thread waits for the next request line.
-    When every slot is taken, a new connection reclaims the slot of the
-    connection idle the longest (RFC 9112 §9.5 lets a server close an idle
-    persistent connection at any time), so idle keep-alive clients cannot
-    lock out real requests; only when every connection is mid-request is the
-    newcomer refused. A connection whose next request has already arrived,
-    unread, is not idle and is never closed under it. While draining, only
-    connections idle for IDLE_GRACE_SECONDS are closed (checked again as the
-    drain waits): a connection accepted a moment ago may have a request that
-    its thread has read but not yet announced. Sockets are shut down, never
-    closed, from other threads: the owning thread sees end-of-file and cleans up.
+class DataStorageServer:
+    """The data storage service as a WSGI (PEP 3333) application.
+
+    ``DataStorageServer()`` serves a fresh, empty in-memory store;
+    ``DataStorageServer(data_dir="DIR")`` the durable disk store in DIR; or pass
+    any store from ``storage``. Keyword arguments only, with literal values, so
+    that a server's factory syntax works:
+    ``gunicorn -w 4 'server:DataStorageServer(data_dir="./data")'``.
+
+    It reads ``wsgi.input`` (see RequestBody), streams stored objects through
+    ``wsgi.file_wrapper`` when the server offers one, sends no hop-by-hop
+    header fields, and answers every error in JSON. An exception raised by
+    ``wsgi.input`` itself propagates: the server knows what went wrong there.
     """
 
-    IDLE_GRACE_SECONDS = 0.5
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.draining = False
-        self._open = set()
-        self._idle = collections.OrderedDict()   # socket -> idle since (monotonic), longest first
-        self._lock = threading.Lock()
-        self._all_closed = threading.Condition(self._lock)
-
-    def admit(self, sock):
-        """Take a slot for a new connection; False if every slot is mid-request."""
-        with self._lock:
-            if len(self._open) >= self.limit:
-                victim = next((s for s in self._idle if not _has_unread_bytes(s)), None)
-                if victim is None:
-                    return False
-                del self._idle[victim]
-                self._open.discard(victim)
-                _shut_down(victim)
-            self._open.add(sock)
-            self._idle[sock] = time.monotonic()
-            return True
-
-    def idle(self, sock, first_request):
-        """Mark a connection as waiting for a request; False if it should close
-        instead. While draining, a connection still gets its first request
-        answered (with Connection: close), so a health check sees 503."""
-        with self._lock:
-            if (self.draining and not first_request) or sock not in self._open:
-                return False
-            self._idle[sock] = time.monotonic()
-            self._idle.move_to_end(sock)
-            return True
-
-    def busy(self, sock):
-        with self._lock:
-            self._idle.pop(sock, None)
-
-    def counts(self):
-        """``(open, idle)`` connections right now."""
-        with self._lock:
-            return len(self._open), len(self._idle)
-
-    def release(self, sock):
-        with self._lock:
-            self._open.discard(sock)
-            self._idle.pop(sock, None)
-            if not self._open:
-                self._all_closed.notify_all()
-
-    def begin_draining(self):
-        """From now on connections close after their current request; idle ones
-        are closed now or, if they became idle a moment ago, while ``wait_closed`` waits."""
-        with self._lock:
-            self.draining = True
-            self._close_idle()
-
-    def wait_closed(self, timeout):
-        """Wait up to ``timeout`` seconds for every connection to close; return how many remain."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._open and time.monotonic() < deadline:
-                self._all_closed.wait(min(deadline - time.monotonic(), self.IDLE_GRACE_SECONDS))
-                self._close_idle()
-            return len(self._open)
-
-    def _close_idle(self):
-        """Shut down connections idle past the grace period with nothing unread (lock held)."""
-        now = time.monotonic()
-        for sock, since in list(self._idle.items()):
-            if now - since >= self.IDLE_GRACE_SECONDS and not _has_unread_bytes(sock):
-                _shut_down(sock)
-                del self._idle[sock]
-
-
-def _has_unread_bytes(sock):
-    """True if the socket is readable now: a request, or the client's close, has arrived.
-    (A zero-timeout poll; recv would first wait out the socket's timeout.)"""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-_CONTROL_CHARACTERS = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
-
-
-def _shut_down(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def format_head(status, headers, content_length, date, close):
-    """The bytes of a response's status line and header section."""
-    lines = ["HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, "")),
-             "Date: %s\r\nServer: %s\r\nContent-Length: %d\r\n"
-             % (date, SERVER_SOFTWARE, content_length)]
-    lines.extend("%s: %s\r\n" % field for field in headers)
-    if close:
-        lines.append("Connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
-
-
-def json_error(message):
-    return json.dumps({"error": message}).encode()
-
-
-class DataStorageHandler(BaseHTTPRequestHandler):
-    """Serves one connection: a keep-alive sequence of requests.
-
-    The stdlib's request parsing is replaced (``handle_one_request``) so that
-    every error, even on a malformed request line, is a JSON response with a
-    status line, and so that request bodies are framed per RFC 9112 §6.
-    Per-request state is reset at the start of each request, because one
-    handler object serves every request on its connection.
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = SERVER_SOFTWARE
-    disable_nagle_algorithm = True   # small responses must not wait ~40 ms for an ACK
-    routes = {
+    routes = {   # route -> method -> handler; openapi.json describes exactly these
         "health": {"GET": "get_health", "HEAD": "get_health"},
         "metrics": {"GET": "get_metrics", "HEAD": "get_metrics"},
         "openapi": {"GET": "get_openapi", "HEAD": "get_openapi"},
@@ -490,460 +350,186 @@ class DataStorageHandler(BaseHTTPRequestHandler):
     }
     public_routes = frozenset({"health"})   # answered without a token, for load balancers
 
-    def setup(self):
-        self.timeout = self.server.request_timeout
-        self._requests_seen = 0
-        super().setup()
-
-    def handle_one_request(self):
-        """Wait for a request, then read, route and answer it, accounting for it
-        once at the end (access log, metrics)."""
-        self.close_connection = True
-        if not self.server.connections.idle(self.connection, first_request=not self._requests_seen):
-            return
-        try:
-            raw = self.rfile.readline(MAX_LINE_BYTES + 1)
-            if raw in (b"\r\n", b"\n"):   # RFC 9112 §2.2: ignore an empty line before a request
-                raw = self.rfile.readline(MAX_LINE_BYTES + 1)
-        except (ConnectionError, socket.timeout):
-            return   # idle too long, or gone: nothing to answer
-        if not raw:
-            return
-        self.server.connections.busy(self.connection)
-        self._requests_seen += 1
-        self.close_connection = False
-        self.command = self.path = None
-        self.requestline = ""
-        self.request_version = self.protocol_version
-        self._status = None
-        self._sent_bytes = 0
-        self._expect_continue = False
-        self._body = EmptyBody()
-        started = time.monotonic()
-        self.server.metrics.request_started()
-        try:
-            self._answer(raw)
-        except (ConnectionError, socket.timeout) as error:
-            # The client went away or stalled: nobody is left to answer.
-            self.server.log("warning", '%s "%s" abandoned: %s'
-                            % (self.address_string(), self.requestline[:200], error))
-            self.close_connection = True
-        finally:
-            self._account(time.monotonic() - started)
-
-    def _answer(self, raw_request_line):
-        """Answer one request; any exception but a lost connection becomes a response."""
-        try:
-            self._read_request_head(raw_request_line)
-            self._dispatch()
-        except HTTPError as error:
-            self._send_error(error.status, str(error), error.headers, error.close)
-        except storage.StoreError as error:
-            self._send_error(STORE_ERROR_STATUS.get(type(error), 500), str(error))
-        except (ConnectionError, socket.timeout):
-            raise
-        except Exception:
-            self.server.log("error", "unexpected error in %r:\n%s"
-                            % (self.requestline[:200], traceback.format_exc()))
-            self._send_error(500, "internal server error", close=True)
-        self._finish_request_body()
-
-    def _account(self, seconds):
-        method = self.command if self.command in KNOWN_METHODS else "other"
-        self.server.metrics.request_ended(method, self._status, seconds, self._body.received,
-                                          self._sent_bytes)
-        if self._status is not None:
-            self.server.log_access(self.client_address[0], self.command, self.path,
-                                   self.requestline, self._status, self._body.received,
-                                   self._sent_bytes, seconds)
-
-    def _read_request_head(self, raw):
-        """Parse the request line and header fields."""
-        if len(raw) > MAX_LINE_BYTES:
-            raise HTTPError(414, "request line longer than %d bytes" % MAX_LINE_BYTES, close=True)
-        self.requestline = raw.decode("latin-1").rstrip("\r\n")
-        match = REQUEST_LINE.fullmatch(self.requestline)
-        if not match:
-            raise HTTPError(400, "malformed request line %r (HTTP/1.x required)"
-                            % self.requestline[:200], close=True)
-        self.command, self.path, major, minor = match.groups()
-        if major != "1":
-            raise HTTPError(505, "HTTP version %s.%s not supported; use HTTP/1.1"
-                            % (major, minor), close=True)
-        self.request_version = "HTTP/1.%s" % minor
-        self.headers = self._read_header_fields()
-        connection = [option.lower() for option in split_list(self.headers.get("Connection", ""))]
-        self.close_connection = minor == "0" or "close" in connection
-        self._body = self._frame_body()
-
-    def _read_header_fields(self):
-        headers = Headers()
-        total = 0
-        for _ in range(MAX_HEADER_FIELDS + 1):
-            raw = self.rfile.readline(MAX_LINE_BYTES + 1)
-            total += len(raw)
-            if len(raw) > MAX_LINE_BYTES or total > MAX_HEADER_BYTES:
-                raise HTTPError(431, "header fields too large", close=True)
-            if raw in (b"\r\n", b"\n"):
-                return headers
-            if not raw:
-                raise HTTPError(400, "connection closed inside the header section", close=True)
-            match = HEADER_LINE.fullmatch(raw.decode("latin-1").rstrip("\r\n"))
-            if not match or "\r" in match.group(2) or "\0" in match.group(2):
-                # Includes obsolete line folding and whitespace before the colon (RFC 9112 §5).
-                raise HTTPError(400, "malformed header field %r" % raw[:100], close=True)
-            headers.add(*match.groups())
-        raise HTTPError(431, "more than %d header fields" % MAX_HEADER_FIELDS, close=True)
-
-    def _frame_body(self):
-        """Decide how the request body is delimited (RFC 9112 §6.1, §6.3)."""
-        transfer_encoding = self.headers.get("Transfer-Encoding")
-        content_length = self.headers.get("Content-Length")
-        if transfer_encoding is not None:
-            if content_length is not None:
-                raise HTTPError(400, "both Transfer-Encoding and Content-Length given", close=True)
-            if self.request_version == "HTTP/1.0":
-                raise HTTPError(400, "Transfer-Encoding is not allowed in HTTP/1.0", close=True)
-            codings = [coding.lower() for coding in split_list(transfer_encoding)]
-            if codings[-1:] != ["chunked"] or codings.count("chunked") > 1:
-                raise HTTPError(400, "chunked must be the final transfer coding, applied once",
-                                close=True)
-            if len(codings) > 1:
-                raise HTTPError(501, "transfer coding %r not supported" % codings[0], close=True)
-            self._expect_continue_if_asked()
-            return ChunkedBody(self.rfile, self.server.max_object_size, self._send_continue)
-        if content_length is not None:
-            values = set(split_list(content_length))
-            if len(values) != 1 or not all(value.isascii() and value.isdigit() for value in values):
-                raise HTTPError(400, "invalid Content-Length %r" % content_length[:100], close=True)
-            digits = values.pop().lstrip("0")
-            length = int(digits or "0") if len(digits) <= 18 else OVERSIZED
-            if length:
-                self._expect_continue_if_asked()
-                return FixedLengthBody(self.rfile, length, self._send_continue)
-        return EmptyBody()
-
-    def _expect_continue_if_asked(self):
-        expect = self.headers.get("Expect", "")
-        self._expect_continue = (expect.lower() == "100-continue"
-                                 and self.request_version != "HTTP/1.0")
-
-    def _send_continue(self):
-        if self._expect_continue:
-            self._expect_continue = False
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def _dispatch(self):
-        route, arguments, self._query = parse_target(self.path)
-        if (self.server.auth_token is not None and route not in self.public_routes
-                and not self._authorized()):
-            raise HTTPError(401, "missing or wrong bearer token",
-                            [("WWW-Authenticate", 'Bearer realm="data-storage"')])
-        if route is None:
-            raise HTTPError(404, "no such resource: %s" % self.path[:200])
-        methods = self.routes[route]
-        handler = methods.get(self.command)
-        if handler is None:
-            # Also for methods we have never heard of: the resource exists and
-            # Allow says what it supports (RFC 9110 §15.5.6).
-            raise HTTPError(405, "method %s not allowed here" % self.command[:40],
-                            [("Allow", ", ".join(methods))])
-        getattr(self, handler)(*arguments)
-
-    def _authorized(self):
-        """Check ``Authorization: Bearer <token>`` in constant time (RFC 6750 §2.1)."""
-        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("latin-1"), self.server.auth_token)
-
-    # Route handlers -------------------------------------------------------
-
-    def put_object(self, repository, oid=None):
-        """Store the body; with an oid in the path, only if the body hashes to it."""
-        body = self._body
-        if body.length is not None and body.length > self.server.max_object_size:
-            raise HTTPError(413, "object of %d bytes exceeds the %d-byte limit"
-                            % (body.length, self.server.max_object_size))
-        oid, size = self.server.store.put(repository, body, expected_oid=oid)
-        self._send_json(201, {"oid": oid, "size": size},
-                        [("Location", "/data/%s/%s" % (repository, oid))])
-
-    def get_object(self, repository, oid):
-        """Send the object (GET) or its headers (HEAD), honouring If-None-Match
-        (RFC 9110 §13.1.2) and a single byte Range (RFC 9110 §14)."""
-        with self.server.store.open(repository, oid) as stored:
-            size = stored.size
-            etag = '"%s"' % oid.lower()
-            headers = [("ETag", etag), ("Accept-Ranges", "bytes")]
-            if etag_matches(self.headers.get("If-None-Match", ""), etag):
-                self._send_response(304, headers, content_length=size)
-                return
-            first, last = 0, size - 1
-            status = 200
-            range_value = self.headers.get("Range")
-            if (range_value is not None and self.command == "GET"
-                    and self.headers.get("If-Range", etag) == etag):
-                try:
-                    selected = parse_range(range_value, size)
-                except RangeNotSatisfiable:
-                    raise HTTPError(416, "range %s not satisfiable for %d bytes"
-                                    % (range_value[:100], size),
-                                    [("Content-Range", "bytes */%d" % size)]) from None
-                if selected is not None:
-                    status = 206
-                    first, last = selected
-                    headers.append(("Content-Range", "bytes %d-%d/%d" % (first, last, size)))
-            headers.append(("Content-Type", "application/octet-stream"))
-            count = last - first + 1
-            if self.command == "HEAD":
-                self._send_response(status, headers, content_length=count)
-            elif count <= INLINE_BODY_BYTES:
-                if first:
-                    stored.file.seek(first)   # a stored object's file starts at 0
-                body = stored.file.read(count)
-                if len(body) != count:
-                    raise OSError("stored object shorter than its recorded size")
-                self._send_response(status, headers, body)
-            else:
-                self._send_response(status, headers, content_length=count)
-                self._sent_bytes = self.connection.sendfile(stored.file, first, count)
-                if self._sent_bytes != count:
-                    raise ConnectionError("object ended before its recorded size")
-
-    def delete_object(self, repository, oid):
-        """Remove the object; 404 if the repository does not hold it."""
-        self.server.store.delete(repository, oid)
-        self._send_response(200, [])
-
-    def list_objects(self, repository):
-        """A page of the repository's objects, sorted by oid: ``?limit=N&after=OID``."""
-        limit, after = parse_listing_query(self._query)
-        listed = self.server.store.list_objects(repository, after=after, limit=limit + 1)
-        page = listed[:limit]
-        self._send_json(200, {"objects": [{"oid": oid, "size": size} for oid, size in page],
-                              "next": page[-1][0] if len(listed) > limit else None})
-
-    def get_health(self):
-        """200 while serving; 503 once shutdown has begun, so balancers move away."""
-        if self.server.connections.draining:
-            self._send_json(503, {"status": "draining"})
-        else:
-            self._send_json(200, {"status": "ok"})
-
-    def get_metrics(self):
-        """Prometheus text exposition of the request metrics and the store's usage."""
-        text = self.server.metrics.render(*self.server.store.usage())
-        self._send_response(200, [("Content-Type", metrics.CONTENT_TYPE)], text.encode())
-
-    def get_openapi(self):
-        """The OpenAPI 3.1 description of this API, served as stored."""
-        self._send_response(200, [("Content-Type", "application/json")],
-                            self.server.openapi_document)
-
-    # Responses ------------------------------------------------------------
-
-    def _send_json(self, status, document, headers=()):
-        self._send_response(status, [("Content-Type", "application/json"), *headers],
-                            json.dumps(document).encode())
-
-    def _send_error(self, status, message, headers=(), close=False):
-        """Answer with a JSON error, unless a response is already under way,
-        in which case the only honest thing left is to close the connection."""
-        if close:
-            self.close_connection = True
-        if self._status is not None:
-            self.close_connection = True
-            return
-        self._send_response(status, [("Content-Type", "application/json"), *headers],
-                            json_error(message))
-
-    def _send_response(self, status, headers, body=b"", content_length=None):
-        """Write the status line, headers and body in one send. If
-        ``content_length`` is given, the caller sends that many bytes after."""
-        if ((not self._body.finished and (self._expect_continue or not self._can_drain_body()))
-                or self.server.connections.draining):
-            self.close_connection = True
-        length = len(body) if content_length is None else content_length
-        head = format_head(status, headers, length, self.server.http_date(), self.close_connection)
-        self._status = status
-        if self.command == "HEAD":
-            self.wfile.write(head)
-        else:
-            self.wfile.write(head + body)
-            self._sent_bytes = len(body)
-
-    def _can_drain_body(self):
-        return self._body.length is not None and self._body.remaining <= DRAIN_BODY_BYTES
-
-    def _finish_request_body(self):
-        """Keep an unread body from being parsed as the next request
-        (RFC 9112 §9.3): drop a small one, else close the connection."""
-        if self._body.finished or self.close_connection:
-            self._linger_if_unread()
-            return
-        buffer = bytearray(DRAIN_BODY_BYTES)
-        try:
-            while self._body.readinto(buffer):
-                pass
-        except (HTTPError, OSError):
-            self.close_connection = True
-
-    def _linger_if_unread(self):
-        """Before closing with body bytes still unread, read and drop what the
-        client sends for a moment, so the close does not reset the connection
-        before the client has read the response."""
-        if self._body.finished or self._expect_continue:
-            return
-        connection = self.connection
-        try:
-            connection.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + LINGER_SECONDS
-            while time.monotonic() < deadline:
-                connection.settimeout(max(0.01, deadline - time.monotonic()))
-                if not connection.recv(65536):
-                    break
-        except OSError:
-            pass
-
-
-class DataStorageServer(ThreadingHTTPServer):
-    """A threaded HTTP server that owns the store and the service's limits.
-
-    ``store`` may be given later (set the attribute before serving): worker
-    processes open their own store after the listening socket is shared.
-
-    One thread per connection, at most ``max_connections`` of them (see
-    ConnectionLimiter); threads are daemons so that a stuck client cannot
-    keep the process alive, and ``drain`` gives in-flight requests their
-    time at shutdown instead.
-    """
-
-    request_queue_size = 1024
-    daemon_threads = True
-
-    def __init__(self, address, store, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
-                 request_timeout=DEFAULT_REQUEST_TIMEOUT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 auth_token=None, log_stream=None, log_format="text", log_level="info",
-                 handler_class=DataStorageHandler):
-        self.store = store
+    def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
+                 max_total_size=None, auth_token=None):
+        if store is not None and (data_dir is not None or max_total_size is not None):
+            raise ValueError("data_dir and max_total_size open a store: pass them or a store")
+        self.store = store if store is not None else open_store(data_dir, max_total_size)
         self.max_object_size = max_object_size
-        self.request_timeout = request_timeout
-        self.connections = ConnectionLimiter(max_connections)
         self.auth_token = os.fsencode(auth_token) if auth_token else None
         self.metrics = metrics.Metrics()
         with open(OPENAPI_PATH, "rb") as document:
             self.openapi_document = document.read()
-        self.log_stream = log_stream or sys.stderr
-        self.log_json = log_format == "json"
-        self.log_threshold = LOG_LEVELS[log_level]
-        self._date = self._log_date_cache = (0, "")
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, handler_class)
 
-    def server_bind(self):
-        # HTTPServer.server_bind would look up the host's FQDN, which can
-        # stall start-up on a machine without DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def process_request(self, request, client_address):
-        if self.connections.admit(request):
-            super().process_request(request, client_address)
-        else:
-            self._refuse(request)
-
-    def _refuse(self, request):
-        """Answer 503 on the accepting thread, without reading the request."""
-        body = json_error("too many connections; retry shortly")
+    def __call__(self, environ, start_response):
+        """Answer one request; it is counted in the metrics as its response is handed over."""
+        started = time.monotonic()
+        self.metrics.request_started()
         try:
-            request.settimeout(1.0)
-            request.sendall(format_head(503, [("Content-Type", "application/json"),
-                                              ("Retry-After", "1")],
-                                        len(body), self.http_date(), close=True) + body)
-            request.setblocking(False)
-            request.recv(65536)   # drop what has arrived: closing on unread bytes sends a reset
-        except OSError:
-            pass
-        self.shutdown_request(request)
+            response, request = self._respond(environ)
+        except BaseException:
+            self.metrics.request_handed_back()
+            raise
+        headers, body, length = self._body_of(environ, response)
+        self.metrics.request_ended(environ["REQUEST_METHOD"], response.status,
+                                   time.monotonic() - started,
+                                   request.body.received if request else 0, length if body else 0)
+        start_response(http11.status_line(response.status), headers)
+        return body
 
-    def shutdown_request(self, request):
-        self.connections.release(request)
-        super().shutdown_request(request)
+    def close(self):
+        """Release the store (its temporary files, for the disk store)."""
+        self.store.close()
 
-    def stop_accepting(self):
-        """Close the listening socket, but first take the connections already
-        waiting in its backlog: their clients have connected and may have sent
-        a request, which they get answered (with Connection: close)."""
-        self.connections.begin_draining()
-        self.socket.setblocking(False)
-        while True:
+    def _respond(self, environ):
+        """``(response, request)``, the request None if it could not be read;
+        every exception but the input's own becomes a JSON error."""
+        request = None
+        try:
+            request = Request(environ, self.max_object_size)
+            return self._route(request), request
+        except HTTPError as error:
+            response = Response(error.status, [JSON, *error.headers], json_error(str(error)))
+        except storage.StoreError as error:
+            status = STORE_ERROR_STATUS.get(type(error), 500)
+            response = Response(status, [JSON], json_error(str(error)))
+        except Exception:
+            if request is not None and request.body.failed:
+                raise
+            environ["wsgi.errors"].write("unexpected error in %s %s:\n%s" % (
+                environ["REQUEST_METHOD"], request_target(environ)[:200], traceback.format_exc()))
+            response = Response(500, [JSON], json_error("internal server error"))
+        return response, request
+
+    @staticmethod
+    def _body_of(environ, response):
+        """``(headers, iterable, length)``: the response's Content-Length and
+        its body as PEP 3333 wants it (none for HEAD and 304)."""
+        body = response.body
+        if isinstance(body, FileSlice):
+            length = body.end - body.tell()
+            if environ["REQUEST_METHOD"] == "HEAD" or response.status == 304:
+                body.close()
+                body = b""
+            elif length <= INLINE_BODY_BYTES:
+                try:
+                    body = body.read()
+                finally:
+                    response.body.close()
+            else:
+                wrapper = environ.get("wsgi.file_wrapper")
+                body = wrapper(body, BODY_BLOCK_BYTES) if wrapper else body
+        else:
+            length = len(body)
+            if environ["REQUEST_METHOD"] == "HEAD":
+                body = b""
+        iterable = [body] if isinstance(body, bytes) else body
+        return response.headers + [("Content-Length", str(length))], iterable, length
+
+    def _route(self, request):
+        route, arguments, request.query = parse_target(request.target)
+        if (self.auth_token is not None and route not in self.public_routes
+                and not self._authorized(request)):
+            raise HTTPError(401, "missing or wrong bearer token",
+                            [("WWW-Authenticate", 'Bearer realm="data-storage"')])
+        if route is None:
+            raise HTTPError(404, "no such resource: %s" % request.target[:200])
+        methods = self.routes[route]
+        handler = methods.get(request.method)
+        if handler is None:
+            # Also for methods we have never heard of: the resource exists and
+            # Allow says what it supports (RFC 9110 §15.5.6).
+            raise HTTPError(405, "method %s not allowed here" % request.method[:40],
+                            [("Allow", ", ".join(methods))])
+        return getattr(self, handler)(request, *arguments)
+
+    def _authorized(self, request):
+        """Check ``Authorization: Bearer <token>`` in constant time (RFC 6750 §2.1)."""
+        scheme, _, token = request.header("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip(http11.WHITESPACE).encode("latin-1"), self.auth_token)
+
+    # Route handlers -------------------------------------------------------
+
+    def put_object(self, request, repository, oid=None):
+        """Store the body; with an oid in the path, only if the body hashes to it."""
+        length = request.body.length
+        if length is not None and length > self.max_object_size:
+            raise HTTPError(413, "object of %d bytes exceeds the %d-byte limit"
+                            % (length, self.max_object_size))
+        oid, size = self.store.put(repository, request.body, expected_oid=oid)
+        return Response.json(201, {"oid": oid, "size": size},
+                             [("Location", "/data/%s/%s" % (repository, oid))])
+
+    def get_object(self, request, repository, oid):
+        """The object (GET) or its headers (HEAD), honouring If-None-Match
+        (RFC 9110 §13.1.2) and a single byte Range (RFC 9110 §14)."""
+        stored = self.store.open(repository, oid)
+        try:
+            return self._object_response(request, stored, '"%s"' % oid.lower())
+        except BaseException:
+            stored.close()
+            raise
+
+    def _object_response(self, request, stored, etag):
+        size = stored.size
+        headers = [("ETag", etag), ("Accept-Ranges", "bytes")]
+        if etag_matches(request.header("If-None-Match", ""), etag):
+            return Response(304, headers, FileSlice(stored, 0, size))
+        first, last, status = 0, size - 1, 200
+        range_value = request.header("Range")
+        if (range_value is not None and request.method == "GET"
+                and request.header("If-Range", etag) == etag):
             try:
-                request, client_address = self.get_request()
-            except OSError:   # the backlog is empty
-                break
-            self.process_request(request, client_address)
-        self.server_close()
+                selected = parse_range(range_value, size)
+            except RangeNotSatisfiable:
+                raise HTTPError(416, "range %s not satisfiable for %d bytes"
+                                % (range_value[:100], size),
+                                [("Content-Range", "bytes */%d" % size)]) from None
+            if selected is not None:
+                (first, last), status = selected, 206
+                headers.append(("Content-Range", "bytes %d-%d/%d" % (first, last, size)))
+        headers.append(("Content-Type", "application/octet-stream"))
+        return Response(status, headers, FileSlice(stored, first, last - first + 1))
 
-    def drain(self, timeout):
-        """Close idle connections and give in-flight requests up to ``timeout``
-        seconds to finish; returns how many were still open after it."""
-        self.connections.begin_draining()
-        return self.connections.wait_closed(timeout)
+    def delete_object(self, request, repository, oid):
+        """Remove the object; 404 if the repository does not hold it."""
+        self.store.delete(repository, oid)
+        return Response.json(200, {"deleted": oid.lower()})
 
-    def log(self, level, message):
-        """A line of the service log (start-up, warnings, errors), if ``level`` passes
-        ``--log-level``."""
-        if LOG_LEVELS[level] < self.log_threshold:
-            return
-        now = datetime.datetime.now(datetime.timezone.utc)
-        if self.log_json:
-            line = json.dumps({"time": now.isoformat(timespec="milliseconds"),
-                               "level": level, "message": message})
-        else:
-            line = "%s %s %s" % (now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-                                 level.upper(), message)
-        self.log_stream.write(line + "\n")
+    def list_objects(self, request, repository):
+        """A page of the repository's objects, sorted by oid: ``?limit=N&after=OID``."""
+        limit, after = parse_listing_query(request.query)
+        listed = self.store.list_objects(repository, after=after, limit=limit + 1)
+        page = listed[:limit]
+        return Response.json(200, {"objects": [{"oid": oid, "size": size} for oid, size in page],
+                                   "next": page[-1][0] if len(listed) > limit else None})
 
-    def log_access(self, remote, method, path, request_line, status, received, sent, seconds):
-        """The access-log line of a finished request: Common Log Format, or JSON.
-        ``received`` and ``sent`` count body bytes."""
-        if self.log_json:
-            line = json.dumps({
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="milliseconds"),
-                "remote": remote, "method": method, "path": path, "status": status,
-                "request_bytes": received, "response_bytes": sent,
-                "duration_ms": round(seconds * 1000, 3)})
-        else:
-            if not request_line.isprintable():
-                request_line = request_line.translate(_CONTROL_CHARACTERS)
-            line = '%s - - [%s] "%s" %d %d' % (remote, self._log_date(), request_line, status,
-                                                 sent)
-        self.log_stream.write(line + "\n")
+    def get_health(self, request):
+        """200 while serving; 503 once the server hosting us has begun to shut
+        down, so balancers move away."""
+        if request.environ.get(gateway.DRAINING_KEY):
+            return Response.json(503, {"status": "draining"})
+        return Response.json(200, {"status": "ok"})
 
-    def handle_error(self, request, client_address):
-        """An exception escaped a connection's handler: log it, instead of socketserver's
-        traceback on stderr."""
-        self.log("error", "error serving %s:\n%s" % (client_address[0], traceback.format_exc()))
+    def get_metrics(self, request):
+        """Prometheus text exposition of the request metrics and the store's usage."""
+        text = self.metrics.render(*self.store.usage())
+        return Response(200, [("Content-Type", metrics.CONTENT_TYPE)], text.encode())
 
-    def http_date(self):
-        """The current time as an HTTP-date, formatted at most once a second."""
-        now = int(time.time())
-        cached = self._date
-        if cached[0] != now:
-            cached = self._date = (now, email.utils.formatdate(now, usegmt=True))
-        return cached[1]
+    def get_openapi(self, request):
+        """The OpenAPI 3.1 description of this API, served as stored."""
+        return Response(200, [JSON], self.openapi_document)
 
-    def _log_date(self):
-        """The current time as the access log writes it, formatted at most once a second."""
-        now = int(time.time())
-        cached = self._log_date_cache
-        if cached[0] != now:
-            cached = self._log_date_cache = (now, time.strftime("%d/%b/%Y %H:%M:%S",
-                                                                time.localtime(now)))
-        return cached[1]
 
+def open_store(data_dir=None, max_total_size=None):
+    """The disk store in ``data_dir``, or a new in-memory store without one."""
+    if data_dir is not None:
+        return storage.DiskStore(data_dir, max_total_size=max_total_size)
+    return storage.MemoryStore(max_total_size=max_total_size)
+
+
+# The command line -------------------------------------------------------------------
 
 def _byte_count(text):
     # int() alone would also take "+5", " 5 " and "1_0".
@@ -995,11 +581,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-total-size", type=_byte_count, metavar="BYTES",
                         help="quota on the bytes stored; uploads beyond it get 507 "
                              "(default: no quota)")
-    parser.add_argument("--request-timeout", type=_seconds, default=DEFAULT_REQUEST_TIMEOUT,
+    parser.add_argument("--request-timeout", type=_seconds, default=gateway.DEFAULT_REQUEST_TIMEOUT,
                         metavar="SECONDS",
                         help="close a connection idle or stalled this long, mid-request "
                              "included (default: %(default)s)")
-    parser.add_argument("--max-connections", type=_positive_count, default=DEFAULT_MAX_CONNECTIONS,
+    parser.add_argument("--max-connections", type=_positive_count, default=gateway.DEFAULT_MAX_CONNECTIONS,
                         metavar="N",
                         help="connections served at once; idle keep-alive connections are "
                              "reclaimed first, then new ones get 503 (default: %(default)s)")
@@ -1014,7 +600,7 @@ def parse_args(argv=None):
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="access log: Common Log Format lines, or one JSON object per "
                              "line (default: %(default)s)")
-    parser.add_argument("--log-level", choices=tuple(LOG_LEVELS), default="info",
+    parser.add_argument("--log-level", choices=tuple(logs.LEVELS), default="info",
                         help="least severe service-log line written: start-up, warnings, "
                              "errors (default: %(default)s)")
     parser.add_argument("--workers", type=_positive_count, default=1, metavar="N",
@@ -1027,127 +613,32 @@ def parse_args(argv=None):
     return args
 
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-def serve_until_signalled(server, shutdown_timeout):
-    """Serve until SIGTERM or SIGINT; then stop accepting, close idle
-    connections and give in-flight requests ``shutdown_timeout`` seconds."""
-    def stop(signum, frame):
-        server.log("info", "signal %d: draining and stopping" % signum)
-        # shutdown() waits for serve_forever() to return, so not on this thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # blocked across a worker's fork
-    server.serve_forever()
-    server.stop_accepting()
-    left = server.drain(shutdown_timeout)
-    if left:
-        server.log("warning", "stopping with %d requests unfinished after %ss"
-                   % (left, shutdown_timeout))
-
-
-def open_store(args):
-    if args.data_dir:
-        return storage.DiskStore(args.data_dir, max_total_size=args.max_total_size)
-    return storage.MemoryStore(max_total_size=args.max_total_size)
-
-
-def serve_in_this_process(server, args):
-    server.store = open_store(args)
-    try:
-        serve_until_signalled(server, args.shutdown_timeout)
-    finally:
-        server.store.close()
-
-
-def run_workers(server, args):
-    """Fork ``args.workers`` processes that accept on the one listening socket,
-    each with its own handle on the shared disk store. Restart a worker that
-    dies; on SIGTERM or SIGINT, pass SIGTERM on and wait for all to drain."""
-    workers = {}   # pid -> start time
-    stopping = False
-
-    parent = os.getpid()
-
-    def start_worker():
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # no signal between fork and set-up
-        pid = os.fork()
-        if pid == 0:
-            status = 1
-            try:
-                for signum in STOP_SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)
-                threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
-                serve_in_this_process(server, args)
-                status = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        workers[pid] = time.monotonic()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-    def stop(signum, frame):
-        nonlocal stopping
-        stopping = True
-        for pid in workers:
-            os.kill(pid, signal.SIGTERM)
-
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
-    # Every worker wakes for each new connection and only one wins it; the
-    # others must get EAGAIN from accept() (which socketserver ignores), not
-    # block there, deaf to shutdown, until the next connection.
-    server.socket.setblocking(False)
-    for _ in range(args.workers):
-        start_worker()
-    while workers:
-        pid, status = os.wait()
-        started = workers.pop(pid, None)
-        if started is None or stopping:
-            continue
-        server.log("warning", "worker %d exited (wait status %d); starting another" % (pid, status))
-        if time.monotonic() - started < 1:
-            time.sleep(1)   # a worker that dies at once would otherwise fork in a tight loop
-        if not stopping:
-            start_worker()
-    server.server_close()
-
-
-def _stop_when_orphaned(parent, interval=0.5):
-    """In a worker: drain and exit, as on SIGTERM, once the parent is gone
-    (killed with SIGKILL, say), instead of serving on unsupervised."""
-    while os.getppid() == parent:
-        time.sleep(interval)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    # Held back until the handlers are in place: a SIGTERM that arrives just
-    # after the start-up line must still stop the server cleanly.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    server = DataStorageServer(
-        (args.host, args.port), None, max_object_size=args.max_object_size,
-        request_timeout=args.request_timeout, max_connections=args.max_connections,
-        auth_token=args.auth_token, log_format=args.log_format, log_level=args.log_level)
+    workers.block_stop_signals()
+
+    def make_application():
+        return DataStorageServer(data_dir=args.data_dir, max_object_size=args.max_object_size,
+                                 max_total_size=args.max_total_size, auth_token=args.auth_token)
+
+    log = logs.Log(log_format=args.log_format, level=args.log_level)
+    server = gateway.GatewayServer((args.host, args.port), None,
+                                   request_timeout=args.request_timeout,
+                                   max_connections=args.max_connections, log=log)
     host, port = server.server_address[:2]
     print("data storage service listening on http://%s:%d (%s%s%s)" % (
         "[%s]" % host if ":" in host else host, port,
         "disk store in %s" % args.data_dir if args.data_dir else "in-memory store",
         ", %d workers" % args.workers if args.workers > 1 else "",
         ", bearer token required" if args.auth_token else ""), flush=True)
-    server.log("info", "settings: max object size %d, quota %s, request timeout %ss, "
-               "max connections %d, shutdown timeout %ss, workers %d" % (
-                   args.max_object_size, args.max_total_size or "none", args.request_timeout,
-                   args.max_connections, args.shutdown_timeout, args.workers))
+    log.log("info", "settings: max object size %d, quota %s, request timeout %ss, "
+            "max connections %d, shutdown timeout %ss, workers %d" % (
+                args.max_object_size, args.max_total_size or "none", args.request_timeout,
+                args.max_connections, args.shutdown_timeout, args.workers))
     if args.workers > 1:
-        run_workers(server, args)
+        workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)
     else:
-        serve_in_this_process(server, args)
+        workers.serve_application(server, make_application, args.shutdown_timeout)
     return 0
 
 

@@ -4,33 +4,17 @@
 and inherits every test, so each backend proves the same guarantees.
 """
 
-import contextlib
 import functools
-import hashlib
 import io
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import unittest
 
 import storage
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def run_concurrently(calls):
-    """Run each callable on a thread of its own, all at once, and wait for them all."""
-    threads = [threading.Thread(target=call) for call in calls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+from fixtures import (HERE, files_under, open_disk_store, run_concurrently, sha256,
+                      small_filesystem, temporary_directory)
 
 
 class FailingSource(io.RawIOBase):
@@ -245,33 +229,6 @@ class MemoryStoreTest(StoreContract, unittest.TestCase):
         return storage.MemoryStore(**options)
 
 
-def temporary_directory(test):
-    """A fresh directory removed when ``test`` ends."""
-    directory = tempfile.TemporaryDirectory()
-    test.addCleanup(directory.cleanup)
-    return directory.name
-
-
-def open_disk_store(test, root, **options):
-    store = storage.DiskStore(root, **options)
-    test.addCleanup(store.close)
-    return store
-
-
-@contextlib.contextmanager
-def small_filesystem(test, size="1m"):
-    """A tmpfs of ``size`` for real ENOSPC; skips the test where mounting is not allowed."""
-    mount_point = temporary_directory(test)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", mount_point],
-                            capture_output=True)
-    if result.returncode != 0:
-        test.skipTest("cannot mount a tmpfs here: %s" % result.stderr.decode().strip())
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", mount_point], check=True)
-
-
 class BlockingSource(io.BytesIO):
     """Yields its first block, then waits for ``release`` before the rest."""
 
@@ -286,11 +243,6 @@ class BlockingSource(io.BytesIO):
         count = super().readinto(memoryview(buffer)[:4096])
         self.started.set()
         return count
-
-
-def files_under(root):
-    return sorted(os.path.relpath(os.path.join(top, name), root)
-                  for top, _, names in os.walk(root) for name in names)
 
 
 class DiskStoreTest(StoreContract, unittest.TestCase):

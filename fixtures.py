@@ -1,0 +1,304 @@
+"""Test helpers shared by the test modules (none of which imports another).
+
+- waiting on conditions, temporary directories and stores, a small real filesystem;
+- ``WSGIClientMixin``: requests to an application in-process, through ``wsgiref.validate``;
+- ``HTTPClientMixin`` and ``RunningServer``: requests over loopback to a real gateway;
+- ``ServerProcess``: ``python server.py`` in a subprocess.
+Both clients return a ``Response`` and share ``ResponseAssertions``.
+"""
+
+import contextlib
+import hashlib
+import http.client
+import io
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import wsgiref.util
+import wsgiref.validate
+
+import gateway
+import logs
+import storage
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVER_SCRIPT = os.path.join(HERE, "server.py")
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(condition, timeout=10.0):
+    """Poll ``condition`` until it holds; fail the test if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %s s" % timeout)
+        time.sleep(0.005)
+
+
+def run_concurrently(calls):
+    """Run each callable on a thread of its own, all at once, and wait for them all."""
+    threads = [threading.Thread(target=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def temporary_directory(test):
+    """A fresh directory removed when ``test`` ends."""
+    directory = tempfile.TemporaryDirectory()
+    test.addCleanup(directory.cleanup)
+    return directory.name
+
+
+def open_disk_store(test, root, **options):
+    store = storage.DiskStore(root, **options)
+    test.addCleanup(store.close)
+    return store
+
+
+@contextlib.contextmanager
+def small_filesystem(test, size="1m"):
+    """A tmpfs of ``size`` for real ENOSPC; skips the test where mounting is not allowed."""
+    mount_point = temporary_directory(test)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", mount_point],
+                            capture_output=True)
+    if result.returncode != 0:
+        test.skipTest("cannot mount a tmpfs here: %s" % result.stderr.decode().strip())
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", mount_point], check=True)
+
+
+def files_under(root):
+    return sorted(os.path.relpath(os.path.join(top, name), root)
+                  for top, _, names in os.walk(root) for name in names)
+
+
+def child_pids(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as file:
+        return [int(child) for child in file.read().split()]
+
+
+def running(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def closed_by_server(sock):
+    """True once the server has closed ``sock`` (without waiting if it has not)."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
+
+
+def read_line(pipe, timeout=10.0):
+    """The next line from an unbuffered subprocess pipe (``bufsize=0``, so that
+    select sees every byte not yet read), failing instead of hanging."""
+    ready, _, _ = select.select([pipe], [], [], timeout)
+    if not ready:
+        raise AssertionError("no output within %s s" % timeout)
+    return pipe.readline()
+
+
+class Response:
+    """A response: status, headers (case-insensitive), body."""
+
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @classmethod
+    def read(cls, response):
+        """From an ``http.client.HTTPResponse``."""
+        return cls(response.status, response.msg, response.read())
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class ResponseAssertions:
+    """Assertions and shortcuts on top of ``self.request(method, path, body, headers)``."""
+
+    def put(self, repository, data):
+        response = self.request("PUT", "/data/%s" % repository, data)
+        self.assertEqual(response.status, 201, response.body)
+        return response.json()["oid"]
+
+    def assertJSONError(self, response, status):
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertIsInstance(response.json()["error"], str)
+
+    def assertNotStored(self, repository, data):
+        self.assertEqual(self.request("GET", "/data/%s/%s" % (repository, sha256(data))).status,
+                         404)
+
+
+class WSGIClientMixin(ResponseAssertions):
+    """Calls ``self.app`` in-process through ``wsgiref.validate``, as a WSGI
+    server would: REQUEST_URI carries the raw target (as gunicorn's RAW_URI and
+    uWSGI's REQUEST_URI do); ``chunked`` sends the body without CONTENT_LENGTH,
+    with ``wsgi.input_terminated``; ``file_wrapper`` offers ``wsgi.file_wrapper``."""
+
+    def environ(self, method, path, body=b"", headers=None, chunked=False, file_wrapper=False):
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        origin_form = path if path.startswith("/") else "/" + path.partition("://")[2].partition("/")[2]
+        raw_path, _, query = origin_form.partition("?")
+        environ.update(REQUEST_METHOD=method, REQUEST_URI=path, QUERY_STRING=query,
+                       PATH_INFO=urllib.parse.unquote_to_bytes(raw_path).decode("latin-1"))
+        environ["wsgi.input"] = io.BytesIO(body or b"")
+        if chunked:
+            environ["wsgi.input_terminated"] = True
+        else:
+            environ["CONTENT_LENGTH"] = str(len(body or b""))
+        if file_wrapper:
+            environ["wsgi.file_wrapper"] = wsgiref.util.FileWrapper
+        for name, value in (headers or {}).items():
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
+        return environ
+
+    def request(self, method, path, body=None, headers=None, **options):
+        return self.call(self.environ(method, path, body, headers, **options))
+
+    def call(self, environ):
+        """Run the application on ``environ``; the Response it gives."""
+        started = {}
+
+        def start_response(status, headers, exc_info=None):
+            started["status"], started["headers"] = status, headers
+
+        result = wsgiref.validate.validator(self.app)(environ, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            result.close()
+        headers = http.client.HTTPMessage()
+        for name, value in started["headers"]:
+            headers[name] = value
+        return Response(int(started["status"][:3]), headers, body)
+
+
+class _KeptOpenReader(io.BufferedReader):
+    """A socket reader that http.client cannot close between responses."""
+
+    def close(self):
+        pass
+
+
+class SharedFile:
+    """Lets several http.client responses read from one buffered socket file."""
+
+    def __init__(self, sock=None, file=None):
+        self.file = file or _KeptOpenReader(socket.SocketIO(sock, "rb"))
+
+    def makefile(self, *args, **kwargs):
+        return self.file
+
+
+class RunningServer:
+    """A GatewayServer for ``application`` on 127.0.0.1:0, serving from a
+    background thread, its logs in ``log`` (a StringIO)."""
+
+    def __init__(self, application, log_format="text", log_level="info",
+                 request_timeout=gateway.DEFAULT_REQUEST_TIMEOUT,
+                 max_connections=gateway.DEFAULT_MAX_CONNECTIONS):
+        self.application = application
+        self.log = io.StringIO()
+        self.httpd = gateway.GatewayServer(
+            ("127.0.0.1", 0), application, request_timeout=request_timeout,
+            max_connections=max_connections, log=logs.Log(self.log, log_format, log_level),
+            metrics=getattr(application, "metrics", None))
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+class HTTPClientMixin(ResponseAssertions):
+    """Requests over loopback to ``self.running`` (a RunningServer)."""
+
+    def connect(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=10)
+        self.addCleanup(connection.close)
+        return connection
+
+    def request(self, method, path, body=None, headers=None, connection=None):
+        connection = connection or self.connect()
+        connection.request(method, path, body=body, headers=headers or {})
+        return Response.read(connection.getresponse())
+
+    def raw_socket(self):
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def raw(self, data, responses=1, methods=None, sock=None):
+        """Send raw bytes; parse and return ``responses`` responses from the connection."""
+        sock = sock or self.raw_socket()
+        sock.sendall(data)
+        shared = SharedFile(sock)
+        parsed = []
+        for method in (methods or ["GET"] * responses):
+            response = http.client.HTTPResponse(shared, method=method)
+            response.begin()
+            parsed.append(Response.read(response))
+        return parsed if responses > 1 else parsed[0]
+
+    def assertClosed(self, sock):
+        sock.settimeout(5)
+        try:
+            self.assertEqual(sock.recv(1), b"")
+        except ConnectionResetError:
+            pass
+
+
+class ServerProcess:
+    """``python server.py ARGS`` in a subprocess, with the port it reports."""
+
+    def __init__(self, test, *args):
+        self.process = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        bufsize=0)
+        test.addCleanup(self.stop)
+        line = read_line(self.process.stdout).decode()
+        test.assertIn("listening on http://127.0.0.1:", line)
+        self.port = int(line.rsplit(":", 1)[1].split()[0])
+
+    def request(self, method, path, body=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body)
+            return Response.read(connection.getresponse())
+        finally:
+            connection.close()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()

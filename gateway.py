@@ -1,0 +1,548 @@
+"""The stdlib WSGI gateway: serves a PEP 3333 application over HTTP/1.1.
+
+``GatewayServer`` is a ``ThreadingHTTPServer`` (a thread per connection) whose
+handler, ``Connection``, reads keep-alive requests with ``http11`` and hands
+each to the application as an ``Exchange``: the per-request state, from the
+request line to the last byte of the response. What the gateway adds to the
+application, and what ``http.server`` would get wrong:
+
+- JSON answers to protocol faults, with a status line even for a bad request line;
+- chunked request bodies (``wsgi.input_terminated``), and ``100 Continue`` sent
+  lazily on the first body read, so a refused request gets its final status;
+- ``TCP_NODELAY``, the head and a small body in one send, ``wsgi.file_wrapper``
+  sent with ``socket.sendfile``;
+- an unread body drained, or the connection closed after a lingering read, so
+  it never becomes the next request (RFC 9112 §9.3);
+- per-operation timeouts, a bound on connections that reclaims idle ones
+  (``ConnectionLimiter``), and a graceful drain at shutdown;
+- an access-log line for every response, and metrics for the responses the
+  application did not give itself (protocol faults, refusals, abandoned requests).
+"""
+
+import collections
+import email.utils
+import json
+import select
+import socket
+import socketserver
+import threading
+import time
+import traceback
+import urllib.parse
+from http.server import ThreadingHTTPServer
+
+import http11
+import logs
+
+SERVER_SOFTWARE = "data-storage/1.0"
+DEFAULT_REQUEST_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 256
+DRAINING_KEY = "data_storage.draining"   # environ: true once the server is shutting down
+INLINE_BODY_BYTES = 64 * 1024   # response bodies up to this size go out in the same send as the head
+DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
+LINGER_SECONDS = 2.0
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade",
+                        "proxy-connection", "te", "trailer"))
+JSON_ERROR_HEADERS = [("Content-Type", "application/json")]
+
+
+def json_error(message):
+    return json.dumps({"error": message}).encode()
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: a file the gateway sends with ``sendfile`` from its
+    current position, as many bytes as the response's Content-Length says."""
+
+    def __init__(self, filelike, block_size=256 * 1024):
+        self.filelike = filelike
+        self.block_size = block_size
+
+    def __iter__(self):
+        while True:
+            block = self.filelike.read(self.block_size)
+            if not block:
+                return
+            yield block
+
+    def close(self):
+        close = getattr(self.filelike, "close", None)
+        if close is not None:
+            close()
+
+
+class ConnectionLimiter:
+    """Bounds the connections served at once and drains them at shutdown.
+
+    A connection is *idle* while its thread waits for the next request line.
+    When every slot is taken, a new connection reclaims the slot of the
+    connection idle the longest (RFC 9112 §9.5 lets a server close an idle
+    persistent connection at any time), so idle keep-alive clients cannot
+    lock out real requests; only when every connection is mid-request is the
+    newcomer refused. A connection whose next request has already arrived,
+    unread, is not idle and is never closed under it. While draining, only
+    connections idle for IDLE_GRACE_SECONDS are closed (checked again as the
+    drain waits): a connection accepted a moment ago may have a request that
+    its thread has read but not yet announced. Sockets are shut down, never
+    closed, from other threads: the owning thread sees end-of-file and cleans up.
+    """
+
+    IDLE_GRACE_SECONDS = 0.5
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.draining = False
+        self._open = set()
+        self._idle = collections.OrderedDict()   # socket -> idle since (monotonic), longest first
+        self._lock = threading.Lock()
+        self._all_closed = threading.Condition(self._lock)
+
+    def admit(self, sock):
+        """Take a slot for a new connection; False if every slot is mid-request."""
+        with self._lock:
+            if len(self._open) >= self.limit:
+                victim = next((s for s in self._idle if not _has_unread_bytes(s)), None)
+                if victim is None:
+                    return False
+                del self._idle[victim]
+                self._open.discard(victim)
+                _shut_down(victim)
+            self._open.add(sock)
+            self._idle[sock] = time.monotonic()
+            return True
+
+    def idle(self, sock, first_request):
+        """Mark a connection as waiting for a request; False if it should close
+        instead. While draining, a connection still gets its first request
+        answered (with Connection: close), so a health check sees 503."""
+        with self._lock:
+            if (self.draining and not first_request) or sock not in self._open:
+                return False
+            self._idle[sock] = time.monotonic()
+            self._idle.move_to_end(sock)
+            return True
+
+    def busy(self, sock):
+        with self._lock:
+            self._idle.pop(sock, None)
+
+    def counts(self):
+        """``(open, idle)`` connections right now."""
+        with self._lock:
+            return len(self._open), len(self._idle)
+
+    def release(self, sock):
+        with self._lock:
+            self._open.discard(sock)
+            self._idle.pop(sock, None)
+            if not self._open:
+                self._all_closed.notify_all()
+
+    def begin_draining(self):
+        """From now on connections close after their current request; idle ones
+        are closed now or, if they became idle a moment ago, while ``wait_closed`` waits."""
+        with self._lock:
+            self.draining = True
+            self._close_idle()
+
+    def wait_closed(self, timeout):
+        """Wait up to ``timeout`` seconds for every connection to close; return how many remain."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._open and time.monotonic() < deadline:
+                self._all_closed.wait(min(deadline - time.monotonic(), self.IDLE_GRACE_SECONDS))
+                self._close_idle()
+            return len(self._open)
+
+    def _close_idle(self):
+        """Shut down connections idle past the grace period with nothing unread (lock held)."""
+        now = time.monotonic()
+        for sock, since in list(self._idle.items()):
+            if now - since >= self.IDLE_GRACE_SECONDS and not _has_unread_bytes(sock):
+                _shut_down(sock)
+                del self._idle[sock]
+
+
+def _has_unread_bytes(sock):
+    """True if the socket is readable now: a request, or the client's close, has arrived.
+    (A zero-timeout poll; recv would first wait out the socket's timeout.)"""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _shut_down(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Exchange:
+    """One request on a connection and its response: read the head, frame the
+    body, call the application, send what it returns, deal with what is left
+    of the body, and account for it once (access log; metrics if the
+    application did not count it)."""
+
+    def __init__(self, connection, request_line):
+        self.connection = connection
+        self.server = connection.server
+        self.raw_request_line = request_line
+        self.request_line = request_line.decode("latin-1").rstrip("\r\n")
+        self.started = time.monotonic()
+        self.head = None
+        self.body = http11.EmptyBody()
+        self.keep_alive = False
+        self.continue_pending = False
+        self.status = None           # once the response head is sent
+        self.response = None         # (status line, headers) from start_response
+        self.sent = 0                # response body bytes sent
+        self.counted_by_application = False
+
+    def run(self):
+        """Serve the exchange; True if the connection may carry another request."""
+        try:
+            self._serve()
+        except (ConnectionError, socket.timeout) as error:
+            # The client went away or stalled: nobody is left to answer.
+            self.server.log.log("warning", '%s "%s" abandoned: %s' % (
+                self.connection.client_address[0], logs.printable(self.request_line[:200]), error))
+            self.keep_alive = False
+        finally:
+            self._account()
+        return self.keep_alive
+
+    def _serve(self):
+        try:
+            self.head = http11.read_request_head(self.connection.rfile, self.raw_request_line)
+            self.keep_alive = self.head.keep_alive
+            self.body = http11.frame_body(self.head, self.connection.rfile, self._send_continue)
+            self.continue_pending = self.head.expects_continue and not self.body.finished
+            self._call_application()
+        except http11.ProtocolError as error:
+            self.keep_alive = False
+            self._send_error(error.status, str(error))
+        except (ConnectionError, socket.timeout):
+            raise
+        except Exception:
+            self.server.log.log("error", "unexpected error in %r:\n%s"
+                                % (self.request_line[:200], traceback.format_exc()))
+            self.keep_alive = False
+            self._send_error(500, "internal server error")
+        self._finish_request_body()
+
+    # The application's side ------------------------------------------------
+
+    def _call_application(self):
+        result = self.server.application(self._environ(), self._start_response)
+        self.counted_by_application = self.server.metrics is not None
+        try:
+            self._send_result(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+    def _environ(self):
+        """The WSGI environ of this request (PEP 3333)."""
+        head = self.head
+        path, _, query = _origin_form(head.target).partition("?")
+        environ = {
+            "REQUEST_METHOD": head.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": urllib.parse.unquote_to_bytes(path).decode("latin-1"),
+            "QUERY_STRING": query,
+            "REQUEST_URI": head.target,
+            "SERVER_NAME": self.server.server_name,
+            "SERVER_PORT": str(self.server.server_port),
+            "SERVER_PROTOCOL": head.version,
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "REMOTE_ADDR": self.connection.client_address[0],
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": self.body,
+            "wsgi.input_terminated": True,   # every body ends where its framing says
+            "wsgi.errors": self.server.error_stream,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": self.server.multiprocess,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+            DRAINING_KEY: self.server.connections.draining,
+        }
+        if self.body.length is not None:
+            environ["CONTENT_LENGTH"] = str(self.body.length)
+        for name, value in head.headers.items():
+            if "_" in name or name == "content-length":
+                continue   # "X_A" and "X-A" would both be HTTP_X_A: drop the ambiguous one
+            key = name.upper().replace("-", "_")
+            environ[key if key == "CONTENT_TYPE" else "HTTP_" + key] = value
+        return environ
+
+    def _start_response(self, status_line, headers, exc_info=None):
+        if exc_info is not None:
+            if self.status is not None:
+                raise exc_info[1].with_traceback(exc_info[2])
+        elif self.response is not None:
+            raise AssertionError("start_response called twice without exc_info")
+        self.response = (status_line, [(name, value) for name, value in headers
+                                       if name.lower() not in HOP_BY_HOP])
+        return self._write
+
+    def _write(self, data):
+        """The legacy ``write`` callable of PEP 3333: the body so far, unbuffered."""
+        self._send_head(self._declared_length())
+        self._send_bytes(data)
+
+    def _send_result(self, result):
+        """Send the response the application returned (PEP 3333: the head no
+        sooner than the first non-empty body block)."""
+        length = self._declared_length()
+        if self.head.method == "HEAD" or self._status_code() in (204, 304):
+            self._send_head(length)
+            return
+        elif isinstance(result, FileWrapper) and length is not None:
+            self._send_head(length)
+            self._send_file(result.filelike, length)
+        elif isinstance(result, (list, tuple)) and sum(map(len, result)) <= INLINE_BODY_BYTES:
+            body = b"".join(result)
+            self._send_head(len(body) if length is None else length, body)
+        else:
+            for block in result:
+                if block:
+                    self._send_head(length)
+                    self._send_bytes(block)
+            self._send_head(length)
+        if length is not None and self.sent < length:
+            raise ConnectionError("response body ended before its Content-Length")
+
+    def _declared_length(self):
+        for name, value in self.response[1]:
+            if name.lower() == "content-length":
+                return int(value)
+        return None
+
+    def _status_code(self):
+        return int(self.response[0][:3])
+
+    def _send_file(self, file, length):
+        self.sent += self.connection.connection.sendfile(file, file.tell(), length)
+
+    def _send_bytes(self, data):
+        length = self._declared_length()
+        if length is not None:
+            data = data[:max(0, length - self.sent)]   # never more than announced
+        self.connection.wfile.write(data)
+        self.sent += len(data)
+
+    # The gateway's side --------------------------------------------------------
+
+    def _send_continue(self):
+        if self.continue_pending:
+            self.continue_pending = False
+            self.connection.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _send_error(self, status, message):
+        """Answer with a JSON error, unless a response is already under way, in
+        which case the only honest thing left is to close the connection."""
+        if self.status is not None:
+            self.keep_alive = False
+            return
+        body = json_error(message)
+        self.response = (http11.status_line(status),
+                         JSON_ERROR_HEADERS + [("Content-Length", str(len(body)))])
+        self._send_head(len(body), body if self.head is None or self.head.method != "HEAD" else b"")
+
+    def _send_head(self, length, body=b""):
+        """Send the response head (once), with ``body`` in the same send."""
+        if self.status is not None:
+            return
+        status_line, headers = self.response
+        if length is None or self.server.connections.draining or (
+                not self.body.finished and (self.continue_pending or not self._can_drain_body())):
+            self.keep_alive = False
+        fields = [("Date", self.server.http_date()), ("Server", SERVER_SOFTWARE)]
+        fields += [field for field in headers if field[0].lower() != "content-length"]
+        if length is not None:
+            fields.append(("Content-Length", str(length)))
+        self.status = int(status_line[:3])
+        self.connection.wfile.write(
+            http11.format_response_head(status_line, fields, not self.keep_alive) + body)
+        self.sent += len(body)
+
+    def _can_drain_body(self):
+        return self.body.length is not None and self.body.remaining <= DRAIN_BODY_BYTES
+
+    def _finish_request_body(self):
+        """Keep an unread body from being parsed as the next request
+        (RFC 9112 §9.3): drop a small one, else close the connection."""
+        if self.body.finished or not self.keep_alive:
+            self._linger_if_unread()
+            return
+        buffer = bytearray(DRAIN_BODY_BYTES)
+        try:
+            while self.body.readinto(buffer):
+                pass
+        except (http11.ProtocolError, OSError):
+            self.keep_alive = False
+
+    def _linger_if_unread(self):
+        """Before closing with body bytes still unread, read and drop what the
+        client sends for a moment, so the close does not reset the connection
+        before the client has read the response."""
+        if self.body.finished or self.continue_pending:
+            return
+        sock = self.connection.connection
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
+
+    def _account(self):
+        """The access-log line and, unless the application counted it, the metrics."""
+        seconds = time.monotonic() - self.started
+        method = self.head.method if self.head else None
+        if self.server.metrics is not None and not self.counted_by_application:
+            self.server.metrics.count(method, self.status, seconds, self.body.received, self.sent)
+        if self.status is not None:
+            self.server.log.access(self.connection.client_address[0], method,
+                                   self.head.target if self.head else None, self.request_line,
+                                   self.status, self.body.received, self.sent, seconds)
+
+
+def _origin_form(target):
+    """The path and query of a request target in origin or absolute form (RFC 9112 §3.2)."""
+    if target.startswith("/"):
+        return target
+    _, _, rest = target.partition("://")
+    return "/" + rest.partition("/")[2]
+
+
+class Connection(socketserver.StreamRequestHandler):
+    """Serves one connection: a keep-alive sequence of Exchanges."""
+
+    disable_nagle_algorithm = True   # small responses must not wait ~40 ms for an ACK
+
+    def setup(self):
+        self.timeout = self.server.request_timeout
+        super().setup()
+
+    def handle(self):
+        limiter = self.server.connections
+        served = 0
+        while limiter.idle(self.connection, first_request=not served):
+            try:
+                raw = self.rfile.readline(http11.MAX_LINE_BYTES + 1)
+                if raw in (b"\r\n", b"\n"):   # RFC 9112 §2.2: ignore an empty line before a request
+                    raw = self.rfile.readline(http11.MAX_LINE_BYTES + 1)
+            except (ConnectionError, socket.timeout):
+                return   # idle too long, or gone: nothing to answer
+            if not raw:
+                return
+            limiter.busy(self.connection)
+            served += 1
+            if not Exchange(self, raw).run():
+                return
+
+
+class GatewayServer(ThreadingHTTPServer):
+    """A threaded HTTP/1.1 server for one WSGI application.
+
+    One thread per connection, at most ``max_connections`` of them (see
+    ConnectionLimiter); threads are daemons so that a stuck client cannot
+    keep the process alive, and ``drain`` gives in-flight requests their
+    time at shutdown instead. ``metrics`` (the application's, if it keeps
+    any) receives the requests the application never answered.
+    """
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+    def __init__(self, address, application, *, request_timeout, max_connections,
+                 log=None, metrics=None, multiprocess=False):
+        self.application = application
+        self.request_timeout = request_timeout
+        self.connections = ConnectionLimiter(max_connections)
+        self.log = log or logs.Log()
+        self.error_stream = logs.ErrorStream(self.log)
+        self.metrics = metrics
+        self.multiprocess = multiprocess
+        self._date = (0, "")
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, Connection)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the host's FQDN, which can
+        # stall start-up on a machine without DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        if self.connections.admit(request):
+            super().process_request(request, client_address)
+        else:
+            self._refuse(request, client_address)
+
+    def _refuse(self, request, client_address):
+        """Answer 503 on the accepting thread, without reading the request."""
+        started = time.monotonic()
+        body = json_error("too many connections; retry shortly")
+        head = http11.format_response_head(
+            http11.status_line(503),
+            [("Date", self.http_date()), ("Server", SERVER_SOFTWARE),
+             *JSON_ERROR_HEADERS, ("Retry-After", "1"), ("Content-Length", str(len(body)))],
+            close=True)
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+            request.setblocking(False)
+            request.recv(65536)   # drop what has arrived: closing on unread bytes sends a reset
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.count(None, 503, seconds, 0, len(body))
+        self.log.access(client_address[0], None, None, "-", 503, 0, len(body), seconds)
+
+    def shutdown_request(self, request):
+        self.connections.release(request)
+        super().shutdown_request(request)
+
+    def stop_accepting(self):
+        """Close the listening socket, but first take the connections already
+        waiting in its backlog: their clients have connected and may have sent
+        a request, which they get answered (with Connection: close)."""
+        self.connections.begin_draining()
+        self.socket.setblocking(False)
+        while True:
+            try:
+                request, client_address = self.get_request()
+            except OSError:   # the backlog is empty
+                break
+            self.process_request(request, client_address)
+        self.server_close()
+
+    def drain(self, timeout):
+        """Close idle connections and give in-flight requests up to ``timeout``
+        seconds to finish; returns how many were still open after it."""
+        self.connections.begin_draining()
+        return self.connections.wait_closed(timeout)
+
+    def handle_error(self, request, client_address):
+        """An exception escaped a connection's handler: log it, instead of socketserver's
+        traceback on stderr."""
+        self.log.log("error", "error serving %s:\n%s" % (client_address[0], traceback.format_exc()))
+
+    def http_date(self):
+        """The current time as an HTTP-date, formatted at most once a second."""
+        now = int(time.time())
+        cached = self._date
+        if cached[0] != now:
+            cached = self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return cached[1]

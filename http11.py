@@ -1,0 +1,344 @@
+"""HTTP/1.1 wire protocol on byte streams (RFC 9112): request heads, body framing, response heads.
+
+Nothing here touches a socket: every function takes a binary file (a socket's
+``makefile`` in the gateway, ``io.BytesIO`` in tests). A fault in what the
+client sent is raised as a ``ProtocolError`` subclass carrying the status to
+answer; after any of them the connection's framing cannot be trusted, so the
+gateway closes it. A client that goes away mid-body raises ``ClientDisconnected``.
+"""
+
+import http
+import io
+import re
+
+MAX_LINE_BYTES = 8192        # request line, each header line, each chunk-size line
+MAX_HEADER_FIELDS = 100
+MAX_HEADER_BYTES = 64 * 1024
+LARGEST_LENGTH = 1 << 62     # stands for a Content-Length too long to be worth converting
+
+TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE = re.compile(r"(%s) (\S+) HTTP/(\d)\.(\d)" % TOKEN)
+FIELD_NAME = re.compile(TOKEN)
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+WHITESPACE = " \t"   # the only whitespace in HTTP (RFC 9110 §5.6.3); str.strip() takes more
+
+
+# Protocol faults, one class each (the gateway answers ``status`` in JSON) -----
+
+class ProtocolError(Exception):
+    """The request cannot be read as HTTP/1.1; answer ``status`` and close."""
+    status = 400
+
+
+class RequestLineTooLong(ProtocolError):
+    status = 414
+
+
+class MalformedRequestLine(ProtocolError):
+    """Not ``METHOD SP target SP HTTP/1.x`` (RFC 9112 §3); HTTP/0.9 included."""
+
+
+class UnsupportedVersion(ProtocolError):
+    status = 505
+
+
+class HeaderSectionTooLarge(ProtocolError):
+    status = 431
+
+
+class MalformedHeaderField(ProtocolError):
+    """Includes obsolete line folding and whitespace before the colon (RFC 9112 §5)."""
+
+
+class IncompleteHeaderSection(ProtocolError):
+    """The connection ended inside the header section."""
+
+
+class InvalidFraming(ProtocolError):
+    """Content-Length and Transfer-Encoding do not say one thing (RFC 9112 §6.1, §6.3)."""
+
+
+class UnsupportedTransferCoding(ProtocolError):
+    status = 501
+
+
+class MalformedChunk(ProtocolError):
+    """A chunk-size line, chunk data or trailer that breaks RFC 9112 §7.1."""
+
+
+class ClientDisconnected(ConnectionError):
+    """The client closed the connection before the end of the request body."""
+
+
+# The request head ------------------------------------------------------------
+
+class Headers:
+    """Request header fields: case-insensitive names, repeated fields kept in order."""
+
+    def __init__(self):
+        self._fields = {}
+
+    def add(self, name, value):
+        self._fields.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        """The field's value, repeated fields joined by ", " (RFC 9110 §5.3)."""
+        values = self._fields.get(name.lower())
+        return ", ".join(values) if values else default
+
+    def items(self):
+        """``(lowercase name, combined value)`` for each field name."""
+        return [(name, ", ".join(values)) for name, values in self._fields.items()]
+
+
+class RequestHead:
+    """A parsed request line and header section."""
+
+    def __init__(self, method, target, minor_version, headers):
+        self.method = method
+        self.target = target
+        self.version = "HTTP/1.%d" % minor_version
+        self.headers = headers
+        connection = [option.lower() for option in split_list(headers.get("Connection", ""))]
+        self.keep_alive = minor_version >= 1 and "close" not in connection
+        expect = headers.get("Expect", "")
+        self.expects_continue = minor_version >= 1 and expect.lower() == "100-continue"
+
+
+def split_list(value):
+    """The members of a comma-separated field value, without empty ones."""
+    members = (item.strip(WHITESPACE) for item in value.split(","))
+    return [item for item in members if item]
+
+
+def read_line(rfile, error_class):
+    """One line of at most MAX_LINE_BYTES; b"" at the end of the stream."""
+    line = rfile.readline(MAX_LINE_BYTES + 1)
+    if len(line) > MAX_LINE_BYTES:
+        raise error_class("line longer than %d bytes" % MAX_LINE_BYTES)
+    return line
+
+
+def parse_request_line(raw):
+    """``(method, target, minor_version)`` from a request line with its line end."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise RequestLineTooLong("request line longer than %d bytes" % MAX_LINE_BYTES)
+    line = raw.decode("latin-1")
+    line = line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
+    match = REQUEST_LINE.fullmatch(line)
+    if not match:
+        raise MalformedRequestLine("malformed request line %r (HTTP/1.x required)" % line[:200])
+    method, target, major, minor = match.groups()
+    if major != "1":
+        raise UnsupportedVersion("HTTP version %s.%s not supported; use HTTP/1.1" % (major, minor))
+    return method, target, int(minor)
+
+
+def read_header_fields(rfile):
+    """Read header lines up to the empty line; a linear-time split of each."""
+    headers = Headers()
+    total = 0
+    for _ in range(MAX_HEADER_FIELDS + 1):
+        raw = read_line(rfile, HeaderSectionTooLarge)
+        total += len(raw)
+        if total > MAX_HEADER_BYTES:
+            raise HeaderSectionTooLarge("header section larger than %d bytes" % MAX_HEADER_BYTES)
+        if raw in (b"\r\n", b"\n"):
+            return headers
+        if not raw:
+            raise IncompleteHeaderSection("connection closed inside the header section")
+        name, colon, value = raw.decode("latin-1").rstrip("\r\n").partition(":")
+        value = value.strip(WHITESPACE)
+        if not colon or not FIELD_NAME.fullmatch(name) or "\r" in value or "\0" in value:
+            raise MalformedHeaderField("malformed header field %r" % raw[:100])
+        headers.add(name, value)
+    raise HeaderSectionTooLarge("more than %d header fields" % MAX_HEADER_FIELDS)
+
+
+def read_request_head(rfile, request_line):
+    """Parse ``request_line`` (already read) and the header section after it."""
+    method, target, minor = parse_request_line(request_line)
+    return RequestHead(method, target, minor, read_header_fields(rfile))
+
+
+# Request bodies ----------------------------------------------------------------
+
+class RequestBody(io.RawIOBase):
+    """A request body being read from the connection: a readable binary stream
+    that ends where the framing says, whatever follows on the connection.
+
+    Its first read calls ``on_first_read`` (the gateway sends the ``100
+    Continue`` a client may wait for, RFC 9110 §10.1.1), so a request refused
+    before its body is read gets its final status instead. ``io.RawIOBase``
+    builds ``read``, ``readline`` and iteration on ``readinto``.
+    """
+
+    length = None   # total length when known in advance
+
+    def __init__(self, rfile, on_first_read):
+        super().__init__()
+        self._rfile = rfile
+        self._on_first_read = on_first_read
+        self.started = False
+        self.finished = False
+        self.received = 0   # body bytes read so far
+
+    def readable(self):
+        return True
+
+    def _start(self):
+        if not self.started:
+            self.started = True
+            self._on_first_read()
+
+    def _read_some(self, buffer, limit):
+        """Read up to ``limit`` bytes into ``buffer``; the stream ending here is a cut-off."""
+        count = self._rfile.readinto(memoryview(buffer)[:limit])
+        if not count:
+            raise cut_off()
+        self.received += count
+        return count
+
+
+def cut_off():
+    return ClientDisconnected("connection closed before the end of the request body")
+
+
+class EmptyBody(RequestBody):
+    """No body: neither Content-Length nor Transfer-Encoding (RFC 9112 §6.3)."""
+
+    length = 0
+
+    def __init__(self):
+        super().__init__(None, None)
+        self.started = self.finished = True
+
+    def readinto(self, buffer):
+        return 0
+
+
+class FixedLengthBody(RequestBody):
+    """A body framed by Content-Length."""
+
+    def __init__(self, rfile, length, on_first_read):
+        super().__init__(rfile, on_first_read)
+        self.length = self.remaining = length
+        self.finished = length == 0
+
+    def readinto(self, buffer):
+        self._start()
+        if not self.remaining:
+            return 0
+        count = self._read_some(buffer, min(len(buffer), self.remaining))
+        self.remaining -= count
+        self.finished = not self.remaining
+        return count
+
+    def read(self, size=-1):
+        """Up to ``size`` bytes (all that is left if negative), in one allocation:
+        a whole body read at once is filled in place, never gathered and copied."""
+        self._start()
+        wanted = self.remaining if size is None or size < 0 else min(size, self.remaining)
+        data = self._rfile.read(wanted)
+        if len(data) != wanted:
+            raise cut_off()
+        self.received += wanted
+        self.remaining -= wanted
+        self.finished = not self.remaining
+        return data
+
+
+class ChunkedBody(RequestBody):
+    """A body in the chunked transfer coding (RFC 9112 §7.1). Extensions are
+    ignored; trailer fields are read and dropped."""
+
+    def __init__(self, rfile, on_first_read):
+        super().__init__(rfile, on_first_read)
+        self._chunk_left = 0
+
+    def readinto(self, buffer):
+        self._start()
+        if self.finished:
+            return 0
+        if not self._chunk_left:
+            self._chunk_left = self._read_chunk_size()
+            if not self._chunk_left:
+                self._read_trailers()
+                self.finished = True
+                return 0
+        count = self._read_some(buffer, min(len(buffer), self._chunk_left))
+        self._chunk_left -= count
+        if not self._chunk_left and self._rfile.read(2) != b"\r\n":
+            raise MalformedChunk("chunk data not followed by CRLF")
+        return count
+
+    def _read_line(self):
+        line = read_line(self._rfile, MalformedChunk)
+        if not line:
+            raise cut_off()
+        return line
+
+    def _read_chunk_size(self):
+        match = CHUNK_SIZE_LINE.fullmatch(self._read_line())
+        if not match:
+            raise MalformedChunk("malformed chunk size line")
+        return int(match.group(1), 16)
+
+    def _read_trailers(self):
+        for _ in range(MAX_HEADER_FIELDS + 1):
+            if self._read_line() in (b"\r\n", b"\n"):
+                return
+        raise MalformedChunk("too many trailer fields")
+
+
+def frame_body(head, rfile, on_first_read):
+    """The body of the request ``head`` announces, as a RequestBody on ``rfile``
+    (RFC 9112 §6.1, §6.3). Conflicting or unclear framing is refused: a proxy
+    in front might read it differently (request smuggling)."""
+    transfer_encoding = head.headers.get("Transfer-Encoding")
+    content_length = head.headers.get("Content-Length")
+    if transfer_encoding is not None:
+        if content_length is not None:
+            raise InvalidFraming("both Transfer-Encoding and Content-Length given")
+        if head.version == "HTTP/1.0":
+            raise InvalidFraming("Transfer-Encoding is not allowed in HTTP/1.0")
+        codings = [coding.lower() for coding in split_list(transfer_encoding)]
+        if codings[-1:] != ["chunked"] or codings.count("chunked") > 1:
+            raise InvalidFraming("chunked must be the final transfer coding, applied once")
+        if len(codings) > 1:
+            raise UnsupportedTransferCoding("transfer coding %r not supported" % codings[0])
+        return ChunkedBody(rfile, on_first_read)
+    if content_length is not None:
+        length = parse_content_length(content_length)
+        if length:
+            return FixedLengthBody(rfile, length, on_first_read)
+    return EmptyBody()
+
+
+def parse_content_length(value):
+    """The length a Content-Length value states: digits only (``int()`` would take
+    "+5", " 5 " and "1_0"); identical repeated values count as one."""
+    values = set(split_list(value))
+    if len(values) != 1 or not all(item.isascii() and item.isdigit() for item in values):
+        raise InvalidFraming("invalid Content-Length %r" % value[:100])
+    digits = values.pop().lstrip("0")
+    return int(digits or "0") if len(digits) <= 18 else LARGEST_LENGTH
+
+
+# Responses ---------------------------------------------------------------------
+
+def format_response_head(status_line, headers, close):
+    """The bytes of a response's status line and header section; ``headers``
+    are ``(name, value)`` pairs, ``close`` adds ``Connection: close``."""
+    lines = ["HTTP/1.1 %s\r\n" % status_line]
+    lines.extend("%s: %s\r\n" % field for field in headers)
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def status_line(status):
+    """``"404 Not Found"`` for 404."""
+    return "%d %s" % (status, REASONS.get(status, ""))

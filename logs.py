@@ -1,0 +1,88 @@
+"""The service's two logs, written to one stream (stderr by default).
+
+- The *service log*: start-up settings, signals, abandoned requests, restarted
+  workers, unexpected errors with tracebacks; filtered by ``--log-level``.
+- The *access log*: one line per response, in Common Log Format or as JSON.
+
+Both escape control characters that come from clients, so a request line
+cannot inject terminal escapes or fake lines.
+"""
+
+import datetime
+import json
+import sys
+import time
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_CONTROL_CHARACTERS = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def printable(text):
+    """``text`` with control characters written as ``\\xNN``."""
+    return text if text.isprintable() else text.translate(_CONTROL_CHARACTERS)
+
+
+class Log:
+    """Writes service-log and access-log lines; ``log_format`` is "text" or "json"."""
+
+    def __init__(self, stream=None, log_format="text", level="info"):
+        self.stream = stream or sys.stderr
+        self.json = log_format == "json"
+        self.threshold = LEVELS[level]
+        self._date = (0, "")
+
+    def log(self, level, message):
+        """A line of the service log, if ``level`` passes the threshold."""
+        if LEVELS[level] < self.threshold:
+            return
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if self.json:
+            line = json.dumps({"time": now.isoformat(timespec="milliseconds"),
+                               "level": level, "message": message})
+        else:
+            line = "%s %s %s" % (now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+                                 level.upper(), message)
+        self.stream.write(line + "\n")
+
+    def access(self, remote, method, path, request_line, status, received, sent, seconds):
+        """The access-log line of a finished response. ``received`` and ``sent``
+        count body bytes; ``method`` and ``path`` are None if the request line
+        could not be parsed."""
+        if self.json:
+            line = json.dumps({
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="milliseconds"),
+                "remote": remote, "method": method, "path": path, "status": status,
+                "request_bytes": received, "response_bytes": sent,
+                "duration_ms": round(seconds * 1000, 3)})
+        else:
+            line = '%s - - [%s] "%s" %d %d' % (remote, self._access_date(),
+                                                 printable(request_line), status, sent)
+        self.stream.write(line + "\n")
+
+    def _access_date(self):
+        """The current time as the access log writes it, formatted at most once a second."""
+        now = int(time.time())
+        cached = self._date
+        if cached[0] != now:
+            cached = self._date = (now, time.strftime("%d/%b/%Y %H:%M:%S", time.localtime(now)))
+        return cached[1]
+
+
+class ErrorStream:
+    """``wsgi.errors`` for the gateway: each ``write`` becomes one error line of
+    the service log (an application writes a message, traceback included, at once)."""
+
+    def __init__(self, log):
+        self._log = log
+
+    def write(self, text):
+        if text.strip():
+            self._log.log("error", text.rstrip("\n"))
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass

@@ -1,0 +1,498 @@
+"""The application (``server.DataStorageServer``) in-process, no sockets.
+
+Every request goes through ``wsgiref.validate``, which fails a test on any
+breach of PEP 3333. ``ApplicationContract`` holds the object semantics and
+runs against both stores; a backend's test case supplies ``make_store()``.
+"""
+
+import io
+import json
+import os
+import unittest
+import warnings
+import wsgiref.validate
+
+import gateway
+import server
+import storage
+from fixtures import (HERE, WSGIClientMixin, open_disk_store, run_concurrently, sha256,
+                      small_filesystem, temporary_directory)
+
+
+class ApplicationContract(WSGIClientMixin):
+    """What the application does, whatever the store. Subclasses define ``make_store()``."""
+
+    def setUp(self):
+        super().setUp()
+        self.app = server.DataStorageServer(self.make_store())
+
+    def restart(self, store=None, **options):
+        """Replace the application with one built with another store or options."""
+        self.app = server.DataStorageServer(store or self.make_store(), **options)
+
+    # The exercise's own calls ------------------------------------------------
+
+    def test_put_returns_oid_and_size(self):
+        first = self.request("PUT", "/data/my-repo", b"something")
+        self.assertEqual(first.status, 201)
+        self.assertEqual(first.json(), {"oid": sha256(b"something"), "size": 9})
+        second = self.request("PUT", "/data/my-repo", b"other")
+        self.assertEqual(second.status, 201)
+        self.assertEqual(second.json()["size"], 5)
+        self.assertNotEqual(first.json()["oid"], second.json()["oid"])
+
+    def test_get_returns_the_exact_bytes(self):
+        for data in (b"something", b"other", bytes(range(256)) * 1000):
+            oid = self.put("my-repo", data)
+            response = self.request("GET", "/data/my-repo/%s" % oid)
+            self.assertEqual((response.status, response.body), (200, data))
+
+    def test_get_missing_is_404(self):
+        self.assertJSONError(self.request("GET", "/data/my-repo/missing"), 404)
+
+    def test_delete_leaves_the_other_repositorys_copy(self):
+        oid = self.put("my-repo", b"something")
+        self.assertEqual(self.put("other-repo", b"something"), oid)
+        deleted = self.request("DELETE", "/data/my-repo/%s" % oid)
+        self.assertEqual((deleted.status, deleted.json()), (200, {"deleted": oid}))
+        self.assertEqual(self.request("GET", "/data/my-repo/%s" % oid).status, 404)
+        self.assertEqual(self.request("GET", "/data/other-repo/%s" % oid).body, b"something")
+
+    def test_delete_missing_is_404(self):
+        self.assertJSONError(self.request("DELETE", "/data/my-repo/missing"), 404)
+        oid = self.put("my-repo", b"once")
+        self.assertEqual(self.request("DELETE", "/data/my-repo/%s" % oid.upper()).status, 200)
+        self.assertJSONError(self.request("DELETE", "/data/my-repo/%s" % oid), 404)
+
+    # Uploads ---------------------------------------------------------------
+
+    def test_put_response_headers(self):
+        response = self.request("PUT", "/data/repo", b"body")
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertEqual(response.headers["Location"], "/data/repo/%s" % sha256(b"body"))
+        self.assertEqual(int(response.headers["Content-Length"]), len(response.body))
+
+    def test_put_existing_content_answers_the_same(self):
+        first = self.request("PUT", "/data/repo", b"again")
+        second = self.request("PUT", "/data/repo", b"again")
+        self.assertEqual((second.status, second.json()), (201, first.json()))
+
+    def test_empty_body_is_an_object(self):
+        response = self.request("PUT", "/data/repo", b"")
+        self.assertEqual(response.json(), {"oid": sha256(b""), "size": 0})
+        self.assertEqual(self.request("GET", "/data/repo/%s" % sha256(b"")).body, b"")
+
+    def test_body_to_the_end_of_a_terminated_input(self):
+        data = os.urandom(600 * 1024)   # several blocks
+        response = self.request("PUT", "/data/repo", data, chunked=True)
+        self.assertEqual(response.json(), {"oid": sha256(data), "size": len(data)})
+        self.assertEqual(self.request("GET", "/data/repo/" + sha256(data)).body, data)
+
+    def test_content_length_bounds_the_body_read(self):
+        environ = self.environ("PUT", "/data/repo", b"exactly")
+        environ["wsgi.input"] = io.BytesIO(b"exactly and more after it")
+        self.assertEqual(self.call(environ).json(), {"oid": sha256(b"exactly"), "size": 7})
+
+    def test_verified_put(self):
+        oid = sha256(b"verified")
+        response = self.request("PUT", "/data/repo/%s" % oid, b"verified")
+        self.assertEqual((response.status, response.json()), (201, {"oid": oid, "size": 8}))
+        self.assertEqual(self.request("GET", "/data/repo/%s" % oid).body, b"verified")
+
+    def test_verified_put_with_wrong_oid_stores_nothing(self):
+        wrong = sha256(b"expected")
+        self.assertJSONError(self.request("PUT", "/data/repo/%s" % wrong, b"actual"), 400)
+        self.assertNotStored("repo", b"actual")
+        self.assertEqual(self.request("GET", "/data/repo/%s" % wrong).status, 404)
+
+    def test_verified_put_with_malformed_oid_is_400(self):
+        self.assertJSONError(self.request("PUT", "/data/repo/missing", b"data"), 400)
+        self.assertNotStored("repo", b"data")
+
+    def test_object_larger_than_limit_is_413(self):
+        self.restart(max_object_size=10)
+        self.assertEqual(self.request("PUT", "/data/repo", b"x" * 10).status, 201)
+        self.assertJSONError(self.request("PUT", "/data/repo", b"y" * 11), 413)
+        self.assertNotStored("repo", b"y" * 11)
+        self.assertEqual(self.request("PUT", "/data/repo", b"z" * 10, chunked=True).status, 201)
+        self.assertJSONError(self.request("PUT", "/data/repo", b"z" * 12, chunked=True), 413)
+        self.assertNotStored("repo", b"z" * 12)
+
+    def test_too_large_is_refused_before_reading(self):
+        self.restart(max_object_size=10)
+        environ = self.environ("PUT", "/data/repo", b"y" * 11)
+        body = environ["wsgi.input"]
+        self.assertJSONError(self.call(environ), 413)
+        self.assertEqual(body.tell(), 0)
+
+    def test_quota(self):
+        self.restart(store=self.make_store(max_total_size=10))
+        first = self.put("repo", b"123456")
+        self.assertJSONError(self.request("PUT", "/data/repo", b"abcdef"), 507)
+        self.assertNotStored("repo", b"abcdef")
+        self.assertEqual(self.request("PUT", "/data/repo", b"123456").status, 201)  # already stored
+        self.assertEqual(self.request("PUT", "/data/repo/" + first, b"123456").status, 201)
+        self.assertEqual(self.request("GET", "/data/repo/" + first).body, b"123456")
+        self.assertEqual(self.request("DELETE", "/data/repo/" + first).status, 200)
+        self.assertEqual(self.request("PUT", "/data/repo", b"abcdef").status, 201)
+
+    def test_an_input_that_fails_is_the_servers_to_answer(self):
+        class BrokenInput(io.RawIOBase):
+            def readinto(self, buffer):
+                raise ConnectionResetError("client went away")
+
+        environ = self.environ("PUT", "/data/repo", b"lost upload")
+        environ["wsgi.input"] = BrokenInput()
+        with self.assertRaises(ConnectionResetError):
+            self.app(environ, lambda status, headers, exc_info=None: None)
+        self.assertEqual(self.app.store.usage(), (0, 0))
+        metrics = self.request("GET", "/metrics").body.decode()
+        self.assertIn("datastore_http_in_flight_requests 1\n", metrics)   # only this request
+        self.assertNotIn('method="PUT"', metrics)
+
+    # Downloads -------------------------------------------------------------
+
+    def test_get_headers(self):
+        oid = self.put("repo", b"headers")
+        response = self.request("GET", "/data/repo/%s" % oid)
+        self.assertEqual(response.headers["Content-Type"], "application/octet-stream")
+        self.assertEqual(response.headers["Content-Length"], "7")
+        self.assertEqual(response.headers["ETag"], '"%s"' % oid)
+        self.assertEqual(response.headers["Accept-Ranges"], "bytes")
+
+    def test_head_sends_headers_without_body(self):
+        oid = self.put("repo", b"head body")
+        head = self.request("HEAD", "/data/repo/%s" % oid)
+        self.assertEqual((head.status, head.body, head.headers["Content-Length"]), (200, b"", "9"))
+        self.assertEqual(head.headers["ETag"], '"%s"' % oid)
+        self.assertEqual(self.request("HEAD", "/data/repo/missing").status, 404)
+
+    def test_large_get_streams_whole_object(self):
+        data = os.urandom(3 * 1024 * 1024 + 7)
+        oid = self.put("repo", data)
+        for file_wrapper in (False, True):
+            response = self.request("GET", "/data/repo/%s" % oid, file_wrapper=file_wrapper)
+            self.assertEqual(response.body, data)
+
+    def test_large_object_is_streamed_not_read_whole(self):
+        data = os.urandom(2 * server.BODY_BLOCK_BYTES + 1)
+        oid = self.put("repo", data)
+        environ = self.environ("GET", "/data/repo/" + oid)
+        result = self.app(environ, lambda status, headers, exc_info=None: None)
+        try:
+            blocks = list(result)
+        finally:
+            result.close()
+        self.assertEqual([len(block) for block in blocks],
+                         [server.BODY_BLOCK_BYTES, server.BODY_BLOCK_BYTES, 1])
+
+    def test_file_wrapper_gets_the_file_at_the_range(self):
+        data = os.urandom(1024 * 1024)
+        oid = self.put("repo", data)
+        environ = self.environ("GET", "/data/repo/" + oid, headers={"Range": "bytes=1000-800999"})
+        environ["wsgi.file_wrapper"] = gateway.FileWrapper
+        result = self.app(environ, lambda status, headers, exc_info=None: None)
+        try:
+            self.assertIsInstance(result, gateway.FileWrapper)
+            self.assertEqual(result.filelike.tell(), 1000)
+            self.assertEqual(b"".join(result), data[1000:801000])   # stops at the range's end
+        finally:
+            result.close()
+
+    def test_if_none_match(self):
+        oid = self.put("repo", b"cached")
+        etag = '"%s"' % oid
+        for value in (etag, "*", "W/" + etag, '"other", ' + etag):
+            response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": value})
+            self.assertEqual((response.status, response.body), (304, b""), value)
+            self.assertEqual(response.headers["ETag"], etag)
+        response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": '"other"'})
+        self.assertEqual((response.status, response.body), (200, b"cached"))
+
+    def test_single_ranges(self):
+        oid = self.put("repo", b"0123456789")
+        path = "/data/repo/%s" % oid
+        for value, body, content_range in (("bytes=2-4", b"234", "bytes 2-4/10"),
+                                           ("bytes=7-", b"789", "bytes 7-9/10"),
+                                           ("bytes=-3", b"789", "bytes 7-9/10"),
+                                           ("bytes=8-100", b"89", "bytes 8-9/10"),
+                                           ("bytes=-50", b"0123456789", "bytes 0-9/10")):
+            response = self.request("GET", path, headers={"Range": value})
+            self.assertEqual((response.status, response.body), (206, body), value)
+            self.assertEqual(response.headers["Content-Range"], content_range)
+
+    def test_large_range_is_exact(self):
+        data = os.urandom(1024 * 1024)
+        oid = self.put("repo", data)
+        for file_wrapper in (False, True):
+            response = self.request("GET", "/data/repo/%s" % oid, file_wrapper=file_wrapper,
+                                    headers={"Range": "bytes=1000-800999"})
+            self.assertEqual((response.status, response.body), (206, data[1000:801000]))
+
+    def test_unsatisfiable_range_is_416(self):
+        oid = self.put("repo", b"short")
+        for value in ("bytes=5-", "bytes=100-200", "bytes=-0"):
+            response = self.request("GET", "/data/repo/%s" % oid, headers={"Range": value})
+            self.assertJSONError(response, 416)
+            self.assertEqual(response.headers["Content-Range"], "bytes */5")
+
+    def test_ranges_we_do_not_serve_get_the_whole_object(self):
+        oid = self.put("repo", b"whole")
+        path = "/data/repo/%s" % oid
+        for headers in ({"Range": "bytes=0-1,3-4"}, {"Range": "bytes=3-1"}, {"Range": "items=0-1"},
+                        {"Range": "bytes=0-1", "If-Range": '"stale"'}):
+            response = self.request("GET", path, headers=headers)
+            self.assertEqual((response.status, response.body), (200, b"whole"), headers)
+        head = self.request("HEAD", path, headers={"Range": "bytes=0-1"})
+        self.assertEqual((head.status, head.headers["Content-Length"]), (200, "5"))
+
+    # Names and routes ----------------------------------------------------------
+
+    def test_repository_name_rules(self):
+        for name in ("a", "A.b_c-9", "x" * 100):
+            self.assertEqual(self.request("PUT", "/data/%s" % name, b"ok").status, 201, name)
+        for name in ("x" * 101, "%2E", "%2E%2E", "a%2Fb", "caf%C3%A9", "a%00b", "%FF", "a%20b"):
+            with self.subTest(name=name):
+                self.assertJSONError(self.request("PUT", "/data/%s" % name, b"no"), 400)
+                self.assertJSONError(self.request("GET", "/data/%s/%s" % (name, sha256(b"no"))), 400)
+
+    def test_percent_encoded_names_are_decoded(self):
+        oid = self.put("my%2Drepo", b"decoded")
+        self.assertEqual(self.request("GET", "/data/my-repo/%s" % oid).body, b"decoded")
+
+    def test_path_info_when_the_server_gives_no_raw_target(self):
+        environ = self.environ("PUT", "/data/caf%C3%A9", b"x")
+        del environ["REQUEST_URI"]
+        self.assertJSONError(self.call(environ), 400)   # é is no repository name
+        environ = self.environ("PUT", "/data/my%2Drepo?q=1", b"mounted")
+        environ.update(REQUEST_URI="/prefix" + environ["REQUEST_URI"], SCRIPT_NAME="/prefix")
+        self.assertEqual(self.call(environ).status, 201)
+        self.assertEqual(self.request("GET", "/data/my-repo/" + sha256(b"mounted")).body, b"mounted")
+
+    def test_query_string_is_ignored(self):
+        response = self.request("PUT", "/data/repo?x=1&y", b"query")
+        self.assertEqual(response.status, 201)
+        self.assertEqual(self.request("GET", "/data/repo/%s?z" % sha256(b"query")).body, b"query")
+
+    def test_absolute_form_target(self):
+        response = self.request("PUT", "http://example.com/data/repo", b"absolute")
+        self.assertEqual(response.status, 201)
+        self.assertJSONError(self.request("GET", "ftp://example.com/data/repo"), 400)
+
+    def test_unknown_paths_are_404(self):
+        for path in ("/", "/data", "/data/", "/data/repo/%s/extra" % sha256(b""), "/other/repo",
+                     "/data//x"):
+            self.assertJSONError(self.request("GET", path), 404)
+
+    def test_disallowed_method_is_405_with_allow(self):
+        response = self.request("POST", "/data/repo", b"x")
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT")
+        response = self.request("PATCH", "/data/repo/%s" % sha256(b""), b"x")
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT, DELETE")
+
+    def test_unexpected_exception_is_json_500(self):
+        class BrokenApplication(server.DataStorageServer):
+            def delete_object(self, request, repository, oid):
+                raise RuntimeError("bug")
+
+        self.app = BrokenApplication(self.make_store())
+        environ = self.environ("DELETE", "/data/repo/%s" % sha256(b""))
+        environ["wsgi.errors"] = errors = io.StringIO()
+        response = self.call(environ)
+        self.assertJSONError(response, 500)
+        self.assertNotIn(b"bug", response.body)
+        self.assertIn("RuntimeError: bug", errors.getvalue())
+        self.assertEqual(self.request("PUT", "/data/repo", b"still serving").status, 201)
+
+    # Listing ---------------------------------------------------------------------
+
+    def test_listing_pages_through_a_repository(self):
+        expected = sorted(({"oid": self.put("repo", b"entry %d" % n), "size": len(b"entry %d" % n)}
+                           for n in range(7)), key=lambda entry: entry["oid"])
+        self.put("other", b"elsewhere")
+        collected, after = [], None
+        for _ in range(5):
+            query = "?limit=3" + ("&after=" + after if after else "")
+            page = self.request("GET", "/data/repo" + query)
+            self.assertEqual((page.status, page.headers["Content-Type"]), (200, "application/json"))
+            collected += page.json()["objects"]
+            after = page.json()["next"]
+            if after is None:
+                break
+        self.assertEqual(collected, expected)
+        self.assertEqual(self.request("GET", "/data/repo").json(), {"objects": expected, "next": None})
+
+    def test_listing_an_empty_repository(self):
+        self.assertEqual(self.request("GET", "/data/nothing-here").json(), {"objects": [], "next": None})
+        head = self.request("HEAD", "/data/nothing-here")
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertEqual(int(head.headers["Content-Length"]), len(b'{"objects": [], "next": null}'))
+
+    def test_listing_rejects_bad_parameters(self):
+        for query in ("limit=0", "limit=10001", "limit=-1", "limit=%2B5", "limit=null",
+                      "limit=-1e400", "limit=", "limit=1&limit=2", "after=xyz", "after=",
+                      "after=%ff", "after=%00", "after=%s&after=%s" % ("0" * 64, "1" * 64)):
+            with self.subTest(query=query):
+                self.assertJSONError(self.request("GET", "/data/repo?" + query), 400)
+        self.assertJSONError(self.request("GET", "/data/" + "x" * 101), 400)
+        self.assertJSONError(self.request("GET", "/data/%01"), 400)
+        self.assertEqual(self.request("GET", "/data/repo?limit=10000&after=%s&unknown=1"
+                                      % ("F" * 64)).status, 200)
+
+    # Health, metrics, authentication -------------------------------------------------
+
+    def test_health(self):
+        response = self.request("GET", "/healthz")
+        self.assertEqual((response.status, response.json()), (200, {"status": "ok"}))
+        environ = self.environ("GET", "/healthz")
+        environ[gateway.DRAINING_KEY] = True
+        response = self.call(environ)
+        self.assertEqual((response.status, response.json()), (503, {"status": "draining"}))
+
+    def test_metrics(self):
+        oid = self.put("repo", b"measured")
+        self.put("repo", b"measured")
+        self.request("GET", "/data/repo/" + oid)
+        self.request("GET", "/data/repo/missing")
+        with warnings.catch_warnings():   # wsgiref.validate warns of methods it does not know
+            warnings.simplefilter("ignore", wsgiref.validate.WSGIWarning)
+            self.request("BREW", "/data/repo")
+        response = self.request("GET", "/metrics")
+        self.assertEqual(response.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples = {}
+        for line in response.body.decode().splitlines():
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        self.assertEqual(samples['datastore_http_requests_total{method="PUT",status="201"}'], 2)
+        self.assertEqual(samples['datastore_http_requests_total{method="GET",status="200"}'], 1)
+        self.assertEqual(samples['datastore_http_requests_total{method="GET",status="404"}'], 1)
+        self.assertEqual(samples['datastore_http_requests_total{method="other",status="405"}'], 1)
+        self.assertEqual(samples["datastore_http_request_duration_seconds_count"], 5)
+        self.assertEqual(samples['datastore_http_request_duration_seconds_bucket{le="+Inf"}'], 5)
+        self.assertLessEqual(samples['datastore_http_request_duration_seconds_bucket{le="0.0005"}'], 5)
+        self.assertGreater(samples["datastore_http_request_duration_seconds_sum"], 0)
+        self.assertEqual(samples["datastore_http_in_flight_requests"], 1)   # this request
+        self.assertEqual((samples["datastore_objects"], samples["datastore_bytes"]), (1, 8))
+        self.assertEqual(samples["datastore_received_bytes_total"], 16)
+        self.assertGreaterEqual(samples["datastore_sent_bytes_total"], 8)
+
+    def test_bearer_token(self):
+        self.restart(auth_token="s3cret")
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "Bearer s3cret2"}):
+            response = self.request("PUT", "/data/repo", b"guarded", headers=headers)
+            self.assertJSONError(response, 401)
+            self.assertEqual(response.headers["WWW-Authenticate"], 'Bearer realm="data-storage"')
+        self.assertEqual(self.request("GET", "/data/repo/" + sha256(b"guarded"),
+                                      headers={"Authorization": "Bearer s3cret"}).status, 404)
+        response = self.request("PUT", "/data/repo", b"guarded",
+                                headers={"Authorization": "bearer s3cret"})
+        self.assertEqual(response.status, 201)
+
+    def test_health_needs_no_token_but_the_rest_does(self):
+        self.restart(auth_token="t0ken")
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        for path in ("/metrics", "/openapi.json", "/data/repo"):
+            self.assertJSONError(self.request("GET", path), 401)
+            self.assertEqual(self.request("GET", path, headers={"Authorization": "Bearer t0ken"}).status,
+                             200)
+
+
+class MemoryStoreApplicationTest(ApplicationContract, unittest.TestCase):
+    def make_store(self, **options):
+        return storage.MemoryStore(**options)
+
+    def test_no_arguments_means_a_fresh_in_memory_store(self):
+        first, second = server.DataStorageServer(), server.DataStorageServer()
+        self.assertIsInstance(first.store, storage.MemoryStore)
+        self.app = first
+        self.put("repo", b"only in the first")
+        self.app = second
+        self.assertNotStored("repo", b"only in the first")
+
+
+class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
+    def make_store(self, **options):
+        return open_disk_store(self, temporary_directory(self), **options)
+
+    def test_data_dir_opens_the_disk_store(self):
+        root = temporary_directory(self)
+        self.app = server.DataStorageServer(data_dir=root, max_total_size=100)
+        self.addCleanup(self.app.close)
+        oid = self.put("repo", b"on disk")
+        self.assertTrue(os.path.isfile(os.path.join(root, "repo", oid[:2], oid)))
+        self.assertJSONError(self.request("PUT", "/data/repo", b"x" * 101), 507)
+        with self.assertRaises(ValueError):
+            server.DataStorageServer(self.make_store(), data_dir=root)
+
+    def test_delete_during_download_does_not_break_it(self):
+        data = os.urandom(4 * server.BODY_BLOCK_BYTES)
+        oid = self.put("repo", data)
+        result = self.app(self.environ("GET", "/data/repo/" + oid),
+                          lambda status, headers, exc_info=None: None)
+        try:
+            blocks = iter(result)
+            first = next(blocks)
+            self.assertEqual(self.request("DELETE", "/data/repo/" + oid).status, 200)
+            self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+            self.assertEqual(first + b"".join(blocks), data)
+        finally:
+            result.close()
+
+    def test_full_disk_is_507_and_keeps_serving(self):
+        with small_filesystem(self) as mount_point:
+            self.restart(store=open_disk_store(self, mount_point))
+            oid = self.put("repo", b"stored before")
+            self.assertJSONError(self.request("PUT", "/data/repo", os.urandom(2 * 1024 * 1024)), 507)
+            self.assertEqual(self.request("GET", "/data/repo/" + oid).body, b"stored before")
+            self.assertEqual(self.request("PUT", "/data/repo", b"fits").status, 201)
+
+
+class OpenAPITest(WSGIClientMixin, unittest.TestCase):
+    """The OpenAPI document against the application's routes."""
+
+    def setUp(self):
+        self.app = server.DataStorageServer()
+        with open(os.path.join(HERE, "openapi.json")) as document:
+            self.paths = json.load(document)["paths"]
+
+    def test_openapi_document_is_served_as_stored(self):
+        response = self.request("GET", "/openapi.json")
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        with open(os.path.join(HERE, "openapi.json"), "rb") as document:
+            self.assertEqual(response.body, document.read())
+
+    def test_openapi_routes_match_the_server(self):
+        documented = {(path, method.upper()) for path, item in self.paths.items() for method in item
+                      if method in ("get", "head", "put", "post", "delete", "patch", "options")}
+        served = {(server.ROUTE_PATHS[route], method)
+                  for route, methods in server.DataStorageServer.routes.items() for method in methods}
+        self.assertEqual(documented, served)
+        for path, route in server.FIXED_ROUTES.items():
+            self.assertEqual(server.parse_target(path)[0], route)
+        self.assertEqual(server.parse_target("/data/r")[0], "repository")
+        self.assertEqual(server.parse_target("/data/r/o")[0], "object")
+
+    def test_openapi_responses_are_concrete(self):
+        bodyless = {("head", status) for status in ("200", "304", "400", "401", "404", "414", "431",
+                                                    "500", "501", "503", "505")}
+        bodyless |= {("get", "304")}
+        for path, item in self.paths.items():
+            for method, operation in item.items():
+                self.assertNotIn("default", operation["responses"], (path, method))
+                for status, response in operation["responses"].items():
+                    where = (path, method, status)
+                    if (method, status) in bodyless:
+                        self.assertNotIn("content", response, where)
+                        continue
+                    self.assertTrue(response["content"], where)
+                    for media_type, content in response["content"].items():
+                        self.assertNotIn("*", media_type, where)
+                        self.assertTrue(content["schema"], where)
+
+
+if __name__ == "__main__":
+    unittest.main()

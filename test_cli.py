@@ -1,0 +1,218 @@
+"""``python server.py`` as a user runs it: subprocesses, signals, workers, crashes.
+
+Each test starts the real command line and talks to it over loopback.
+"""
+
+import functools
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import unittest
+
+from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, child_pids, files_under, read_line,
+                      run_concurrently, running, sha256, temporary_directory, wait_until)
+
+
+class DiskStoreProcessTest(unittest.TestCase):
+    """Crash safety and several processes on one data directory."""
+
+    def setUp(self):
+        self.root = temporary_directory(self)
+
+    def assertAllObjectsIntact(self):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "storage.py"), "verify", self.root],
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_sigkill_mid_upload_leaves_no_partial_object(self):
+        first = ServerProcess(self, "--data-dir", self.root)
+        self.assertEqual(first.request("PUT", "/data/repo", b"acknowledged").status, 201)
+        sock = socket.create_connection(("127.0.0.1", first.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
+        wait_until(lambda: any(path.startswith("@tmp") and
+                               os.path.getsize(os.path.join(self.root, path)) > 0
+                               for path in files_under(self.root)))
+        first.process.kill()
+        first.process.wait()
+        second = ServerProcess(self, "--data-dir", self.root)
+        self.assertEqual(second.request("GET", "/data/repo/" + sha256(b"acknowledged")).body,
+                         b"acknowledged")
+        self.assertEqual(files_under(self.root),
+                         ["repo/%s/%s" % (sha256(b"acknowledged")[:2], sha256(b"acknowledged"))])
+        self.assertAllObjectsIntact()
+
+    def test_two_processes_share_one_directory(self):
+        one = ServerProcess(self, "--data-dir", self.root)
+        two = ServerProcess(self, "--data-dir", self.root)
+        oid = one.request("PUT", "/data/repo", b"written by one").json()["oid"]
+        self.assertEqual(two.request("GET", "/data/repo/" + oid).body, b"written by one")
+        self.assertEqual(two.request("DELETE", "/data/repo/" + oid).status, 200)
+        self.assertEqual(one.request("GET", "/data/repo/" + oid).status, 404)
+
+        data = os.urandom(256 * 1024)
+        contested = sha256(data)
+        problems = []
+
+        def churn(server_process):
+            for _ in range(15):
+                put = server_process.request("PUT", "/data/shared", data)
+                deleted = server_process.request("DELETE", "/data/shared/" + contested)
+                got = server_process.request("GET", "/data/shared/" + contested)
+                if (put.status != 201 or deleted.status not in (200, 404)
+                        or (got.status, got.body) not in ((404, got.body), (200, data))):
+                    problems.append((put.status, deleted.status, got.status, len(got.body)))
+
+        run_concurrently([functools.partial(churn, p) for p in (one, two, one, two)])
+        self.assertEqual(problems, [])
+        self.assertAllObjectsIntact()
+
+
+class CommandLineTest(unittest.TestCase):
+    """``python server.py`` as a user runs it, in a subprocess."""
+
+    def start(self, *args, env=None):
+        process = subprocess.Popen([sys.executable, SERVER_SCRIPT, *args],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                                   env=dict(os.environ, **(env or {})))
+        self.addCleanup(self.stop, process)
+        line = process.stdout.readline().decode()
+        self.assertIn("listening on http://127.0.0.1:", line)
+        return process, int(line.rsplit(":", 1)[1].split()[0])
+
+    @staticmethod
+    def stop(process):
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+    def test_help_documents_every_flag(self):
+        output = subprocess.run([sys.executable, SERVER_SCRIPT, "--help"],
+                                capture_output=True, text=True, check=True).stdout
+        for flag in ("--host", "--port", "--max-object-size", "--data-dir", "--max-total-size",
+                     "--request-timeout", "--max-connections", "--shutdown-timeout", "--auth-token",
+                     "--workers", "--log-format", "--log-level"):
+            self.assertIn(flag, output)
+
+    def test_rejects_malformed_numbers(self):
+        for args in (["--port", "+5"], ["--port", "70000"], ["--max-object-size", "1_0"]):
+            result = subprocess.run([sys.executable, SERVER_SCRIPT, *args],
+                                    capture_output=True, text=True)
+            self.assertEqual(result.returncode, 2, args)
+
+    def test_serves_and_stops_cleanly_on_signals(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            process, port = self.start("--port", "0")
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("PUT", "/data/cli", body=b"from the command line")
+            self.assertEqual(connection.getresponse().status, 201)
+            connection.close()
+            wait_until(lambda: b'"PUT /data/cli HTTP/1.1" 201' in read_line(process.stderr))
+            process.send_signal(signum)
+            self.assertEqual(process.wait(timeout=10), 0)
+
+    def test_sigterm_lets_an_upload_in_progress_finish(self):
+        process, port = self.start("--port", "0")
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(idle.close)
+        upload = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(upload.close)
+        upload.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nfirst")
+        self.assertIn(b"HTTP/1.1 404", self.exchange_on(idle, b"GET /data/repo/x HTTP/1.1\r\n\r\n"))
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: not self.accepts(port))             # stopped accepting
+        self.assertEqual(idle.recv(1), b"")                      # idle keep-alive closed
+        upload.sendall(b"half")
+        upload.sendall(b"!")
+        response = http.client.HTTPResponse(upload, method="PUT")
+        response.begin()
+        self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 10))
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertEqual(process.wait(timeout=10), 0)
+
+    @staticmethod
+    def exchange_on(sock, request):
+        sock.sendall(request)
+        return sock.recv(65536)
+
+    @staticmethod
+    def accepts(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def test_token_from_environment(self):
+        process, port = self.start("--port", "0", env={"DATA_STORAGE_TOKEN": "from-env"})
+        for headers, status in (({}, 401), ({"Authorization": "Bearer from-env"}, 201)):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("PUT", "/data/repo", body=b"x", headers=headers)
+            self.assertEqual(connection.getresponse().status, status)
+            connection.close()
+
+    def test_workers_share_the_socket_and_the_disk_store(self):
+        process, port = self.start("--port", "0", "--workers", "2",
+                                   "--data-dir", temporary_directory(self))
+
+        def workers():
+            return child_pids(process.pid)
+
+        wait_until(lambda: len(workers()) == 2)
+        first_workers = workers()
+
+        def round_trips(count):
+            for number in range(count):   # each request on a new connection: any worker may take it
+                data = b"object %d" % number
+                put = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                put.request("PUT", "/data/repo", body=data)
+                self.assertEqual(put.getresponse().status, 201)
+                put.close()
+                get = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                get.request("GET", "/data/repo/" + sha256(data))
+                self.assertEqual(get.getresponse().read(), data)
+                get.close()
+
+        round_trips(20)
+        os.kill(first_workers[0], signal.SIGKILL)
+        wait_until(lambda: len(workers()) == 2 and first_workers[0] not in workers())
+        round_trips(10)
+        final_workers = workers()
+        process.terminate()
+        self.assertEqual(process.wait(timeout=20), 0)
+        for pid in final_workers:
+            self.assertFalse(running(pid), "worker %d still running" % pid)
+
+    def test_workers_stop_when_the_parent_is_killed(self):
+        process, _ = self.start("--port", "0", "--workers", "2",
+                                "--data-dir", temporary_directory(self))
+        wait_until(lambda: len(child_pids(process.pid)) == 2)
+        workers = child_pids(process.pid)
+        process.kill()
+        process.wait()
+        wait_until(lambda: not any(map(running, workers)))
+
+    def test_workers_need_the_disk_store(self):
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--workers", "2"],
+                                capture_output=True, text=True)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--workers above 1 needs --data-dir", result.stderr)
+
+    def test_port_from_environment(self):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        process, listening = self.start(env={"PORT": str(port)})
+        self.assertEqual(listening, port)
+        process.terminate()
+        self.assertEqual(process.wait(timeout=10), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()

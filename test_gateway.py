@@ -1,0 +1,542 @@
+"""The gateway (``gateway.py``) over loopback: a real server on port 0, real sockets.
+
+Requests that ordinary clients would refuse to send (malformed framing,
+pipelining, bad request lines) go over raw sockets and are read as raw bytes
+where a client library would hide what happened. The application behind the
+gateway is the service's, with the in-memory store: what the stores do is
+``test_app.py``'s and ``test_storage.py``'s to prove, once per store.
+"""
+
+import functools
+import http.client
+import json
+import os
+import random
+import re
+import socket
+import threading
+import time
+import unittest
+
+import gateway
+import server
+from fixtures import (RunningServer, HTTPClientMixin, SharedFile, closed_by_server,
+                      run_concurrently, sha256, wait_until)
+
+APPLICATION_OPTIONS = ("max_object_size", "auth_token")
+
+
+class GatewayTestCase(HTTPClientMixin, unittest.TestCase):
+    """Starts ``self.app`` behind ``self.running``; ``start(**options)`` restarts
+    both, the application options going to the application."""
+
+    def setUp(self):
+        self.running = None
+        self.addCleanup(lambda: self.running.stop())
+        self.start()
+
+    def start(self, application=None, **options):
+        if self.running:
+            self.running.stop()
+        self.app = application or server.DataStorageServer(
+            **{name: options.pop(name) for name in APPLICATION_OPTIONS if name in options})
+        self.running = RunningServer(self.app, **options)
+        return self.running
+
+    def idle_connections(self, count):
+        return [self.raw_socket() for _ in range(count)]
+
+
+class FramingTest(GatewayTestCase):
+    """HTTP/1.1 messages on the wire: request heads, bodies, responses (RFC 9112)."""
+
+    def test_put_without_length_or_chunking_is_an_empty_object(self):
+        response = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(response.json(), {"oid": sha256(b""), "size": 0})
+
+    def test_absolute_form_target(self):
+        response = self.raw(b"PUT http://example.com/data/repo HTTP/1.1\r\nHost: example.com\r\n"
+                            b"Content-Length: 8\r\n\r\nabsolute")
+        self.assertEqual(response.status, 201)
+
+    def test_unknown_method_is_405_on_a_known_route(self):
+        response = self.raw(b"QUERY /data/repo HTTP/1.1\r\n\r\n")
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT")
+        self.assertJSONError(self.raw(b"BREW /nowhere HTTP/1.1\r\n\r\n"), 404)
+
+    def test_malformed_request_lines(self):
+        for request, status in ((b"GARBAGE\r\n\r\n", 400),
+                                (b"GET /\r\n\r\n", 400),                      # HTTP/0.9
+                                (b"GET / HTTP/2.0\r\n\r\n", 505),
+                                (b"GET / HTTP/1\r\n\r\n", 400),
+                                (b"GET  /data/r HTTP/1.1\r\n\r\n", 400),
+                                (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414)):
+            with self.subTest(request=request[:30]):
+                sock = self.raw_socket()
+                self.assertJSONError(self.raw(request, sock=sock), status)
+                self.assertClosed(sock)
+        self.assertJSONError(self.raw(b"GET /data/r/\xff HTTP/1.1\r\n\r\n"), 400)
+
+    def test_malformed_header_sections(self):
+        many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        for headers, status in ((b"X-Long: " + b"a" * 9000 + b"\r\n", 431),
+                                (many, 431),
+                                (b"Bad Name: x\r\n", 400),
+                                (b"X-Fold: a\r\n  folded\r\n", 400),
+                                (b"Host : x\r\n", 400),
+                                (b"NoColon\r\n", 400)):
+            with self.subTest(headers=headers[:30]):
+                self.assertJSONError(self.raw(b"GET /data/r/x HTTP/1.1\r\n" + headers + b"\r\n"),
+                                     status)
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        connection = self.connect()
+        for index in range(20):
+            data = b"item %d" % index
+            self.assertEqual(self.request("PUT", "/data/repo", data, connection=connection).status, 201)
+            self.assertEqual(self.request("GET", "/data/repo/%s" % sha256(data),
+                                          connection=connection).body, data)
+
+    def test_pipelined_requests(self):
+        oid = sha256(b"pipe")
+        responses = self.raw(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 4\r\n\r\npipe"
+                             b"GET /data/repo/" + oid.encode() + b" HTTP/1.1\r\n\r\n"
+                             b"DELETE /data/repo/" + oid.encode() + b" HTTP/1.1\r\n\r\n",
+                             responses=3)
+        self.assertEqual([r.status for r in responses], [201, 200, 200])
+        self.assertEqual(responses[1].body, b"pipe")
+
+    def test_http_1_0_closes_after_response(self):
+        sock = self.raw_socket()
+        response = self.raw(b"PUT /data/repo HTTP/1.0\r\nContent-Length: 3\r\n\r\nold", sock=sock)
+        self.assertEqual(response.status, 201)
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertClosed(sock)
+
+    def test_connection_close_is_honoured(self):
+        sock = self.raw_socket()
+        self.assertEqual(self.raw(b"GET /data/r/x HTTP/1.1\r\nConnection: close\r\n\r\n",
+                                  sock=sock).status, 404)
+        self.assertClosed(sock)
+
+    def test_chunked_upload(self):
+        body = (b"5;ext=1\r\nhello\r\n"
+                b"1\r\n \r\n"
+                b"000005\r\nworld\r\n"
+                b"0\r\nX-Trailer: yes\r\n\r\n")
+        sock = self.raw_socket()
+        put, get = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+                            + b"GET /data/repo/" + sha256(b"hello world").encode()
+                            + b" HTTP/1.1\r\n\r\n", responses=2, sock=sock)
+        self.assertEqual(put.json(), {"oid": sha256(b"hello world"), "size": 11})
+        self.assertEqual(get.body, b"hello world")
+
+    def test_chunked_upload_from_http_client(self):
+        data = os.urandom(300000)
+        connection = self.connect()
+        connection.request("PUT", "/data/repo", body=iter([data[:100000], data[100000:]]),
+                           encode_chunked=True)
+        self.assertEqual(connection.getresponse().read(), json.dumps(
+            {"oid": sha256(data), "size": len(data)}).encode())
+
+    def test_malformed_chunks_are_400_and_store_nothing(self):
+        for body in (b"zz\r\nhello\r\n0\r\n\r\n",
+                     b"5\r\nhelloXX0\r\n\r\n",
+                     b"5\nhello\r\n0\r\n\r\n",
+                     b"-5\r\nhello\r\n0\r\n\r\n",
+                     b"1" * 20 + b"\r\n"):
+            with self.subTest(body=body):
+                sock = self.raw_socket()
+                response = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    + body, sock=sock)
+                self.assertJSONError(response, 400)
+                self.assertClosed(sock)
+        self.assertNotStored("repo", b"hello")
+
+    def test_conflicting_framing_is_400(self):
+        for headers in (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+                        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+                        b"Content-Length: 5, 6\r\n",
+                        b"Content-Length: +5\r\n",
+                        b"Content-Length: -5\r\n",
+                        b"Content-Length: 1_0\r\n",
+                        b"Content-Length: 5x\r\n",
+                        b"Transfer-Encoding: chunked, gzip\r\n",
+                        b"Transfer-Encoding: chunked, chunked\r\n"):
+            with self.subTest(headers=headers):
+                sock = self.raw_socket()
+                self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\n" + headers + b"\r\nhello",
+                                              sock=sock), 400)
+                self.assertClosed(sock)
+        self.assertNotStored("repo", b"hello")
+
+    def test_identical_repeated_content_length_is_accepted(self):
+        response = self.raw(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n"
+                            b"\r\nhello")
+        self.assertEqual(response.json()["size"], 5)
+
+    def test_unsupported_transfer_coding_is_501(self):
+        self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\n"
+                                      b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"), 501)
+
+    def test_unread_body_does_not_become_the_next_request(self):
+        smuggled = b"GET /data/repo/missing HTTP/1.1\r\n\r\n"
+        first, second = self.raw(b"GET /data/r/missing HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                                 % len(smuggled) + smuggled
+                                 + b"PUT /data/repo HTTP/1.1\r\nContent-Length: 4\r\n\r\nnext",
+                                 responses=2)
+        self.assertEqual((first.status, second.status), (404, 201))
+
+    def test_large_unread_body_closes_the_connection(self):
+        sock = self.raw_socket()
+        response = self.raw(b"POST /data/repo HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n"
+                            + b"x" * 1000000, sock=sock)
+        self.assertJSONError(response, 405)
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertClosed(sock)
+
+    def test_expect_continue_on_acceptable_upload(self):
+        sock = self.raw_socket()
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 8\r\nExpect: 100-continue\r\n\r\n")
+        reader = sock.makefile("rb")
+        self.assertEqual(reader.readline(), b"HTTP/1.1 100 Continue\r\n")
+        self.assertEqual(reader.readline(), b"\r\n")
+        sock.sendall(b"continue")
+        response = http.client.HTTPResponse(SharedFile(file=reader), method="PUT")
+        response.begin()
+        self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 8))
+
+    def test_expect_continue_refused_requests_get_final_status_instead(self):
+        self.start(max_object_size=100)
+        for request, status in ((b"PUT /data/repo HTTP/1.1\r\nContent-Length: 101\r\n", 413),
+                                (b"POST /data/repo HTTP/1.1\r\nContent-Length: 5\r\n", 405),
+                                (b"PUT /data/repo/missing HTTP/1.1\r\nContent-Length: 5\r\n", 400),
+                                (b"PUT /data/a%2Fb HTTP/1.1\r\nContent-Length: 5\r\n", 400),
+                                (b"PUT /nowhere HTTP/1.1\r\nContent-Length: 5\r\n", 404)):
+            with self.subTest(request=request):
+                sock = self.raw_socket()
+                response = self.raw(request + b"Expect: 100-continue\r\n\r\n", sock=sock)
+                self.assertJSONError(response, status)   # http.client would fail on a 100 here
+                self.assertClosed(sock)
+
+    def test_head_sends_headers_without_body(self):
+        oid = self.put("repo", b"head body")
+        sock = self.raw_socket()
+        head, get = self.raw(("HEAD /data/repo/%s HTTP/1.1\r\n\r\n"
+                              "GET /data/repo/%s HTTP/1.1\r\n\r\n" % (oid, oid)).encode(),
+                             responses=2, methods=["HEAD", "GET"], sock=sock)
+        self.assertEqual((head.status, head.body, head.headers["Content-Length"]), (200, b"", "9"))
+        self.assertEqual(head.headers["ETag"], '"%s"' % oid)
+        self.assertEqual(get.body, b"head body")
+        self.assertEqual(self.request("HEAD", "/data/repo/missing").status, 404)
+
+    def test_large_get_streams_whole_object(self):
+        data = os.urandom(3 * 1024 * 1024 + 7)
+        oid = self.put("repo", data)
+        self.assertEqual(self.request("GET", "/data/repo/%s" % oid).body, data)
+
+    def test_large_range_is_exact(self):
+        data = os.urandom(1024 * 1024)
+        oid = self.put("repo", data)
+        response = self.request("GET", "/data/repo/%s" % oid, headers={"Range": "bytes=1000-800999"})
+        self.assertEqual((response.status, response.body), (206, data[1000:801000]))
+
+    def test_object_larger_than_limit_is_413(self):
+        self.start(max_object_size=10)
+        self.assertEqual(self.request("PUT", "/data/repo", b"x" * 10).status, 201)
+        self.assertJSONError(self.request("PUT", "/data/repo", b"y" * 11), 413)
+        self.assertNotStored("repo", b"y" * 11)
+        chunked = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"6\r\nzzzzzz\r\n6\r\nzzzzzz\r\n0\r\n\r\n")
+        self.assertJSONError(chunked, 413)
+        self.assertNotStored("repo", b"z" * 12)
+
+
+
+class ConnectionTest(GatewayTestCase):
+    """Concurrency, faults, limits, draining, logs and metrics."""
+
+    def test_32_concurrent_clients(self):
+        failures = []
+
+        def client(number):
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            try:
+                for round_ in range(10):
+                    data = b"client %d round %d " % (number, round_) * (number + 1)
+                    oid = sha256(data)
+                    checks = [self.request("PUT", "/data/repo", data, connection=connection).status == 201,
+                              self.request("GET", "/data/repo/" + oid, connection=connection).body == data,
+                              self.request("DELETE", "/data/repo/" + oid, connection=connection).status == 200,
+                              self.request("GET", "/data/repo/" + oid, connection=connection).status == 404]
+                    if not all(checks):
+                        failures.append((number, round_, checks))
+            except Exception as error:   # a thread's exception would otherwise vanish
+                failures.append((number, repr(error)))
+            finally:
+                connection.close()
+
+        run_concurrently([functools.partial(client, n) for n in range(32)])
+        self.assertEqual(failures, [])
+
+    def test_concurrent_put_and_delete_never_expose_a_partial_object(self):
+        data = os.urandom(512 * 1024)
+        oid = sha256(data)
+        bad = []
+        done = threading.Event()
+
+        def churn():
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            for _ in range(15):
+                self.request("PUT", "/data/race", data, connection=connection)
+                self.request("DELETE", "/data/race/" + oid, connection=connection)
+            connection.close()
+
+        def read():
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            while not done.is_set():
+                response = self.request("GET", "/data/race/" + oid, connection=connection)
+                if response.status not in (200, 404) or (response.status == 200 and response.body != data):
+                    bad.append((response.status, len(response.body)))
+            connection.close()
+
+        writers = [threading.Thread(target=churn) for _ in range(2)]
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for thread in writers + readers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        done.set()
+        for thread in readers:
+            thread.join()
+        self.assertEqual(bad, [])
+
+    def test_client_disconnecting_mid_upload_stores_nothing(self):
+        sock = self.raw_socket()
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
+        sock.close()
+        wait_until(lambda: "abandoned" in self.running.log.getvalue())
+        self.assertEqual(len(self.running.log.getvalue().splitlines()), 1)
+        wait_until(lambda: "datastore_http_requests_abandoned_total 1\n"
+                   in self.request("GET", "/metrics").body.decode())
+        self.assertEqual(self.app.store.usage(), (0, 0))
+        self.assertEqual(self.put("repo", b"unaffected"), sha256(b"unaffected"))
+
+    def test_stalled_requests_are_closed_after_the_timeout(self):
+        self.start(request_timeout=0.3)
+        for request in (b"",                                               # idle keep-alive
+                        b"PUT /data/repo HTTP/1.1\r\nHost: x\r\n",         # mid-headers
+                        b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nhalf"):  # mid-body
+            with self.subTest(request=request):
+                sock = self.raw_socket()
+                sock.sendall(request)
+                self.assertClosed(sock)
+        self.assertEqual(self.app.store.usage(), (0, 0))
+        self.assertEqual(self.put("repo", b"still serving"), sha256(b"still serving"))
+
+    def test_health(self):
+        response = self.request("GET", "/healthz")
+        self.assertEqual((response.status, response.json()), (200, {"status": "ok"}))
+        self.running.httpd.drain(0)   # what SIGTERM does, minus closing the listener
+        response = self.request("GET", "/healthz")
+        self.assertEqual((response.status, response.json()), (503, {"status": "draining"}))
+        self.assertEqual(response.headers["Connection"], "close")
+
+    def test_metrics(self):
+        oid = self.put("repo", b"measured")
+        self.put("repo", b"measured")
+        self.request("GET", "/data/repo/" + oid)
+        self.request("GET", "/data/repo/missing")
+        response = self.request("GET", "/metrics")
+        self.assertEqual(response.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples = {}
+        for line in response.body.decode().splitlines():
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        self.assertEqual(samples['datastore_http_requests_total{method="PUT",status="201"}'], 2)
+        self.assertEqual(samples['datastore_http_requests_total{method="GET",status="200"}'], 1)
+        self.assertEqual(samples['datastore_http_requests_total{method="GET",status="404"}'], 1)
+        self.assertEqual(samples["datastore_http_request_duration_seconds_count"], 4)
+        self.assertEqual(samples['datastore_http_request_duration_seconds_bucket{le="+Inf"}'], 4)
+        self.assertLessEqual(samples['datastore_http_request_duration_seconds_bucket{le="0.0005"}'], 4)
+        self.assertGreater(samples["datastore_http_request_duration_seconds_sum"], 0)
+        self.assertEqual(samples["datastore_http_in_flight_requests"], 1)   # this request
+        self.assertEqual((samples["datastore_objects"], samples["datastore_bytes"]), (1, 8))
+        self.assertEqual(samples["datastore_received_bytes_total"], 16)
+        self.assertGreaterEqual(samples["datastore_sent_bytes_total"], 8)
+
+    def test_one_access_log_line_per_request(self):
+        connection = self.connect()   # one connection, one thread: lines come in request order
+        self.request("PUT", "/data/repo", b"logged", connection=connection)
+        self.request("GET", "/data/repo/missing", connection=connection)
+        # The line is written just after the response is sent.
+        wait_until(lambda: len(self.running.log.getvalue().splitlines()) >= 2)
+        lines = self.running.log.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn('"PUT /data/repo HTTP/1.1" 201', lines[0])
+        self.assertIn('"GET /data/repo/missing HTTP/1.1" 404', lines[1])
+
+
+    def idle_connections(self, count):
+        return [self.raw_socket() for _ in range(count)]
+
+    def test_connections_beyond_the_limit_get_503_when_all_are_busy(self):
+        limiter = self.start(max_connections=2).httpd.connections
+        for _ in range(2):   # two uploads stalled mid-body keep both slots busy
+            self.raw_socket().sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+        wait_until(lambda: limiter.counts() == (2, 0))
+        sock = self.raw_socket()
+        response = self.raw(b"GET /data/repo/x HTTP/1.1\r\n\r\n", sock=sock)
+        self.assertJSONError(response, 503)
+        self.assertEqual(response.headers["Retry-After"], "1")
+        self.assertClosed(sock)
+
+    def test_idle_connections_are_reclaimed_for_new_requests(self):
+        limiter = self.start(max_connections=4).httpd.connections
+        idle = self.idle_connections(4)
+        wait_until(lambda: limiter.counts() == (4, 4))
+        self.assertEqual(self.request("PUT", "/data/repo", b"served").status, 201)
+        wait_until(lambda: any(map(closed_by_server, idle)))   # one idle connection gave way
+
+    def test_400_idle_connections_do_not_block_a_request_with_defaults(self):
+        limiter = self.start().httpd.connections
+        self.idle_connections(400)
+        wait_until(lambda: limiter.counts()[0] == gateway.DEFAULT_MAX_CONNECTIONS)
+        connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=2)
+        self.addCleanup(connection.close)
+        self.assertEqual(self.request("PUT", "/data/repo", b"through", connection=connection).status,
+                         201)
+
+    def test_hostile_requests_get_4xx_or_a_closed_connection(self):
+        self.start(request_timeout=2)
+        for request in (os.urandom(2000),
+                        b"\x00\x01\x02\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\nX: " + b"a" * 100000 + b"\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n",
+                        b"GET /data/../../etc/passwd HTTP/1.1\r\n\r\n",
+                        b"GET /data/%2E%2E/" + sha256(b"").encode() + b" HTTP/1.1\r\n\r\n",
+                        b"GET /data/r\xc3\x28/x HTTP/1.1\r\n\r\n",
+                        b"PUT /data/r HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                        b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"FFFFFFFFFFFFFFFF\r\n",
+                        b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + b"F" * 1000 + b"\r\n",
+                        b"PUT /data/r HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+                        b"GET http://[::1/data/r/x HTTP/1.1\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\nRange: bytes=" + b"9" * 5000 + b"-\r\n\r\n"):
+            with self.subTest(request=request[:40]):
+                statuses = self.exchange(request)
+                self.assertTrue(all(400 <= status < 500 for status in statuses), statuses)
+        self.assertEqual(self.request("PUT", "/data/repo", b"fine").status, 201)
+
+    def exchange(self, request):
+        """Send ``request``, half-close, and return the statuses of every response."""
+        sock = self.raw_socket()
+        try:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass   # the server may close on us before it has read everything
+        received = bytearray()
+        try:
+            for data in iter(lambda: sock.recv(65536), b""):
+                received += data
+        except ConnectionResetError:
+            pass
+        return [int(status) for status in re.findall(rb"(?:^|\n)HTTP/1\.1 (\d{3}) ", received)]
+
+    def test_fuzzed_requests_never_get_a_server_error(self):
+        self.start(request_timeout=1, max_object_size=1 << 20)
+        oid = sha256(b"seed").encode()
+        seeds = [b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nseed",
+                 b"PUT /data/repo/" + oid + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"2;x=y\r\nse\r\n2\r\ned\r\n0\r\nT: 1\r\n\r\n",
+                 b"GET /data/repo/" + oid + b" HTTP/1.1\r\nRange: bytes=1-2\r\n"
+                 b"If-None-Match: W/\"x\", *\r\n\r\n",
+                 b"HEAD /data/repo/" + oid + b"?q=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                 b"DELETE /data/repo/" + oid + b" HTTP/1.1\r\nExpect: 100-continue\r\n"
+                 b"Content-Length: 0\r\n\r\n"]
+        generator = random.Random(20261126)
+        pieces = [b"\r\n", b"\n", b" ", b":", b";", b"%", b"%ff", b"/", b"..", b"\x00", b"\xff",
+                  b"-1", b"99999999999999999999", b"chunked", b"Content-Length: 5\r\n",
+                  b"Transfer-Encoding: chunked\r\n", b"HTTP/1.1", b"0\r\n\r\n"]
+
+        def mutate(data):
+            data = bytearray(data)
+            for _ in range(generator.randint(1, 4)):
+                position = generator.randrange(len(data) + 1)
+                choice = generator.randrange(5)
+                if choice == 0 and data:
+                    data[min(position, len(data) - 1)] = generator.randrange(256)
+                elif choice == 1:
+                    data[position:position] = generator.choice(pieces)
+                elif choice == 2:
+                    del data[position:position + generator.randint(1, 8)]
+                elif choice == 3:
+                    data[position:position] = data[position:position + generator.randint(1, 30)]
+                else:
+                    data[position:position] = os.urandom(generator.randint(1, 16))
+            return bytes(data)
+
+        server_errors = []
+        for _ in range(300):
+            request = mutate(generator.choice(seeds))
+            statuses = self.exchange(request)
+            if any(status == 500 or status > 505 for status in statuses):
+                server_errors.append((request, statuses))
+        self.assertEqual(server_errors, [])
+        self.assertEqual(self.request("PUT", "/data/repo", b"after fuzzing").status, 201)
+        self.assertEqual(self.request("GET", "/data/repo/" + sha256(b"after fuzzing")).body,
+                         b"after fuzzing")
+
+    def test_64_clients_for_two_seconds(self):
+        self.start()
+        deadline = time.monotonic() + 2
+        failures, rounds = [], []
+
+        def client(number):
+            connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
+            count = 0
+            try:
+                while time.monotonic() < deadline:
+                    data = b"%d-%d " % (number, count) * (1 + count % 50)
+                    put = self.request("PUT", "/data/load", data, connection=connection)
+                    got = self.request("GET", "/data/load/" + sha256(data), connection=connection)
+                    if put.status != 201 or put.json()["oid"] != sha256(data) or got.body != data:
+                        failures.append((number, count, put.status, got.status))
+                    count += 1
+            except Exception as error:
+                failures.append((number, repr(error)))
+            finally:
+                connection.close()
+                rounds.append(count)
+
+        run_concurrently([functools.partial(client, n) for n in range(64)])
+        self.assertEqual(failures, [])
+        self.assertTrue(all(rounds), rounds)
+
+    def test_json_access_log(self):
+        self.start(log_format="json")
+        self.request("PUT", "/data/repo?q=1", b"twelve bytes")
+        wait_until(lambda: self.running.log.getvalue().count("\n") >= 1)
+        record = json.loads(self.running.log.getvalue().splitlines()[0])
+        self.assertEqual(set(record), {"time", "remote", "method", "path", "status",
+                                       "request_bytes", "response_bytes", "duration_ms"})
+        self.assertEqual((record["method"], record["path"], record["status"], record["request_bytes"],
+                          record["remote"]), ("PUT", "/data/repo?q=1", 201, 12, "127.0.0.1"))
+        self.assertGreater(record["response_bytes"], 0)
+        self.assertGreaterEqual(record["duration_ms"], 0)
+
+    def test_log_level_filters_the_service_log(self):
+        self.start(log_level="error", log_format="json")
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort")
+        sock.close()   # an abandoned upload: a warning, below the level
+        wait_until(lambda: "datastore_http_requests_abandoned_total 1\n"
+                   in self.app.metrics.render(0, 0))   # handled, and not logged:
+        self.assertEqual(self.running.log.getvalue(), "")
+        self.request("GET", "/data/repo/missing")
+        wait_until(lambda: '"status": 404' in self.running.log.getvalue())
+
