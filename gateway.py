@@ -37,6 +37,7 @@ import logs
 SERVER_SOFTWARE = "data-storage/1.0"
 DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 256
+POLL_INTERVAL = 0.1   # serve_forever's wake-up: how long an access-log line may wait
 DRAINING_KEY = "data_storage.draining"   # environ: true once the server is shutting down
 INLINE_BODY_BYTES = 64 * 1024   # response bodies up to this size go out in the same send as the head
 DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
@@ -191,11 +192,12 @@ class Exchange:
         self.request_line = request_line.decode("latin-1").rstrip("\r\n")
         self.started = time.monotonic()
         self.head = None
-        self.body = http11.EmptyBody()
+        self.body = http11.NO_BODY
         self.keep_alive = False
         self.continue_pending = False
         self.status = None           # once the response head is sent
         self.response = None         # (status line, headers) from start_response
+        self.length = None           # the response's Content-Length, if it has one
         self.sent = 0                # response body bytes sent
         self.counted_by_application = False
 
@@ -246,29 +248,18 @@ class Exchange:
     def _environ(self):
         """The WSGI environ of this request (PEP 3333)."""
         head = self.head
-        path, _, query = _origin_form(head.target).partition("?")
-        environ = {
-            "REQUEST_METHOD": head.method,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": urllib.parse.unquote_to_bytes(path).decode("latin-1"),
-            "QUERY_STRING": query,
-            "REQUEST_URI": head.target,
-            "SERVER_NAME": self.server.server_name,
-            "SERVER_PORT": str(self.server.server_port),
-            "SERVER_PROTOCOL": head.version,
-            "SERVER_SOFTWARE": SERVER_SOFTWARE,
-            "REMOTE_ADDR": self.connection.client_address[0],
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": self.body,
-            "wsgi.input_terminated": True,   # every body ends where its framing says
-            "wsgi.errors": self.server.error_stream,
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": self.server.multiprocess,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-            DRAINING_KEY: self.server.connections.draining,
-        }
+        target = head.target
+        path, _, query = (target if target[0] == "/" else _origin_form(target)).partition("?")
+        environ = self.server.base_environ.copy()
+        environ["REQUEST_METHOD"] = head.method
+        environ["PATH_INFO"] = (urllib.parse.unquote_to_bytes(path).decode("latin-1")
+                                if "%" in path else path)
+        environ["QUERY_STRING"] = query
+        environ["REQUEST_URI"] = target
+        environ["SERVER_PROTOCOL"] = head.version
+        environ["REMOTE_ADDR"] = self.connection.client_address[0]
+        environ["wsgi.input"] = self.body
+        environ[DRAINING_KEY] = self.server.connections.draining
         if self.body.length is not None:
             environ["CONTENT_LENGTH"] = str(self.body.length)
         for name, value in head.headers.items():
@@ -284,53 +275,48 @@ class Exchange:
                 raise exc_info[1].with_traceback(exc_info[2])
         elif self.response is not None:
             raise AssertionError("start_response called twice without exc_info")
-        self.response = (status_line, [(name, value) for name, value in headers
-                                       if name.lower() not in HOP_BY_HOP])
+        kept, self.length = [], None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == "content-length":
+                self.length = int(value)
+            elif lowered not in HOP_BY_HOP:
+                kept.append((name, value))
+        self.response = (status_line, kept)
         return self._write
 
     def _write(self, data):
         """The legacy ``write`` callable of PEP 3333: the body so far, unbuffered."""
-        self._send_head(self._declared_length())
+        self._send_head()
         self._send_bytes(data)
 
     def _send_result(self, result):
         """Send the response the application returned (PEP 3333: the head no
         sooner than the first non-empty body block)."""
-        length = self._declared_length()
-        if self.head.method == "HEAD" or self._status_code() in (204, 304):
-            self._send_head(length)
+        if self.head.method == "HEAD" or self.response[0][:3] in ("204", "304"):
+            self._send_head()
             return
-        elif isinstance(result, FileWrapper) and length is not None:
-            self._send_head(length)
-            self._send_file(result.filelike, length)
+        if isinstance(result, FileWrapper) and self.length is not None:
+            self._send_head()
+            self.sent += self.connection.connection.sendfile(
+                result.filelike, result.filelike.tell(), self.length)
         elif isinstance(result, (list, tuple)) and sum(map(len, result)) <= INLINE_BODY_BYTES:
             body = b"".join(result)
-            self._send_head(len(body) if length is None else length, body)
+            if self.length is None:
+                self.length = len(body)
+            self._send_head(body[:self.length])
         else:
             for block in result:
                 if block:
-                    self._send_head(length)
+                    self._send_head()
                     self._send_bytes(block)
-            self._send_head(length)
-        if length is not None and self.sent < length:
+            self._send_head()
+        if self.length is not None and self.sent < self.length:
             raise ConnectionError("response body ended before its Content-Length")
 
-    def _declared_length(self):
-        for name, value in self.response[1]:
-            if name.lower() == "content-length":
-                return int(value)
-        return None
-
-    def _status_code(self):
-        return int(self.response[0][:3])
-
-    def _send_file(self, file, length):
-        self.sent += self.connection.connection.sendfile(file, file.tell(), length)
-
     def _send_bytes(self, data):
-        length = self._declared_length()
-        if length is not None:
-            data = data[:max(0, length - self.sent)]   # never more than announced
+        if self.length is not None:
+            data = data[:max(0, self.length - self.sent)]   # never more than announced
         self.connection.wfile.write(data)
         self.sent += len(data)
 
@@ -348,22 +334,20 @@ class Exchange:
             self.keep_alive = False
             return
         body = json_error(message)
-        self.response = (http11.status_line(status),
-                         JSON_ERROR_HEADERS + [("Content-Length", str(len(body)))])
-        self._send_head(len(body), body if self.head is None or self.head.method != "HEAD" else b"")
+        self.response, self.length = (http11.status_line(status), JSON_ERROR_HEADERS), len(body)
+        self._send_head(body if self.head is None or self.head.method != "HEAD" else b"")
 
-    def _send_head(self, length, body=b""):
+    def _send_head(self, body=b""):
         """Send the response head (once), with ``body`` in the same send."""
         if self.status is not None:
             return
         status_line, headers = self.response
-        if length is None or self.server.connections.draining or (
+        if self.length is None or self.server.connections.draining or (
                 not self.body.finished and (self.continue_pending or not self._can_drain_body())):
             self.keep_alive = False
-        fields = [("Date", self.server.http_date()), ("Server", SERVER_SOFTWARE)]
-        fields += [field for field in headers if field[0].lower() != "content-length"]
-        if length is not None:
-            fields.append(("Content-Length", str(length)))
+        fields = [*self.server.standard_fields(), *headers]
+        if self.length is not None:
+            fields.append(("Content-Length", str(self.length)))
         self.status = int(status_line[:3])
         self.connection.wfile.write(
             http11.format_response_head(status_line, fields, not self.keep_alive) + body)
@@ -481,6 +465,25 @@ class GatewayServer(ThreadingHTTPServer):
         # stall start-up on a machine without DNS.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+        self.base_environ = {   # what every request's environ starts from (PEP 3333)
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": self.server_name,
+            "SERVER_PORT": str(self.server_port),
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input_terminated": True,   # every body ends where its framing says
+            "wsgi.errors": self.error_stream,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": self.multiprocess,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+
+    def service_actions(self):
+        """Called by ``serve_forever`` at least every poll interval: write the
+        access lines gathered since the last call."""
+        self.log.flush()
 
     def process_request(self, request, client_address):
         if self.connections.admit(request):
@@ -494,8 +497,8 @@ class GatewayServer(ThreadingHTTPServer):
         body = json_error("too many connections; retry shortly")
         head = http11.format_response_head(
             http11.status_line(503),
-            [("Date", self.http_date()), ("Server", SERVER_SOFTWARE),
-             *JSON_ERROR_HEADERS, ("Retry-After", "1"), ("Content-Length", str(len(body)))],
+            [*self.standard_fields(), *JSON_ERROR_HEADERS, ("Retry-After", "1"),
+             ("Content-Length", str(len(body)))],
             close=True)
         try:
             request.settimeout(1.0)
@@ -532,17 +535,21 @@ class GatewayServer(ThreadingHTTPServer):
         """Close idle connections and give in-flight requests up to ``timeout``
         seconds to finish; returns how many were still open after it."""
         self.connections.begin_draining()
-        return self.connections.wait_closed(timeout)
+        left = self.connections.wait_closed(timeout)
+        self.log.flush()
+        return left
 
     def handle_error(self, request, client_address):
         """An exception escaped a connection's handler: log it, instead of socketserver's
         traceback on stderr."""
         self.log.log("error", "error serving %s:\n%s" % (client_address[0], traceback.format_exc()))
 
-    def http_date(self):
-        """The current time as an HTTP-date, formatted at most once a second."""
+    def standard_fields(self):
+        """``Date`` (formatted at most once a second) and ``Server``: the fields
+        every response starts with."""
         now = int(time.time())
         cached = self._date
         if cached[0] != now:
-            cached = self._date = (now, email.utils.formatdate(now, usegmt=True))
+            cached = self._date = (now, (("Date", email.utils.formatdate(now, usegmt=True)),
+                                         ("Server", SERVER_SOFTWARE)))
         return cached[1]

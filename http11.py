@@ -8,7 +8,6 @@ gateway closes it. A client that goes away mid-body raises ``ClientDisconnected`
 """
 
 import http
-import io
 import re
 
 MAX_LINE_BYTES = 8192        # request line, each header line, each chunk-size line
@@ -74,22 +73,23 @@ class ClientDisconnected(ConnectionError):
 # The request head ------------------------------------------------------------
 
 class Headers:
-    """Request header fields: case-insensitive names, repeated fields kept in order."""
+    """Request header fields: ``{lowercase name: [values in order]}``."""
 
-    def __init__(self):
-        self._fields = {}
-
-    def add(self, name, value):
-        self._fields.setdefault(name.lower(), []).append(value)
+    def __init__(self, fields):
+        self._fields = fields
 
     def get(self, name, default=None):
-        """The field's value, repeated fields joined by ", " (RFC 9110 §5.3)."""
-        values = self._fields.get(name.lower())
-        return ", ".join(values) if values else default
+        """The value of the field ``name`` (in lowercase), repeated fields joined
+        by ", " (RFC 9110 §5.3)."""
+        values = self._fields.get(name)
+        if values is None:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
 
     def items(self):
         """``(lowercase name, combined value)`` for each field name."""
-        return [(name, ", ".join(values)) for name, values in self._fields.items()]
+        return [(name, values[0] if len(values) == 1 else ", ".join(values))
+                for name, values in self._fields.items()]
 
 
 class RequestHead:
@@ -100,10 +100,12 @@ class RequestHead:
         self.target = target
         self.version = "HTTP/1.%d" % minor_version
         self.headers = headers
-        connection = [option.lower() for option in split_list(headers.get("Connection", ""))]
-        self.keep_alive = minor_version >= 1 and "close" not in connection
-        expect = headers.get("Expect", "")
-        self.expects_continue = minor_version >= 1 and expect.lower() == "100-continue"
+        connection = headers.get("connection")
+        self.keep_alive = minor_version >= 1 and (
+            connection is None or "close" not in split_list(connection.lower()))
+        expect = headers.get("expect")
+        self.expects_continue = (minor_version >= 1 and expect is not None
+                                 and expect.lower() == "100-continue")
 
 
 def split_list(value):
@@ -137,22 +139,22 @@ def parse_request_line(raw):
 
 def read_header_fields(rfile):
     """Read header lines up to the empty line; a linear-time split of each."""
-    headers = Headers()
+    fields = {}
     total = 0
     for _ in range(MAX_HEADER_FIELDS + 1):
-        raw = read_line(rfile, HeaderSectionTooLarge)
+        raw = rfile.readline(MAX_LINE_BYTES + 1)
         total += len(raw)
-        if total > MAX_HEADER_BYTES:
+        if len(raw) > MAX_LINE_BYTES or total > MAX_HEADER_BYTES:
             raise HeaderSectionTooLarge("header section larger than %d bytes" % MAX_HEADER_BYTES)
         if raw in (b"\r\n", b"\n"):
-            return headers
+            return Headers(fields)
         if not raw:
             raise IncompleteHeaderSection("connection closed inside the header section")
         name, colon, value = raw.decode("latin-1").rstrip("\r\n").partition(":")
         value = value.strip(WHITESPACE)
         if not colon or not FIELD_NAME.fullmatch(name) or "\r" in value or "\0" in value:
             raise MalformedHeaderField("malformed header field %r" % raw[:100])
-        headers.add(name, value)
+        fields.setdefault(name.lower(), []).append(value)
     raise HeaderSectionTooLarge("more than %d header fields" % MAX_HEADER_FIELDS)
 
 
@@ -164,28 +166,60 @@ def read_request_head(rfile, request_line):
 
 # Request bodies ----------------------------------------------------------------
 
-class RequestBody(io.RawIOBase):
-    """A request body being read from the connection: a readable binary stream
-    that ends where the framing says, whatever follows on the connection.
+class RequestBody:
+    """A request body being read from the connection: a binary stream (the
+    ``wsgi.input`` of PEP 3333) that ends where the framing says, whatever
+    follows on the connection. Subclasses frame it in ``readinto``.
 
     Its first read calls ``on_first_read`` (the gateway sends the ``100
     Continue`` a client may wait for, RFC 9110 §10.1.1), so a request refused
-    before its body is read gets its final status instead. ``io.RawIOBase``
-    builds ``read``, ``readline`` and iteration on ``readinto``.
+    before its body is read gets its final status instead. (Not an
+    ``io.RawIOBase``: its construction and finalizer cost more than a small
+    request's parsing.)
     """
 
     length = None   # total length when known in advance
 
     def __init__(self, rfile, on_first_read):
-        super().__init__()
         self._rfile = rfile
         self._on_first_read = on_first_read
         self.started = False
         self.finished = False
         self.received = 0   # body bytes read so far
 
-    def readable(self):
-        return True
+    def read(self, size=-1):
+        """Up to ``size`` bytes, or all that is left if ``size`` is negative or None."""
+        if size is not None and size >= 0:
+            buffer = bytearray(size)
+            return bytes(memoryview(buffer)[:self.readinto(buffer)])
+        parts = bytearray()
+        buffer = bytearray(256 * 1024)
+        while True:
+            count = self.readinto(buffer)
+            if not count:
+                return bytes(parts)
+            parts += memoryview(buffer)[:count]
+
+    def readline(self, size=-1):
+        """Up to and including the next b"\n", at most ``size`` bytes."""
+        line = bytearray()
+        byte = bytearray(1)
+        while (size is None or size < 0 or len(line) < size) and self.readinto(byte):
+            line += byte
+            if byte == b"\n":
+                break
+        return bytes(line)
+
+    def readlines(self, hint=-1):
+        lines = []
+        for line in self:
+            lines.append(line)
+            if 0 < hint <= sum(map(len, lines)):
+                break
+        return lines
+
+    def __iter__(self):
+        return iter(self.readline, b"")
 
     def _start(self):
         if not self.started:
@@ -206,7 +240,8 @@ def cut_off():
 
 
 class EmptyBody(RequestBody):
-    """No body: neither Content-Length nor Transfer-Encoding (RFC 9112 §6.3)."""
+    """No body: neither Content-Length nor Transfer-Encoding (RFC 9112 §6.3).
+    It has no state to change, so one instance, ``NO_BODY``, serves every request."""
 
     length = 0
 
@@ -216,6 +251,9 @@ class EmptyBody(RequestBody):
 
     def readinto(self, buffer):
         return 0
+
+    def read(self, size=-1):
+        return b""
 
 
 class FixedLengthBody(RequestBody):
@@ -292,12 +330,15 @@ class ChunkedBody(RequestBody):
         raise MalformedChunk("too many trailer fields")
 
 
+NO_BODY = EmptyBody()
+
+
 def frame_body(head, rfile, on_first_read):
     """The body of the request ``head`` announces, as a RequestBody on ``rfile``
     (RFC 9112 §6.1, §6.3). Conflicting or unclear framing is refused: a proxy
     in front might read it differently (request smuggling)."""
-    transfer_encoding = head.headers.get("Transfer-Encoding")
-    content_length = head.headers.get("Content-Length")
+    transfer_encoding = head.headers.get("transfer-encoding")
+    content_length = head.headers.get("content-length")
     if transfer_encoding is not None:
         if content_length is not None:
             raise InvalidFraming("both Transfer-Encoding and Content-Length given")
@@ -313,12 +354,14 @@ def frame_body(head, rfile, on_first_read):
         length = parse_content_length(content_length)
         if length:
             return FixedLengthBody(rfile, length, on_first_read)
-    return EmptyBody()
+    return NO_BODY
 
 
 def parse_content_length(value):
     """The length a Content-Length value states: digits only (``int()`` would take
     "+5", " 5 " and "1_0"); identical repeated values count as one."""
+    if value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
     values = set(split_list(value))
     if len(values) != 1 or not all(item.isascii() and item.isdigit() for item in values):
         raise InvalidFraming("invalid Content-Length %r" % value[:100])
@@ -331,12 +374,9 @@ def parse_content_length(value):
 def format_response_head(status_line, headers, close):
     """The bytes of a response's status line and header section; ``headers``
     are ``(name, value)`` pairs, ``close`` adds ``Connection: close``."""
-    lines = ["HTTP/1.1 %s\r\n" % status_line]
-    lines.extend("%s: %s\r\n" % field for field in headers)
-    if close:
-        lines.append("Connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    fields = "".join(["%s: %s\r\n" % field for field in headers])
+    return ("HTTP/1.1 %s\r\n%s%s\r\n" % (status_line, fields, "Connection: close\r\n" if close else "")
+            ).encode("latin-1")
 
 
 def status_line(status):

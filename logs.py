@@ -6,14 +6,22 @@
 
 Both escape control characters that come from clients, so a request line
 cannot inject terminal escapes or fake lines.
+
+Access-log lines are gathered and written together by ``flush``, which the
+gateway calls a few times a second: one write per request would cost each
+request a system call, and with it a hand-over of the GIL between the
+connection threads (measured: about a fifth of the small-request rate).
+A service-log line is written at once, after the access lines before it.
 """
 
 import datetime
 import json
 import sys
+import threading
 import time
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+MAX_PENDING_LINES = 256   # access lines held before ``flush`` is due anyway
 _CONTROL_CHARACTERS = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
 
 
@@ -30,6 +38,8 @@ class Log:
         self.json = log_format == "json"
         self.threshold = LEVELS[level]
         self._date = (0, "")
+        self._pending = []   # access lines not yet written
+        self._lock = threading.Lock()
 
     def log(self, level, message):
         """A line of the service log, if ``level`` passes the threshold."""
@@ -42,7 +52,9 @@ class Log:
         else:
             line = "%s %s %s" % (now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
                                  level.upper(), message)
-        self.stream.write(line + "\n")
+        with self._lock:
+            self._pending.append(line)
+            self._write_pending()
 
     def access(self, remote, method, path, request_line, status, received, sent, seconds):
         """The access-log line of a finished response. ``received`` and ``sent``
@@ -58,7 +70,21 @@ class Log:
         else:
             line = '%s - - [%s] "%s" %d %d' % (remote, self._access_date(),
                                                  printable(request_line), status, sent)
-        self.stream.write(line + "\n")
+        with self._lock:
+            self._pending.append(line)
+            if len(self._pending) >= MAX_PENDING_LINES:
+                self._write_pending()
+
+    def flush(self):
+        """Write the access lines gathered so far."""
+        with self._lock:
+            if self._pending:
+                self._write_pending()
+
+    def _write_pending(self):
+        """One write for every pending line (lock held)."""
+        lines, self._pending = self._pending, []
+        self.stream.write("\n".join(lines) + "\n")
 
     def _access_date(self):
         """The current time as the access log writes it, formatted at most once a second."""

@@ -71,12 +71,14 @@ class RangeNotSatisfiable(Exception):
 
 class Response:
     """What a route answers: a status, headers, and a body that is either bytes
-    or a ``FileSlice`` of a stored object. Content-Length is added from the body."""
+    or a ``FileSlice`` of a stored object. Content-Length is ``length``: the
+    body's, unless given (a HEAD or 304 states the length a GET would send)."""
 
-    def __init__(self, status, headers=(), body=b""):
+    def __init__(self, status, headers=(), body=b"", length=None):
         self.status = status
         self.headers = list(headers)
         self.body = body
+        self.length = len(body) if length is None else length
 
     @classmethod
     def json(cls, status, document, headers=()):
@@ -225,7 +227,8 @@ def parse_target(target):
     if segments[0] != "data" or len(segments) not in (2, 3) or "" in segments:
         return None, (), query
     try:
-        arguments = tuple(urllib.parse.unquote(s, errors="strict") for s in segments[1:])
+        arguments = [urllib.parse.unquote(s, errors="strict") if "%" in s else s
+                     for s in segments[1:]]
     except UnicodeDecodeError:
         raise HTTPError(400, "path segments must be percent-encoded UTF-8") from None
     return ("repository", "object")[len(arguments) - 1], arguments, query
@@ -370,10 +373,11 @@ class DataStorageServer:
         except BaseException:
             self.metrics.request_handed_back()
             raise
-        headers, body, length = self._body_of(environ, response)
+        headers, body = self._body_of(environ, response)
         self.metrics.request_ended(environ["REQUEST_METHOD"], response.status,
                                    time.monotonic() - started,
-                                   request.body.received if request else 0, length if body else 0)
+                                   request.body.received if request else 0,
+                                   response.length if body != [b""] else 0)
         start_response(http11.status_line(response.status), headers)
         return body
 
@@ -403,28 +407,18 @@ class DataStorageServer:
 
     @staticmethod
     def _body_of(environ, response):
-        """``(headers, iterable, length)``: the response's Content-Length and
-        its body as PEP 3333 wants it (none for HEAD and 304)."""
+        """``(headers, iterable)``: the response's Content-Length added, and its
+        body as PEP 3333 wants it (none for HEAD: the server sends none)."""
         body = response.body
-        if isinstance(body, FileSlice):
-            length = body.end - body.tell()
-            if environ["REQUEST_METHOD"] == "HEAD" or response.status == 304:
+        if environ["REQUEST_METHOD"] == "HEAD":
+            if isinstance(body, FileSlice):
                 body.close()
-                body = b""
-            elif length <= INLINE_BODY_BYTES:
-                try:
-                    body = body.read()
-                finally:
-                    response.body.close()
-            else:
-                wrapper = environ.get("wsgi.file_wrapper")
-                body = wrapper(body, BODY_BLOCK_BYTES) if wrapper else body
-        else:
-            length = len(body)
-            if environ["REQUEST_METHOD"] == "HEAD":
-                body = b""
-        iterable = [body] if isinstance(body, bytes) else body
-        return response.headers + [("Content-Length", str(length))], iterable, length
+            body = b""
+        elif isinstance(body, FileSlice):
+            wrapper = environ.get("wsgi.file_wrapper")
+            body = wrapper(body, BODY_BLOCK_BYTES) if wrapper else body
+        headers = response.headers + [("Content-Length", str(response.length))]
+        return headers, [body] if isinstance(body, bytes) else body
 
     def _route(self, request):
         route, arguments, request.query = parse_target(request.target)
@@ -472,10 +466,14 @@ class DataStorageServer:
             raise
 
     def _object_response(self, request, stored, etag):
+        """The response for an open object: its bytes when small (and the
+        object closed), else a FileSlice that closes it when done."""
         size = stored.size
         headers = [("ETag", etag), ("Accept-Ranges", "bytes")]
-        if etag_matches(request.header("If-None-Match", ""), etag):
-            return Response(304, headers, FileSlice(stored, 0, size))
+        if_none_match = request.header("If-None-Match")
+        if if_none_match is not None and etag_matches(if_none_match, etag):
+            stored.close()
+            return Response(304, headers, length=size)
         first, last, status = 0, size - 1, 200
         range_value = request.header("Range")
         if (range_value is not None and request.method == "GET"
@@ -490,7 +488,17 @@ class DataStorageServer:
                 (first, last), status = selected, 206
                 headers.append(("Content-Range", "bytes %d-%d/%d" % (first, last, size)))
         headers.append(("Content-Type", "application/octet-stream"))
-        return Response(status, headers, FileSlice(stored, first, last - first + 1))
+        count = last - first + 1
+        if count > INLINE_BODY_BYTES and request.method == "GET":
+            return Response(status, headers, FileSlice(stored, first, count), length=count)
+        with stored:
+            if request.method == "HEAD":
+                return Response(status, headers, length=count)
+            stored.file.seek(first)
+            body = stored.file.read(count)
+        if len(body) != count:
+            raise OSError("stored object shorter than its recorded size")
+        return Response(status, headers, body)
 
     def delete_object(self, request, repository, oid):
         """Remove the object; 404 if the repository does not hold it."""
@@ -624,7 +632,8 @@ def main(argv=None):
     log = logs.Log(log_format=args.log_format, level=args.log_level)
     server = gateway.GatewayServer((args.host, args.port), None,
                                    request_timeout=args.request_timeout,
-                                   max_connections=args.max_connections, log=log)
+                                   max_connections=args.max_connections, log=log,
+                                   multiprocess=args.workers > 1)
     host, port = server.server_address[:2]
     print("data storage service listening on http://%s:%d (%s%s%s)" % (
         "[%s]" % host if ":" in host else host, port,

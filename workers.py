@@ -13,6 +13,8 @@ import threading
 import time
 import traceback
 
+import gateway
+
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
@@ -33,7 +35,7 @@ def serve_until_signalled(server, shutdown_timeout):
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    server.serve_forever()
+    server.serve_forever(gateway.POLL_INTERVAL)
     server.stop_accepting()
     left = server.drain(shutdown_timeout)
     if left:
@@ -90,7 +92,6 @@ def run_workers(server, count, make_application, shutdown_timeout):
     # others must get EAGAIN from accept() (which socketserver ignores), not
     # block there, deaf to shutdown, until the next connection.
     server.socket.setblocking(False)
-    server.multiprocess = True
     for _ in range(count):
         start_worker()
     while workers:
