@@ -300,7 +300,8 @@ class Exchange:
             self._send_head()
             self.sent += self.connection.connection.sendfile(
                 result.filelike, result.filelike.tell(), self.length)
-        elif isinstance(result, (list, tuple)) and sum(map(len, result)) <= INLINE_BODY_BYTES:
+        elif (self.status is None and isinstance(result, (list, tuple))
+              and sum(map(len, result)) <= INLINE_BODY_BYTES):
             body = b"".join(result)
             if self.length is None:
                 self.length = len(body)

@@ -92,7 +92,7 @@ def json_error(message):
 
 # Requests -------------------------------------------------------------------------
 
-class RequestBody:
+class BodySource:
     """``wsgi.input`` as a store's source (``read()`` and ``readinto(buffer)``).
 
     Reads exactly CONTENT_LENGTH bytes, or to the end of the input when the
@@ -188,7 +188,7 @@ class Request:
         self.method = environ["REQUEST_METHOD"]
         self.target = request_target(environ)
         self.query = ""   # set by routing
-        self.body = RequestBody(environ, max_object_size)
+        self.body = BodySource(environ, max_object_size)
 
     def header(self, name, default=None):
         return self.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
@@ -337,7 +337,7 @@ class DataStorageServer:
     that a server's factory syntax works:
     ``gunicorn -w 4 'server:DataStorageServer(data_dir="./data")'``.
 
-    It reads ``wsgi.input`` (see RequestBody), streams stored objects through
+    It reads ``wsgi.input`` (see BodySource), streams stored objects through
     ``wsgi.file_wrapper`` when the server offers one, sends no hop-by-hop
     header fields, and answers every error in JSON. An exception raised by
     ``wsgi.input`` itself propagates: the server knows what went wrong there.

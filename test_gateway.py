@@ -392,6 +392,22 @@ class ConnectionTest(GatewayTestCase):
         self.assertJSONError(response, 503)
         self.assertEqual(response.headers["Retry-After"], "1")
         self.assertClosed(sock)
+        wait_until(lambda: '"-" 503 ' in self.running.log.getvalue())   # logged and counted
+        self.assertIn('datastore_http_requests_total{method="other",status="503"} 1',
+                      self.app.metrics.render(0, 0))
+
+    def test_protocol_faults_are_logged_and_counted(self):
+        self.assertJSONError(self.raw(b"GET / HTTP/2.0\r\n\r\n"), 505)
+        self.assertJSONError(self.raw(b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      b"zz\r\n"), 400)
+        wait_until(lambda: self.running.log.getvalue().count("\n") >= 2)
+        lines = self.running.log.getvalue().splitlines()
+        self.assertIn('"GET / HTTP/2.0" 505 ', lines[0])
+        self.assertIn('"PUT /data/r HTTP/1.1" 400 ', lines[1])
+        metrics = self.app.metrics.render(0, 0)
+        self.assertIn('datastore_http_requests_total{method="other",status="505"} 1', metrics)
+        self.assertIn('datastore_http_requests_total{method="PUT",status="400"} 1', metrics)
+        self.assertIn("datastore_http_in_flight_requests 0\n", metrics)
 
     def test_idle_connections_are_reclaimed_for_new_requests(self):
         limiter = self.start(max_connections=4).httpd.connections
@@ -540,3 +556,92 @@ class ConnectionTest(GatewayTestCase):
         self.request("GET", "/data/repo/missing")
         wait_until(lambda: '"status": 404' in self.running.log.getvalue())
 
+
+class WSGIConformanceTest(GatewayTestCase):
+    """The gateway with small WSGI applications of its own: what PEP 3333 asks
+    of a server, beyond what the service's application happens to use."""
+
+    def serve(self, application):
+        self.start(application)
+
+    def test_response_without_content_length_is_delimited_by_close(self):
+        def application(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return iter([b"streamed ", b"", b"blocks"])
+
+        self.serve(application)
+        sock = self.raw_socket()
+        response = self.raw(b"GET / HTTP/1.1\r\n\r\n", sock=sock)
+        self.assertEqual((response.status, response.body), (200, b"streamed blocks"))
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertClosed(sock)
+
+    def test_legacy_write_and_hop_by_hop_fields(self):
+        def application(environ, start_response):
+            write = start_response("200 OK", [("Content-Length", "11"), ("Connection", "keep-alive"),
+                                              ("Transfer-Encoding", "chunked"),
+                                              ("Content-Type", "text/plain")])
+            write(b"written ")
+            return [b"andmore"]   # 4 bytes past the Content-Length are never sent
+
+        self.serve(application)
+        sock = self.raw_socket()
+        first, second = self.raw(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n", responses=2,
+                                 sock=sock)
+        self.assertEqual((first.body, second.body), (b"written and", b"written and"))
+        self.assertIsNone(first.headers["Transfer-Encoding"])
+        self.assertIsNone(first.headers["Connection"])
+
+    def test_environ(self):
+        seen = {}
+
+        def application(environ, start_response):
+            seen.update(environ, body=environ["wsgi.input"].read())
+            start_response("204 No Content", [])
+            return []
+
+        self.serve(application)
+        response = self.raw(b"PUT http://example.com/a%2Fb%C3%A9?q=%2F HTTP/1.1\r\nHost: example.com\r\n"
+                            b"Content-Type: text/plain\r\nX-Two: 1\r\nX-Two: 2\r\nX_Two: smuggled\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n",
+                            methods=["PUT"])
+        self.assertEqual(response.status, 204)
+        self.assertEqual((seen["REQUEST_METHOD"], seen["PATH_INFO"], seen["QUERY_STRING"]),
+                         ("PUT", "/a/b\xc3\xa9", "q=%2F"))   # PEP 3333: bytes as latin-1
+        self.assertEqual(seen["REQUEST_URI"], "http://example.com/a%2Fb%C3%A9?q=%2F")
+        self.assertEqual((seen["CONTENT_TYPE"], seen["HTTP_X_TWO"], seen["HTTP_HOST"]),
+                         ("text/plain", "1, 2", "example.com"))
+        self.assertNotIn("CONTENT_LENGTH", seen)
+        self.assertTrue(seen["wsgi.input_terminated"])
+        self.assertEqual(seen["body"], b"body")
+        self.assertEqual((seen["SERVER_PROTOCOL"], seen["wsgi.url_scheme"]), ("HTTP/1.1", "http"))
+
+    def test_application_errors_are_json_500_and_the_connection_closes(self):
+        def application(environ, start_response):
+            if environ["PATH_INFO"] == "/late":
+                start_response("200 OK", [("Content-Length", "10")])
+                return self.failing_blocks()
+            raise RuntimeError("early bug")
+
+        self.serve(application)
+        sock = self.raw_socket()
+        response = self.raw(b"GET /early HTTP/1.1\r\n\r\n", sock=sock)
+        self.assertJSONError(response, 500)
+        self.assertNotIn(b"early bug", response.body)
+        self.assertClosed(sock)
+        sock = self.raw_socket()
+        sock.sendall(b"GET /late HTTP/1.1\r\n\r\n")
+        received = b"".join(iter(lambda: sock.recv(65536), b""))   # cut off: no second response
+        self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+        self.assertTrue(received.endswith(b"\r\n\r\nhalf"), received)
+        wait_until(lambda: "RuntimeError: late bug" in self.running.log.getvalue())
+        self.assertIn("RuntimeError: early bug", self.running.log.getvalue())
+
+    @staticmethod
+    def failing_blocks():
+        yield b"half"
+        raise RuntimeError("late bug")
+
+
+if __name__ == "__main__":
+    unittest.main()
