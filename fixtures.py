@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -117,6 +118,12 @@ def read_line(pipe, timeout=10.0):
     if not ready:
         raise AssertionError("no output within %s s" % timeout)
     return pipe.readline()
+
+
+def metric_samples(text):
+    """``{sample name with labels: value}`` from a Prometheus text exposition."""
+    return {name: float(value) for name, _, value in
+            (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))}
 
 
 class Response:
@@ -278,27 +285,43 @@ class HTTPClientMixin(ResponseAssertions):
 
 
 class ServerProcess:
-    """``python server.py ARGS`` in a subprocess, with the port it reports."""
+    """A server in a subprocess, started from this directory: by default
+    ``python server.py --port 0 ARGS``. ``port`` comes from the first line of
+    ``stream`` ("stdout" or "stderr") that ``listening`` (a pattern whose
+    group 1 is the port) matches. Stopped when the test ends, if still running."""
 
-    def __init__(self, test, *args):
-        self.process = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        bufsize=0)
+    def __init__(self, test, *args, command=None, listening=r"listening on http://127\.0\.0\.1:(\d+)",
+                 stream="stdout"):
+        command = command or [sys.executable, SERVER_SCRIPT, "--port", "0", *args]
+        pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: subprocess.PIPE}
+        self.process = subprocess.Popen(command, cwd=HERE, bufsize=0, **pipes)
+        self.output = getattr(self.process, stream)
         test.addCleanup(self.stop)
-        line = read_line(self.process.stdout).decode()
-        test.assertIn("listening on http://127.0.0.1:", line)
-        self.port = int(line.rsplit(":", 1)[1].split()[0])
+        while True:
+            line = read_line(self.output, timeout=30).decode()
+            test.assertTrue(line, "the server exited before it listened")
+            match = re.search(listening, line)
+            if match:
+                self.port = int(match.group(1))
+                return
 
-    def request(self, method, path, body=None):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+    def request(self, method, path, body=None, headers=None, encode_chunked=False):
+        """One request on a new connection (with several workers, any may take it)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            connection.request(method, path, body=body)
+            connection.request(method, path, body=body, headers=headers or {},
+                               encode_chunked=encode_chunked)
             return Response.read(connection.getresponse())
         finally:
             connection.close()
 
     def stop(self):
+        """SIGTERM (gunicorn's workers go with their master only then), SIGKILL if that is slow."""
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait()
-        self.process.stdout.close()
+        self.output.close()

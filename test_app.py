@@ -15,7 +15,7 @@ import wsgiref.validate
 import gateway
 import server
 import storage
-from fixtures import (HERE, WSGIClientMixin, open_disk_store, run_concurrently, sha256,
+from fixtures import (HERE, WSGIClientMixin, metric_samples, open_disk_store, sha256,
                       small_filesystem, temporary_directory)
 
 
@@ -361,11 +361,7 @@ class ApplicationContract(WSGIClientMixin):
             self.request("BREW", "/data/repo")
         response = self.request("GET", "/metrics")
         self.assertEqual(response.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
-        samples = {}
-        for line in response.body.decode().splitlines():
-            if not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
+        samples = metric_samples(response.body.decode())
         self.assertEqual(samples['datastore_http_requests_total{method="PUT",status="201"}'], 2)
         self.assertEqual(samples['datastore_http_requests_total{method="GET",status="200"}'], 1)
         self.assertEqual(samples['datastore_http_requests_total{method="GET",status="404"}'], 1)

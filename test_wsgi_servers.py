@@ -6,58 +6,19 @@ both in a throwaway virtual environment, so CI always runs these.
 """
 
 import hashlib
-import http.client
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import unittest
 
-from fixtures import HERE, Response, read_line, sha256, temporary_directory, wait_until
+from fixtures import ServerProcess, sha256, temporary_directory, wait_until
 
 CHUNKED_UPLOAD_BYTES = 48 * 1024 * 1024
 
 
 def installed(module):
     return importlib.util.find_spec(module) is not None
-
-
-class ExternalServer:
-    """A WSGI server in a subprocess, serving from this directory; ``port`` is
-    read from the line where it says where it listens."""
-
-    def __init__(self, test, command, listening):
-        self.process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, bufsize=0)
-        test.addCleanup(self.stop)
-        while True:
-            line = read_line(self.process.stderr, timeout=30).decode()
-            test.assertTrue(line, "the server exited before listening")
-            match = re.search(listening, line)
-            if match:
-                self.port = int(match.group(1))
-                return
-
-    def request(self, method, path, body=None, headers=None, encode_chunked=False):
-        """One request on a new connection (so any worker may take it)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            connection.request(method, path, body=body, headers=headers or {},
-                               encode_chunked=encode_chunked)
-            return Response.read(connection.getresponse())
-        finally:
-            connection.close()
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stderr.close()
 
 
 def blocks(size, block=1024 * 1024):
@@ -80,11 +41,11 @@ class GunicornTest(unittest.TestCase):
     def setUp(self):
         self.root = temporary_directory(self)
         self.access_log = os.path.join(temporary_directory(self), "access.log")
-        self.server = ExternalServer(self, [
+        self.server = ServerProcess(self, stream="stderr", command=[
             sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", "127.0.0.1:0",
             "--access-logfile", self.access_log, "--access-logformat", '%(p)s %(s)s "%(r)s"',
             'server:DataStorageServer(data_dir="%s")' % self.root],
-            r"Listening at: http://127\.0\.0\.1:(\d+)")
+            listening=r"Listening at: http://127\.0\.0\.1:(\d+)")
 
     def workers_answering(self, status, path):
         """The pids of the workers that have answered ``GET path`` with ``status``."""
@@ -129,9 +90,9 @@ class WaitressTest(unittest.TestCase):
     """``waitress-serve --call server:DataStorageServer``: the in-memory store."""
 
     def test_object_round_trip(self):
-        server = ExternalServer(self, [sys.executable, "-m", "waitress", "--listen=127.0.0.1:0",
-                                       "--call", "server:DataStorageServer"],
-                                r"Serving on http://127\.0\.0\.1:(\d+)")
+        server = ServerProcess(self, stream="stderr", listening=r"Serving on http://127\.0\.0\.1:(\d+)",
+                               command=[sys.executable, "-m", "waitress", "--listen=127.0.0.1:0",
+                                        "--call", "server:DataStorageServer"])
         parts, oid = blocks(3 * 1024 * 1024 + 5)
         self.assertEqual(server.request("PUT", "/data/repo", body=iter(parts),
                                         encode_chunked=True).json()["oid"], oid)
