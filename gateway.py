@@ -166,7 +166,10 @@ class ConnectionLimiter:
 
 def _has_unread_bytes(sock):
     """True if the socket is readable now: a request, or the client's close, has arrived.
-    (A zero-timeout poll; recv would first wait out the socket's timeout.)"""
+    (A zero-timeout poll, or select where there is no poll, as on Windows; recv
+    would first wait out the socket's timeout.)"""
+    if not hasattr(select, "poll"):
+        return bool(select.select([sock], [], [], 0)[0])
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))

@@ -618,6 +618,11 @@ def parse_args(argv=None):
     if args.workers > 1 and not args.data_dir:
         parser.error("--workers above 1 needs --data-dir: worker processes cannot share "
                      "the in-memory store")
+    if args.workers > 1 and not hasattr(os, "fork"):
+        parser.error("--workers above 1 needs os.fork, which this platform lacks")
+    if args.data_dir and not storage.DISK_STORE_SUPPORTED:
+        parser.error("--data-dir needs fcntl.flock, which this platform lacks "
+                     "(the disk store runs on Linux, macOS and BSD)")
     return args
 
 

@@ -26,7 +26,6 @@ Run as a program, it checks a disk store: ``python storage.py verify DIR``.
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import heapq
 import io
@@ -37,6 +36,12 @@ import shutil
 import sys
 import tempfile
 import threading
+
+try:
+    import fcntl   # POSIX only; the in-memory store must import anywhere
+except ImportError:
+    fcntl = None
+DISK_STORE_SUPPORTED = fcntl is not None
 
 OID_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 REPOSITORY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -211,6 +216,15 @@ def _check_quota(used, size, limit):
                                   "(%d bytes in use)" % (size, limit, used))
 
 
+def _fsync_dir(path):
+    """Make the entries of directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def object_path(root, repository, oid):
     """Where an object lives on disk: ``root/<repository>/<oid[:2]>/<oid>``."""
     return os.path.join(root, repository, oid[:2], oid)
@@ -260,7 +274,14 @@ class DiskStore:
     TEMPORARY_DIR = "@tmp"
     QUARANTINE_DIR = "quarantine"
 
-    def __init__(self, root, max_total_size=None):
+    def __init__(self, root, max_total_size=None, *, sync_file=os.fsync,
+                 sync_directory=_fsync_dir):
+        """``sync_file(fd)`` and ``sync_directory(path)`` make a file's data and
+        a directory's entries durable; tests pass recorders to check the order."""
+        if not DISK_STORE_SUPPORTED:
+            raise StoreError("the disk store needs fcntl.flock (POSIX: Linux, macOS, BSD)")
+        self._sync_file = sync_file
+        self._sync_directory = sync_directory
         self.root = os.path.abspath(root)
         self._max_total_size = max_total_size
         self._lock = threading.Lock()
@@ -324,7 +345,7 @@ class DiskStore:
             try:
                 with open(fd, "wb", buffering=0) as file:
                     oid, size = self._write(source, file)
-                    os.fsync(file.fileno())
+                    self._sync_file(file.fileno())
                 check_digest(oid, expected_oid)
                 final_path = object_path(self.root, repository, oid)
                 self._make_parent_dirs(final_path)
@@ -332,7 +353,7 @@ class DiskStore:
             except BaseException:
                 _remove_quietly(temporary_path)
                 raise
-            _fsync_dir(os.path.dirname(final_path))
+            self._sync_directory(os.path.dirname(final_path))
         return oid, size
 
     def _publish(self, temporary_path, final_path, size):
@@ -386,8 +407,8 @@ class DiskStore:
             return
         repository_dir = os.path.dirname(shard_dir)
         os.makedirs(shard_dir, exist_ok=True)
-        _fsync_dir(repository_dir)
-        _fsync_dir(self.root)
+        self._sync_directory(repository_dir)
+        self._sync_directory(self.root)
 
     def _path(self, repository, oid):
         """Where the object would be; ObjectNotFound if ``oid`` is no oid at all."""
@@ -417,7 +438,7 @@ class DiskStore:
                 self._bytes -= size
         except FileNotFoundError:
             raise not_found(repository, oid) from None
-        _fsync_dir(os.path.dirname(path))
+        self._sync_directory(os.path.dirname(path))
 
     def usage(self):
         """``(objects, bytes)`` as this process counts them (see the class docstring)."""
@@ -611,14 +632,6 @@ def _hash_file(path):
         for count in iter(lambda: file.readinto(block), 0):
             digest.update(view[:count])
     return digest.hexdigest()
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path):

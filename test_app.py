@@ -324,6 +324,30 @@ class ApplicationContract(WSGIClientMixin):
         self.assertEqual(collected, expected)
         self.assertEqual(self.request("GET", "/data/repo").json(), {"objects": expected, "next": None})
 
+    def test_listing_one_at_a_time_across_shards(self):
+        oids = sorted(self.put("repo", b"object %d" % n) for n in range(40))
+        self.assertGreater(len({oid[:2] for oid in oids}), 20)   # many shard directories
+        collected, after = [], None
+        while True:
+            page = self.request("GET", "/data/repo?limit=1" + ("&after=" + after if after else ""))
+            objects, after = page.json()["objects"], page.json()["next"]
+            self.assertEqual(len(objects), 1)
+            collected.append(objects[0]["oid"])
+            if after is None:
+                break
+            self.assertEqual(after, objects[0]["oid"])   # next is the page's last oid
+        self.assertEqual(collected, oids)
+
+    def test_listing_with_limit_equal_to_the_count_has_no_next(self):
+        oids = sorted(self.put("repo", b"entry %d" % n) for n in range(5))
+        page = self.request("GET", "/data/repo?limit=5").json()
+        self.assertEqual(([entry["oid"] for entry in page["objects"]], page["next"]), (oids, None))
+        page = self.request("GET", "/data/repo?limit=4").json()
+        self.assertEqual((len(page["objects"]), page["next"]), (4, oids[3]))
+        page = self.request("GET", "/data/repo?limit=4&after=" + oids[3]).json()
+        self.assertEqual(([entry["oid"] for entry in page["objects"]], page["next"]),
+                         (oids[4:], None))
+
     def test_listing_an_empty_repository(self):
         self.assertEqual(self.request("GET", "/data/nothing-here").json(), {"objects": [], "next": None})
         head = self.request("HEAD", "/data/nothing-here")
@@ -378,15 +402,19 @@ class ApplicationContract(WSGIClientMixin):
     def test_bearer_token(self):
         self.restart(auth_token="s3cret")
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
-                        {"Authorization": "Bearer s3cret2"}):
+                        {"Authorization": "Bearer s3cret2"}, {"Authorization": "Bearer s3c"},
+                        {"Authorization": "Bearer "}, {"Authorization": "Bearer"},
+                        {"Authorization": "s3cret"}, {"Authorization": "Bearer  s3cre"},
+                        {"Authorization": "Bearers3cret"}):
             response = self.request("PUT", "/data/repo", b"guarded", headers=headers)
             self.assertJSONError(response, 401)
             self.assertEqual(response.headers["WWW-Authenticate"], 'Bearer realm="data-storage"')
         self.assertEqual(self.request("GET", "/data/repo/" + sha256(b"guarded"),
                                       headers={"Authorization": "Bearer s3cret"}).status, 404)
-        response = self.request("PUT", "/data/repo", b"guarded",
-                                headers={"Authorization": "bearer s3cret"})
-        self.assertEqual(response.status, 201)
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            response = self.request("PUT", "/data/repo", b"guarded",
+                                    headers={"Authorization": scheme + " s3cret"})
+            self.assertEqual(response.status, 201, scheme)
 
     def test_health_needs_no_token_but_the_rest_does(self):
         self.restart(auth_token="t0ken")
@@ -445,6 +473,73 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
             self.assertJSONError(self.request("PUT", "/data/repo", os.urandom(2 * 1024 * 1024)), 507)
             self.assertEqual(self.request("GET", "/data/repo/" + oid).body, b"stored before")
             self.assertEqual(self.request("PUT", "/data/repo", b"fits").status, 201)
+
+
+class DurabilityOrderTest(WSGIClientMixin, unittest.TestCase):
+    """A 201 or a DELETE's 200 leaves only once the change is durable: the
+    object's data synced before its rename into place, its directory synced
+    after it, both before the response; a removal's directory synced before
+    the 200. The disk store's sync calls are recorded (and still made)."""
+
+    def setUp(self):
+        self.root = temporary_directory(self)
+        self.events = []
+        self.final_path = None
+        store = open_disk_store(self, self.root, sync_file=self.sync_file,
+                                sync_directory=self.sync_directory)
+        application = server.DataStorageServer(store)
+
+        def recorded(environ, start_response):
+            def start(status, headers, exc_info=None):
+                self.events.append(("response", status[:3]))
+                return start_response(status, headers, exc_info)
+            return application(environ, start)
+
+        self.app = recorded
+
+    def sync_file(self, fd):
+        self.events.append(("sync file", os.path.exists(self.final_path)))
+        os.fsync(fd)
+
+    def sync_directory(self, path):
+        self.events.append(("sync directory", os.path.relpath(path, self.root),
+                            os.path.exists(self.final_path)))
+        storage._fsync_dir(path)
+
+    def expect(self, data):
+        oid = sha256(data)
+        self.final_path = storage.object_path(self.root, "repo", oid)
+        self.events.clear()
+        return oid
+
+    def test_put_is_durable_before_201(self):
+        for number, (chunked, verified) in enumerate(((False, False), (True, False),
+                                                      (False, True), (True, True))):
+            with self.subTest(chunked=chunked, verified=verified):
+                data = b"durable %d" % number * (number + 1) * 70000   # several blocks when large
+                oid = self.expect(data)
+                path = "/data/repo/" + oid if verified else "/data/repo"
+                self.assertEqual(self.request("PUT", path, data, chunked=chunked).status, 201)
+                shard = os.path.join("repo", oid[:2])
+                synced_file = self.events.index(("sync file", False))      # before the rename
+                synced_shard = self.events.index(("sync directory", shard, True))   # after it
+                self.assertLess(synced_file, synced_shard)
+                self.assertEqual(self.events[-1], ("response", "201"))
+
+    def test_new_directories_are_synced_into_their_parents(self):
+        oid = self.expect(b"first object of a repository")
+        self.assertEqual(self.request("PUT", "/data/repo", b"first object of a repository").status,
+                         201)
+        synced = [event[1] for event in self.events if event[0] == "sync directory"]
+        self.assertEqual(synced, ["repo", ".", os.path.join("repo", oid[:2])])
+
+    def test_delete_is_durable_before_200(self):
+        oid = self.expect(b"to be removed")
+        self.assertEqual(self.request("PUT", "/data/repo", b"to be removed").status, 201)
+        self.events.clear()
+        self.assertEqual(self.request("DELETE", "/data/repo/" + oid).status, 200)
+        self.assertEqual(self.events, [("sync directory", os.path.join("repo", oid[:2]), False),
+                                       ("response", "200")])
 
 
 class OpenAPITest(WSGIClientMixin, unittest.TestCase):

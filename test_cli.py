@@ -214,5 +214,73 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(process.wait(timeout=10), 0)
 
 
+# Run before the server's own code: the platform has no fcntl, fork, SIGHUP,
+# signal masks, sendfile or poll, as on Windows.
+WITHOUT_POSIX = """
+import os, select, signal, sys
+sys.modules["fcntl"] = None
+for module, name in ((os, "fork"), (os, "sendfile"), (signal, "SIGHUP"),
+                     (signal, "pthread_sigmask"), (select, "poll")):
+    delattr(module, name)
+"""
+
+
+class PortableStartTest(unittest.TestCase):
+    """The in-memory service where POSIX-only modules and calls are missing."""
+
+    def run_without_posix(self, code, *args):
+        return subprocess.run([sys.executable, "-c", WITHOUT_POSIX + code, *args], cwd=HERE,
+                              capture_output=True, text=True, timeout=60)
+
+    def test_the_exercise_calls_work_in_process(self):
+        result = self.run_without_posix("""
+import io, json, wsgiref.util, wsgiref.validate
+import server
+app = wsgiref.validate.validator(server.DataStorageServer())
+def call(method, path, body=b""):
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update(REQUEST_METHOD=method, PATH_INFO=path, CONTENT_LENGTH=str(len(body)),
+                   QUERY_STRING="")
+    environ["wsgi.input"] = io.BytesIO(body)
+    answer = []
+    result = app(environ, lambda status, headers, exc_info=None: answer.append(status))
+    body = b"".join(result)
+    result.close()
+    return int(answer[0][:3]), body
+status, body = call("PUT", "/data/my-repo", b"something")
+oid = json.loads(body)["oid"]
+assert (status, json.loads(body)["size"]) == (201, 9)
+assert call("GET", "/data/my-repo/" + oid) == (200, b"something")
+assert call("GET", "/data/my-repo/missing")[0] == 404
+assert call("DELETE", "/data/my-repo/" + oid)[0] == 200
+assert call("DELETE", "/data/my-repo/missing")[0] == 404
+print("ok")
+""")
+        self.assertEqual((result.returncode, result.stdout), (0, "ok\n"), result.stderr)
+
+    def test_python_server_py_serves_the_memory_store(self):
+        server = ServerProcess(self, command=[
+            sys.executable, "-c", WITHOUT_POSIX + "import runpy; runpy.run_path('server.py', "
+                                                  "run_name='__main__')", "--port", "0"])
+        data = os.urandom(3 * 1024 * 1024)   # large enough to be sent as a file
+        oid = server.request("PUT", "/data/repo", data).json()["oid"]
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
+        self.assertEqual(server.request("DELETE", "/data/repo/" + oid).status, 200)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 404)
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(timeout=20), 0)
+
+    def test_options_the_platform_cannot_support_are_one_line_errors(self):
+        for args, message in ((["--data-dir", temporary_directory(self)], "--data-dir needs fcntl"),
+                              (["--workers", "2", "--data-dir", "x"], "--workers above 1 needs os.fork")):
+            with self.subTest(args=args):
+                result = self.run_without_posix(
+                    "import runpy; runpy.run_path('server.py', run_name='__main__')", *args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(message, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -207,6 +207,35 @@ class FramingTest(GatewayTestCase):
         response.begin()
         self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 8))
 
+    def test_refused_expect_gets_its_final_status_first(self):
+        sock = self.raw_socket()
+        sock.sendall(b"POST /data/repo HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        self.assertEqual(sock.makefile("rb").readline(), b"HTTP/1.1 405 Method Not Allowed\r\n")
+
+    def test_no_interim_100_for_http_1_0(self):
+        sock = self.raw_socket()
+        sock.sendall(b"PUT /data/repo HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+                     b"hello")
+        self.assertEqual(sock.makefile("rb").readline(), b"HTTP/1.1 201 Created\r\n")
+
+    def test_head_response_has_no_body_on_the_wire(self):
+        oid = self.put("repo", b"head body").encode()
+        sock = self.raw_socket()
+        sock.sendall(b"HEAD /data/repo/" + oid + b" HTTP/1.1\r\n\r\n"
+                     b"HEAD /data/repo/missing HTTP/1.1\r\nConnection: close\r\n\r\n")
+        received = b"".join(iter(lambda: sock.recv(65536), b""))
+        first, second = received.split(b"\r\n\r\n")[:2]
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK\r\n"), received)
+        self.assertIn(b"\r\nContent-Length: 9", first)
+        self.assertTrue(second.startswith(b"HTTP/1.1 404 Not Found\r\n"), received)   # no body between
+        self.assertTrue(received.endswith(b"\r\n\r\n"), received)
+
+    def test_two_authorization_fields_are_not_a_token(self):
+        self.start(auth_token="s3cret")
+        response = self.raw(b"GET /data/repo HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n"
+                            b"Authorization: Bearer other\r\n\r\n")
+        self.assertJSONError(response, 401)
+
     def test_expect_continue_refused_requests_get_final_status_instead(self):
         self.start(max_object_size=100)
         for request, status in ((b"PUT /data/repo HTTP/1.1\r\nContent-Length: 101\r\n", 413),

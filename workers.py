@@ -18,10 +18,12 @@ import gateway
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def block_stop_signals():
+def block_stop_signals(block=True):
     """Hold stop signals back until their handlers are set (see ``serve_until_signalled``):
-    a SIGTERM that arrives just after the start-up line must still stop the server cleanly."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    a SIGTERM that arrives just after the start-up line must still stop the server cleanly.
+    ``block=False`` lets them through again. (Windows has no signal masks: a no-op there.)"""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if block else signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def serve_until_signalled(server, shutdown_timeout):
@@ -34,7 +36,7 @@ def serve_until_signalled(server, shutdown_timeout):
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    block_stop_signals(False)
     server.serve_forever(gateway.POLL_INTERVAL)
     server.stop_accepting()
     left = server.drain(shutdown_timeout)
@@ -78,7 +80,7 @@ def run_workers(server, count, make_application, shutdown_timeout):
             finally:
                 os._exit(status)
         workers[pid] = time.monotonic()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        block_stop_signals(False)
 
     def stop(signum, frame):
         nonlocal stopping

@@ -1,0 +1,143 @@
+"""Mutation testing by hand: does the test suite catch the bugs users fear?
+
+    python tools/mutants.py            # every mutant; a few minutes
+    python tools/mutants.py -k fsync   # the mutants whose name contains "fsync"
+
+Each mutant is a realistic one-line bug: one exact snippet of one file,
+replaced. For each, the tree (the files git tracks) is copied to a temporary
+directory, the snippet replaced, and the README's test command run there,
+stopping at the first failure. A mutant is *killed* when the suite fails, and
+*survives* when it passes: a promise no test keeps. The unmutated copy must
+pass first. Standard library only; not part of CI (it takes minutes).
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TEST_COMMAND = [sys.executable, "-m", "unittest", "discover", "-f", "-p", "*test*.py"]
+TIMEOUT_SECONDS = 600
+
+MUTANTS = [   # (name, file, snippet, replacement)
+    ("no fsync of the object file", "storage.py",
+     "self._sync_file(file.fileno())", "pass"),
+    ("no fsync of the directory after the rename", "storage.py",
+     "            self._sync_directory(os.path.dirname(final_path))\n        return oid, size",
+     "            pass\n        return oid, size"),
+    ("copy instead of temp file + atomic rename", "storage.py",
+     "            os.replace(temporary_path, final_path)\n            self._objects += 1",
+     "            shutil.copyfile(temporary_path, final_path)\n            self._objects += 1"),
+    ("no digest check on a verified PUT", "storage.py",
+     "if expected_oid is not None and oid != expected_oid:", "if False:"),
+    ("range end past the object", "server.py",
+     "size - 1 if not last else min(int(last), size - 1)",
+     "size - 1 if not last else min(int(last), size)"),
+    ("If-None-Match: * ignored", "server.py",
+     'return "*" in tags or any(', "return any("),
+    ("trailers after the last chunk left unread", "http11.py",
+     "                self._read_trailers()\n", "                pass\n"),
+    ("eager 100 Continue", "gateway.py",
+     "self.continue_pending = self.head.expects_continue and not self.body.finished",
+     "self.continue_pending = self.head.expects_continue and not self.body.finished; "
+     "self._send_continue()"),
+    ("one namespace for all repositories", "storage.py",
+     "return os.path.join(root, repository, oid[:2], oid)", "return os.path.join(root, oid[:2], oid)"),
+    ("DELETE of a missing object succeeds", "storage.py",
+     "        except FileNotFoundError:\n            raise not_found(repository, oid) from None\n"
+     "        self._sync_directory",
+     "        except FileNotFoundError:\n            return\n        self._sync_directory"),
+    ("token compared as a prefix", "server.py",
+     "return scheme.lower() == \"bearer\" and hmac.compare_digest(\n"
+     "            token.strip(http11.WHITESPACE).encode(\"latin-1\"), self.auth_token)",
+     "return scheme.lower() == \"bearer\" and self.auth_token.startswith(\n"
+     "            token.strip(http11.WHITESPACE).encode(\"latin-1\"))"),
+    ("any bearer token accepted", "server.py",
+     "return scheme.lower() == \"bearer\" and hmac.compare_digest(",
+     "return scheme.lower() == \"bearer\" or hmac.compare_digest("),
+    ("'+5' accepted as a Content-Length", "http11.py",
+     "if len(values) != 1 or not all(item.isascii() and item.isdigit() for item in values):",
+     "if len(values) != 1:"),
+    ("size limit off by one", "server.py",
+     "if length is not None and length > self.max_object_size:",
+     "if length is not None and length >= self.max_object_size:"),
+    ("no size limit on chunked bodies", "server.py",
+     "if self.received > self._limit:", "if False:"),
+    ("unread body not drained", "gateway.py",
+     "while self.body.readinto(buffer):", "while False:"),
+    ("listing's next is one past the page", "server.py",
+     '"next": page[-1][0] if len(listed) > limit else None',
+     '"next": listed[-1][0] if len(listed) > limit else None'),
+    ("idle connections never reclaimed", "gateway.py",
+     "victim = next((s for s in self._idle if not _has_unread_bytes(s)), None)", "victim = None"),
+]
+
+
+def tracked_files():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    return [name for name in listed.stdout.decode().split("\0") if name]
+
+
+def copy_tree(destination):
+    for name in tracked_files():
+        target = os.path.join(destination, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), target)
+
+
+def mutate(tree, file, snippet, replacement):
+    path = os.path.join(tree, file)
+    with open(path) as source:
+        text = source.read()
+    if text.count(snippet) != 1:
+        raise SystemExit("mutant snippet found %d times in %s: %r"
+                         % (text.count(snippet), file, snippet[:60]))
+    with open(path, "w") as source:
+        source.write(text.replace(snippet, replacement))
+
+
+def suite_passes(tree):
+    """``(passed, seconds, last line of the failure)``."""
+    started = time.monotonic()
+    try:
+        result = subprocess.run(TEST_COMMAND, cwd=tree, capture_output=True, text=True,
+                                timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        return False, time.monotonic() - started, "timed out"
+    failure = [line for line in result.stderr.splitlines() if line.startswith(("FAIL:", "ERROR:"))]
+    return result.returncode == 0, time.monotonic() - started, (failure or [""])[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="only the mutants whose name contains this")
+    options = parser.parse_args()
+    chosen = [mutant for mutant in MUTANTS if options.k in mutant[0]]
+    with tempfile.TemporaryDirectory() as work:
+        baseline = os.path.join(work, "unmutated")
+        copy_tree(baseline)
+        passed, seconds, failure = suite_passes(baseline)
+        if not passed:
+            raise SystemExit("the unmutated tree fails its tests: %s" % failure)
+        print("unmutated tree passes (%.0f s); %d mutants" % (seconds, len(chosen)), flush=True)
+        survived = 0
+        for number, (name, file, snippet, replacement) in enumerate(chosen, 1):
+            tree = os.path.join(work, "mutant-%d" % number)
+            copy_tree(tree)
+            mutate(tree, file, snippet, replacement)
+            passed, seconds, failure = suite_passes(tree)
+            survived += passed
+            print("%-9s %-46s %4.0f s  %s" % ("SURVIVED" if passed else "killed", name, seconds,
+                                              "" if passed else failure[:90]), flush=True)
+            shutil.rmtree(tree)
+    print("%d killed, %d survived" % (len(chosen) - survived, survived))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
