@@ -50,6 +50,10 @@ class MalformedHeaderField(ProtocolError):
     """Includes obsolete line folding and whitespace before the colon (RFC 9112 §5)."""
 
 
+class MissingHost(ProtocolError):
+    """No Host field, or more than one, in an HTTP/1.1 request (RFC 9112 §3.2)."""
+
+
 class IncompleteHeaderSection(ProtocolError):
     """The connection ended inside the header section."""
 
@@ -77,6 +81,10 @@ class Headers:
 
     def __init__(self, fields):
         self._fields = fields
+
+    def values(self, name):
+        """Every value of the field ``name`` (in lowercase), in order."""
+        return self._fields.get(name, [])
 
     def get(self, name, default=None):
         """The value of the field ``name`` (in lowercase), repeated fields joined
@@ -150,18 +158,31 @@ def read_header_fields(rfile):
             return Headers(fields)
         if not raw:
             raise IncompleteHeaderSection("connection closed inside the header section")
-        name, colon, value = raw.decode("latin-1").rstrip("\r\n").partition(":")
-        value = value.strip(WHITESPACE)
-        if not colon or not FIELD_NAME.fullmatch(name) or "\r" in value or "\0" in value:
-            raise MalformedHeaderField("malformed header field %r" % raw[:100])
+        name, value = parse_field_line(raw, MalformedHeaderField)
         fields.setdefault(name.lower(), []).append(value)
     raise HeaderSectionTooLarge("more than %d header fields" % MAX_HEADER_FIELDS)
 
 
+def parse_field_line(raw, error_class):
+    """``(name, value)`` of one header or trailer line, in linear time: the name a
+    token right before the colon (no whitespace: RFC 9112 §5.1, which also rules
+    out obsolete line folding), the value without the spaces and tabs around it.
+    A CR anywhere but just before the final LF, and NUL, are refused (§2.2)."""
+    line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    name, colon, value = line.decode("latin-1").partition(":")
+    if not colon or not FIELD_NAME.fullmatch(name) or "\r" in value or "\0" in value:
+        raise error_class("malformed field line %r" % raw[:100])
+    return name, value.strip(WHITESPACE)
+
+
 def read_request_head(rfile, request_line):
-    """Parse ``request_line`` (already read) and the header section after it."""
+    """Parse ``request_line`` (already read) and the header section after it.
+    An HTTP/1.1 request needs exactly one Host field (RFC 9112 §3.2)."""
     method, target, minor = parse_request_line(request_line)
-    return RequestHead(method, target, minor, read_header_fields(rfile))
+    headers = read_header_fields(rfile)
+    if minor >= 1 and len(headers.values("host")) != 1:
+        raise MissingHost("an HTTP/1.1 request needs exactly one Host header field")
+    return RequestHead(method, target, minor, headers)
 
 
 # Request bodies ----------------------------------------------------------------
@@ -324,9 +345,12 @@ class ChunkedBody(RequestBody):
         return int(match.group(1), 16)
 
     def _read_trailers(self):
+        """Read the trailer section and drop it; each line must be a field line."""
         for _ in range(MAX_HEADER_FIELDS + 1):
-            if self._read_line() in (b"\r\n", b"\n"):
+            line = self._read_line()
+            if line in (b"\r\n", b"\n"):
                 return
+            parse_field_line(line, MalformedChunk)
         raise MalformedChunk("too many trailer fields")
 
 

@@ -15,7 +15,6 @@ import argparse
 import hmac
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -44,7 +43,6 @@ ROUTE_PATHS = {   # route name -> path template, as in openapi.json
     "object": "/data/{repository}/{oid}",
 }
 FIXED_ROUTES = {path: route for route, path in ROUTE_PATHS.items() if "{" not in path}
-SINGLE_RANGE = re.compile(r"bytes[ \t]*=[ \t]*(\d{0,19})[ \t]*-[ \t]*(\d{0,19})")
 JSON = ("Content-Type", "application/json")
 
 STORE_ERROR_STATUS = {
@@ -259,24 +257,35 @@ def parse_range(value, size):
     """Return ``(first, last)`` byte positions for a single-range Range value,
     or None to send the whole object (RFC 9110 §14.2: a server may ignore
     ranges it does not support, here several ranges or a malformed value).
-    Raise RangeNotSatisfiable if the range starts beyond the object."""
-    match = SINGLE_RANGE.fullmatch(value.strip(http11.WHITESPACE))
-    if not match:
+    The unit is case-insensitive; a last position past the end is clamped,
+    however many digits it has (§14.1.2). Raise RangeNotSatisfiable if the
+    range starts beyond the object. Linear in the value's length."""
+    unit, equals, spec = value.partition("=")
+    first, dash, last = spec.partition("-")
+    first, last = first.strip(http11.WHITESPACE), last.strip(http11.WHITESPACE)
+    if (not equals or not dash or unit.strip(http11.WHITESPACE).lower() != "bytes"
+            or not all(text == "" or (text.isascii() and text.isdigit()) for text in (first, last))):
         return None
-    first, last = match.groups()
     if not first:
         if not last:
             return None
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable()
         return max(0, size - suffix), size - 1
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    if last and _position(last) < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable()
-    return start, size - 1 if not last else min(int(last), size - 1)
+    return start, size - 1 if not last else min(_position(last), size - 1)
+
+
+def _position(digits):
+    """A byte position from its digits; any past 2**63 is past every object
+    (and ``int()`` refuses strings of thousands of digits)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else 1 << 64
 
 
 def etag_matches(if_none_match, etag):
@@ -284,6 +293,13 @@ def etag_matches(if_none_match, etag):
     tags = http11.split_list(if_none_match)
     return "*" in tags or any(tag[2:] == etag if tag.startswith("W/") else tag == etag
                               for tag in tags)
+
+
+def etag_matches_strongly(if_match, etag):
+    """Strong comparison of an If-Match value with the ETag of an existing
+    object (RFC 9110 §13.1.1): ``*``, or our ETag itself, never a weak one."""
+    tags = http11.split_list(if_match)
+    return "*" in tags or etag in tags
 
 
 class FileSlice:

@@ -8,6 +8,7 @@ runs against both stores; a backend's test case supplies ``make_store()``.
 import io
 import json
 import os
+import time
 import unittest
 import warnings
 import wsgiref.validate
@@ -228,6 +229,21 @@ class ApplicationContract(WSGIClientMixin):
             response = self.request("GET", "/data/repo/%s" % oid, file_wrapper=file_wrapper,
                                     headers={"Range": "bytes=1000-800999"})
             self.assertEqual((response.status, response.body), (206, data[1000:801000]))
+
+    def test_range_unit_is_case_insensitive_and_long_ends_are_clamped(self):
+        oid = self.put("repo", b"0123456789")
+        for value, body in (("BYTES=2-4", b"234"), ("bytes = 8 - " + "9" * 40, b"89"),
+                            ("bytes=0-" + "0" * 30 + "1", b"01"), ("bytes=-" + "9" * 5000, b"0123456789")):
+            response = self.request("GET", "/data/repo/" + oid, headers={"Range": value})
+            self.assertEqual((response.status, response.body), (206, body), value[:40])
+        response = self.request("GET", "/data/repo/" + oid, headers={"Range": "bytes=" + "9" * 5000 + "-"})
+        self.assertEqual(response.status, 416)
+
+    def test_range_parsing_is_linear(self):
+        worst = "bytes=" + " \t" * 4000 + "1" + " " * 4000 + "-" + " " * 4000 + "x"
+        started = time.process_time()
+        self.assertIsNone(server.parse_range(worst, 10))
+        self.assertLess(time.process_time() - started, 0.02)
 
     def test_unsatisfiable_range_is_416(self):
         oid = self.put("repo", b"short")

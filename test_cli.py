@@ -33,7 +33,7 @@ class DiskStoreProcessTest(unittest.TestCase):
         self.assertEqual(first.request("PUT", "/data/repo", b"acknowledged").status, 201)
         sock = socket.create_connection(("127.0.0.1", first.port), timeout=10)
         self.addCleanup(sock.close)
-        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
         wait_until(lambda: any(path.startswith("@tmp") and
                                os.path.getsize(os.path.join(self.root, path)) > 0
                                for path in files_under(self.root)))
@@ -122,8 +122,8 @@ class CommandLineTest(unittest.TestCase):
         self.addCleanup(idle.close)
         upload = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.addCleanup(upload.close)
-        upload.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nfirst")
-        self.assertIn(b"HTTP/1.1 404", self.exchange_on(idle, b"GET /data/repo/x HTTP/1.1\r\n\r\n"))
+        upload.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nfirst")
+        self.assertIn(b"HTTP/1.1 404", self.exchange_on(idle, b"GET /data/repo/x HTTP/1.1\r\nHost: x\r\n\r\n"))
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: not self.accepts(port))             # stopped accepting
         self.assertEqual(idle.recv(1), b"")                      # idle keep-alive closed

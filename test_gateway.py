@@ -61,23 +61,23 @@ class FramingTest(GatewayTestCase):
         self.assertEqual(response.status, 201)
 
     def test_unknown_method_is_405_on_a_known_route(self):
-        response = self.raw(b"QUERY /data/repo HTTP/1.1\r\n\r\n")
+        response = self.raw(b"QUERY /data/repo HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertJSONError(response, 405)
         self.assertEqual(response.headers["Allow"], "GET, HEAD, PUT")
-        self.assertJSONError(self.raw(b"BREW /nowhere HTTP/1.1\r\n\r\n"), 404)
+        self.assertJSONError(self.raw(b"BREW /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"), 404)
 
     def test_malformed_request_lines(self):
         for request, status in ((b"GARBAGE\r\n\r\n", 400),
                                 (b"GET /\r\n\r\n", 400),                      # HTTP/0.9
                                 (b"GET / HTTP/2.0\r\n\r\n", 505),
                                 (b"GET / HTTP/1\r\n\r\n", 400),
-                                (b"GET  /data/r HTTP/1.1\r\n\r\n", 400),
-                                (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414)):
+                                (b"GET  /data/r HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+                                (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414)):
             with self.subTest(request=request[:30]):
                 sock = self.raw_socket()
                 self.assertJSONError(self.raw(request, sock=sock), status)
                 self.assertClosed(sock)
-        self.assertJSONError(self.raw(b"GET /data/r/\xff HTTP/1.1\r\n\r\n"), 400)
+        self.assertJSONError(self.raw(b"GET /data/r/\xff HTTP/1.1\r\nHost: x\r\n\r\n"), 400)
 
     def test_malformed_header_sections(self):
         many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
@@ -88,7 +88,7 @@ class FramingTest(GatewayTestCase):
                                 (b"Host : x\r\n", 400),
                                 (b"NoColon\r\n", 400)):
             with self.subTest(headers=headers[:30]):
-                self.assertJSONError(self.raw(b"GET /data/r/x HTTP/1.1\r\n" + headers + b"\r\n"),
+                self.assertJSONError(self.raw(b"GET /data/r/x HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"),
                                      status)
 
     def test_keep_alive_serves_many_requests_on_one_connection(self):
@@ -101,9 +101,9 @@ class FramingTest(GatewayTestCase):
 
     def test_pipelined_requests(self):
         oid = sha256(b"pipe")
-        responses = self.raw(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 4\r\n\r\npipe"
-                             b"GET /data/repo/" + oid.encode() + b" HTTP/1.1\r\n\r\n"
-                             b"DELETE /data/repo/" + oid.encode() + b" HTTP/1.1\r\n\r\n",
+        responses = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\npipe"
+                             b"GET /data/repo/" + oid.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"DELETE /data/repo/" + oid.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
                              responses=3)
         self.assertEqual([r.status for r in responses], [201, 200, 200])
         self.assertEqual(responses[1].body, b"pipe")
@@ -117,7 +117,7 @@ class FramingTest(GatewayTestCase):
 
     def test_connection_close_is_honoured(self):
         sock = self.raw_socket()
-        self.assertEqual(self.raw(b"GET /data/r/x HTTP/1.1\r\nConnection: close\r\n\r\n",
+        self.assertEqual(self.raw(b"GET /data/r/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                                   sock=sock).status, 404)
         self.assertClosed(sock)
 
@@ -127,9 +127,9 @@ class FramingTest(GatewayTestCase):
                 b"000005\r\nworld\r\n"
                 b"0\r\nX-Trailer: yes\r\n\r\n")
         sock = self.raw_socket()
-        put, get = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+        put, get = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
                             + b"GET /data/repo/" + sha256(b"hello world").encode()
-                            + b" HTTP/1.1\r\n\r\n", responses=2, sock=sock)
+                            + b" HTTP/1.1\r\nHost: x\r\n\r\n", responses=2, sock=sock)
         self.assertEqual(put.json(), {"oid": sha256(b"hello world"), "size": 11})
         self.assertEqual(get.body, b"hello world")
 
@@ -149,7 +149,7 @@ class FramingTest(GatewayTestCase):
                      b"1" * 20 + b"\r\n"):
             with self.subTest(body=body):
                 sock = self.raw_socket()
-                response = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                response = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                     + body, sock=sock)
                 self.assertJSONError(response, 400)
                 self.assertClosed(sock)
@@ -167,31 +167,31 @@ class FramingTest(GatewayTestCase):
                         b"Transfer-Encoding: chunked, chunked\r\n"):
             with self.subTest(headers=headers):
                 sock = self.raw_socket()
-                self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\n" + headers + b"\r\nhello",
+                self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\nhello",
                                               sock=sock), 400)
                 self.assertClosed(sock)
         self.assertNotStored("repo", b"hello")
 
     def test_identical_repeated_content_length_is_accepted(self):
-        response = self.raw(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n"
+        response = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n"
                             b"\r\nhello")
         self.assertEqual(response.json()["size"], 5)
 
     def test_unsupported_transfer_coding_is_501(self):
-        self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\n"
+        self.assertJSONError(self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\n"
                                       b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"), 501)
 
     def test_unread_body_does_not_become_the_next_request(self):
-        smuggled = b"GET /data/repo/missing HTTP/1.1\r\n\r\n"
-        first, second = self.raw(b"GET /data/r/missing HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+        smuggled = b"GET /data/repo/missing HTTP/1.1\r\nHost: x\r\n\r\n"
+        first, second = self.raw(b"GET /data/r/missing HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
                                  % len(smuggled) + smuggled
-                                 + b"PUT /data/repo HTTP/1.1\r\nContent-Length: 4\r\n\r\nnext",
+                                 + b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nnext",
                                  responses=2)
         self.assertEqual((first.status, second.status), (404, 201))
 
     def test_large_unread_body_closes_the_connection(self):
         sock = self.raw_socket()
-        response = self.raw(b"POST /data/repo HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n"
+        response = self.raw(b"POST /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
                             + b"x" * 1000000, sock=sock)
         self.assertJSONError(response, 405)
         self.assertEqual(response.headers["Connection"], "close")
@@ -199,7 +199,7 @@ class FramingTest(GatewayTestCase):
 
     def test_expect_continue_on_acceptable_upload(self):
         sock = self.raw_socket()
-        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 8\r\nExpect: 100-continue\r\n\r\n")
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nExpect: 100-continue\r\n\r\n")
         reader = sock.makefile("rb")
         self.assertEqual(reader.readline(), b"HTTP/1.1 100 Continue\r\n")
         self.assertEqual(reader.readline(), b"\r\n")
@@ -217,8 +217,8 @@ class FramingTest(GatewayTestCase):
     def test_head_response_has_no_body_on_the_wire(self):
         oid = self.put("repo", b"head body").encode()
         sock = self.raw_socket()
-        sock.sendall(b"HEAD /data/repo/" + oid + b" HTTP/1.1\r\n\r\n"
-                     b"HEAD /data/repo/missing HTTP/1.1\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"HEAD /data/repo/" + oid + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"HEAD /data/repo/missing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         received = b"".join(iter(lambda: sock.recv(65536), b""))
         first, second = received.split(b"\r\n\r\n")[:2]
         self.assertTrue(first.startswith(b"HTTP/1.1 200 OK\r\n"), received)
@@ -228,17 +228,17 @@ class FramingTest(GatewayTestCase):
 
     def test_two_authorization_fields_are_not_a_token(self):
         self.start(auth_token="s3cret")
-        response = self.raw(b"GET /data/repo HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n"
+        response = self.raw(b"GET /data/repo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
                             b"Authorization: Bearer other\r\n\r\n")
         self.assertJSONError(response, 401)
 
     def test_expect_continue_refused_requests_get_final_status_instead(self):
         self.start(max_object_size=100)
-        for request, status in ((b"PUT /data/repo HTTP/1.1\r\nContent-Length: 101\r\n", 413),
-                                (b"POST /data/repo HTTP/1.1\r\nContent-Length: 5\r\n", 405),
-                                (b"PUT /data/repo/missing HTTP/1.1\r\nContent-Length: 5\r\n", 400),
-                                (b"PUT /data/a%2Fb HTTP/1.1\r\nContent-Length: 5\r\n", 400),
-                                (b"PUT /nowhere HTTP/1.1\r\nContent-Length: 5\r\n", 404)):
+        for request, status in ((b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n", 413),
+                                (b"POST /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n", 405),
+                                (b"PUT /data/repo/missing HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n", 400),
+                                (b"PUT /data/a%2Fb HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n", 400),
+                                (b"PUT /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n", 404)):
             with self.subTest(request=request):
                 sock = self.raw_socket()
                 sock.sendall(request + b"Expect: 100-continue\r\n\r\n")
@@ -254,8 +254,8 @@ class FramingTest(GatewayTestCase):
     def test_head_sends_headers_without_body(self):
         oid = self.put("repo", b"head body")
         sock = self.raw_socket()
-        head, get = self.raw(("HEAD /data/repo/%s HTTP/1.1\r\n\r\n"
-                              "GET /data/repo/%s HTTP/1.1\r\n\r\n" % (oid, oid)).encode(),
+        head, get = self.raw(("HEAD /data/repo/%s HTTP/1.1\r\nHost: x\r\n\r\n"
+                              "GET /data/repo/%s HTTP/1.1\r\nHost: x\r\n\r\n" % (oid, oid)).encode(),
                              responses=2, methods=["HEAD", "GET"], sock=sock)
         self.assertEqual((head.status, head.body, head.headers["Content-Length"]), (200, b"", "9"))
         self.assertEqual(head.headers["ETag"], '"%s"' % oid)
@@ -278,7 +278,7 @@ class FramingTest(GatewayTestCase):
         self.assertEqual(self.request("PUT", "/data/repo", b"x" * 10).status, 201)
         self.assertJSONError(self.request("PUT", "/data/repo", b"y" * 11), 413)
         self.assertNotStored("repo", b"y" * 11)
-        chunked = self.raw(b"PUT /data/repo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunked = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                            b"6\r\nzzzzzz\r\n6\r\nzzzzzz\r\n0\r\n\r\n")
         self.assertJSONError(chunked, 413)
         self.assertNotStored("repo", b"z" * 12)
@@ -345,7 +345,7 @@ class ConnectionTest(GatewayTestCase):
 
     def test_client_disconnecting_mid_upload_stores_nothing(self):
         sock = self.raw_socket()
-        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
         sock.close()
         wait_until(lambda: "abandoned" in self.running.log.getvalue())
         self.assertEqual(len(self.running.log.getvalue().splitlines()), 1)
@@ -358,7 +358,7 @@ class ConnectionTest(GatewayTestCase):
         self.start(request_timeout=0.3)
         for request in (b"",                                               # idle keep-alive
                         b"PUT /data/repo HTTP/1.1\r\nHost: x\r\n",         # mid-headers
-                        b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nhalf"):  # mid-body
+                        b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf"):  # mid-body
             with self.subTest(request=request):
                 sock = self.raw_socket()
                 sock.sendall(request)
@@ -402,10 +402,10 @@ class ConnectionTest(GatewayTestCase):
     def test_connections_beyond_the_limit_get_503_when_all_are_busy(self):
         limiter = self.start(max_connections=2).httpd.connections
         for _ in range(2):   # two uploads stalled mid-body keep both slots busy
-            self.raw_socket().sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 10\r\n\r\nab")
+            self.raw_socket().sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
         wait_until(lambda: limiter.counts() == (2, 0))
         sock = self.raw_socket()
-        response = self.raw(b"GET /data/repo/x HTTP/1.1\r\n\r\n", sock=sock)
+        response = self.raw(b"GET /data/repo/x HTTP/1.1\r\nHost: x\r\n\r\n", sock=sock)
         self.assertJSONError(response, 503)
         self.assertEqual(response.headers["Retry-After"], "1")
         self.assertClosed(sock)
@@ -415,7 +415,7 @@ class ConnectionTest(GatewayTestCase):
 
     def test_protocol_faults_are_logged_and_counted(self):
         self.assertJSONError(self.raw(b"GET / HTTP/2.0\r\n\r\n"), 505)
-        self.assertJSONError(self.raw(b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        self.assertJSONError(self.raw(b"PUT /data/r HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                       b"zz\r\n"), 400)
         wait_until(lambda: self.running.log.getvalue().count("\n") >= 2)
         lines = self.running.log.getvalue().splitlines()
@@ -446,19 +446,19 @@ class ConnectionTest(GatewayTestCase):
         self.start(request_timeout=2)
         for request in (os.urandom(2000),
                         b"\x00\x01\x02\r\n\r\n",
-                        b"GET /data/r/x HTTP/1.1\r\nX: " + b"a" * 100000 + b"\r\n\r\n",
-                        b"GET /data/r/x HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n",
-                        b"GET /data/../../etc/passwd HTTP/1.1\r\n\r\n",
-                        b"GET /data/%2E%2E/" + sha256(b"").encode() + b" HTTP/1.1\r\n\r\n",
-                        b"GET /data/r\xc3\x28/x HTTP/1.1\r\n\r\n",
-                        b"PUT /data/r HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-                        b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"GET /data/r/x HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 100000 + b"\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 500 + b"\r\n",
+                        b"GET /data/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /data/%2E%2E/" + sha256(b"").encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /data/r\xc3\x28/x HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"PUT /data/r HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                        b"PUT /data/r HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                         b"FFFFFFFFFFFFFFFF\r\n",
-                        b"PUT /data/r HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"PUT /data/r HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                         + b"F" * 1000 + b"\r\n",
-                        b"PUT /data/r HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
-                        b"GET http://[::1/data/r/x HTTP/1.1\r\n\r\n",
-                        b"GET /data/r/x HTTP/1.1\r\nRange: bytes=" + b"9" * 5000 + b"-\r\n\r\n"):
+                        b"PUT /data/r HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+                        b"GET http://[::1/data/r/x HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /data/r/x HTTP/1.1\r\nHost: x\r\nRange: bytes=" + b"9" * 5000 + b"-\r\n\r\n"):
             with self.subTest(request=request[:40]):
                 statuses = self.exchange(request)
                 self.assertTrue(all(400 <= status < 500 for status in statuses), statuses)
@@ -484,12 +484,12 @@ class ConnectionTest(GatewayTestCase):
         self.start(request_timeout=1, max_object_size=1 << 20)
         oid = sha256(b"seed").encode()
         seeds = [b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nseed",
-                 b"PUT /data/repo/" + oid + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"PUT /data/repo/" + oid + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"2;x=y\r\nse\r\n2\r\ned\r\n0\r\nT: 1\r\n\r\n",
-                 b"GET /data/repo/" + oid + b" HTTP/1.1\r\nRange: bytes=1-2\r\n"
+                 b"GET /data/repo/" + oid + b" HTTP/1.1\r\nHost: x\r\nRange: bytes=1-2\r\n"
                  b"If-None-Match: W/\"x\", *\r\n\r\n",
                  b"HEAD /data/repo/" + oid + b"?q=1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
-                 b"DELETE /data/repo/" + oid + b" HTTP/1.1\r\nExpect: 100-continue\r\n"
+                 b"DELETE /data/repo/" + oid + b" HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
                  b"Content-Length: 0\r\n\r\n"]
         generator = random.Random(20261126)
         pieces = [b"\r\n", b"\n", b" ", b":", b";", b"%", b"%ff", b"/", b"..", b"\x00", b"\xff",
@@ -565,7 +565,7 @@ class ConnectionTest(GatewayTestCase):
     def test_log_level_filters_the_service_log(self):
         self.start(log_level="error", log_format="json")
         sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort")
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort")
         sock.close()   # an abandoned upload: a warning, below the level
         wait_until(lambda: "datastore_http_requests_abandoned_total 1\n"
                    in self.app.metrics.render(0, 0))   # handled, and not logged:
@@ -588,7 +588,7 @@ class WSGIConformanceTest(GatewayTestCase):
 
         self.serve(application)
         sock = self.raw_socket()
-        response = self.raw(b"GET / HTTP/1.1\r\n\r\n", sock=sock)
+        response = self.raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", sock=sock)
         self.assertEqual((response.status, response.body), (200, b"streamed blocks"))
         self.assertEqual(response.headers["Connection"], "close")
         self.assertClosed(sock)
@@ -603,7 +603,7 @@ class WSGIConformanceTest(GatewayTestCase):
 
         self.serve(application)
         sock = self.raw_socket()
-        first, second = self.raw(b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n", responses=2,
+        first, second = self.raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", responses=2,
                                  sock=sock)
         self.assertEqual((first.body, second.body), (b"written and", b"written and"))
         self.assertIsNone(first.headers["Transfer-Encoding"])
@@ -642,12 +642,12 @@ class WSGIConformanceTest(GatewayTestCase):
 
         self.serve(application)
         sock = self.raw_socket()
-        response = self.raw(b"GET /early HTTP/1.1\r\n\r\n", sock=sock)
+        response = self.raw(b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n", sock=sock)
         self.assertJSONError(response, 500)
         self.assertNotIn(b"early bug", response.body)
         self.assertClosed(sock)
         sock = self.raw_socket()
-        sock.sendall(b"GET /late HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
         received = b"".join(iter(lambda: sock.recv(65536), b""))   # cut off: no second response
         self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received)
         self.assertTrue(received.endswith(b"\r\n\r\nhalf"), received)

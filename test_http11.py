@@ -17,7 +17,7 @@ def parse_head(data):
 
 def read_body(data, head_fields=b""):
     """Frame and read the body after a PUT head with ``head_fields``; ``(body, what follows)``."""
-    head, stream = parse_head(b"PUT /data/r HTTP/1.1\r\n" + head_fields + b"\r\n" + data)
+    head, stream = parse_head(b"PUT /data/r HTTP/1.1\r\nHost: x\r\n" + head_fields + b"\r\n" + data)
     body = http11.frame_body(head, stream, lambda: None)
     return body.read(), stream.read()
 
@@ -29,7 +29,7 @@ class RequestHeadTest(unittest.TestCase):
                                                                      "HTTP/1.0")),
                               (b"BREW /x HTTP/1.9\r\n", ("BREW", "/x", "HTTP/1.9"))):
             with self.subTest(raw=raw):
-                head, _ = parse_head(raw + b"\r\n")
+                head, _ = parse_head(raw + b"Host: x\r\n\r\n")
                 self.assertEqual((head.method, head.target, head.version), expected)
 
     def test_malformed_request_lines(self):
@@ -69,24 +69,60 @@ class RequestHeadTest(unittest.TestCase):
                               (b"X: a\rb\r\n", http11.MalformedHeaderField)):
             with self.subTest(fields=fields[:30]):
                 with self.assertRaises(error):
-                    parse_head(b"GET / HTTP/1.1\r\n" + fields + b"\r\n")
+                    parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
         with self.assertRaises(http11.IncompleteHeaderSection):
             parse_head(b"GET / HTTP/1.1\r\nHost: x\r\n")
 
+    def test_line_ends_and_bare_cr(self):
+        head, _ = parse_head(b"GET / HTTP/1.1\nHost: x\nX: a\n\n")   # bare LF ends lines
+        self.assertEqual(head.headers.get("x"), "a")
+        for raw in (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: x\r\nX\r: a\r\n\r\n"):
+            with self.subTest(raw=raw):
+                with self.assertRaises(http11.MalformedHeaderField):
+                    parse_head(raw)
+        with self.assertRaises(http11.MalformedRequestLine):
+            parse_head(b"GET / HTTP/1.1\r\r\nHost: x\r\n\r\n")
+
+    def test_host(self):
+        for fields, error in ((b"", True), (b"Host: a\r\nHost: a\r\n", True),
+                              (b"Host: a\r\n", False), (b"Host:\r\n", False)):
+            with self.subTest(fields=fields):
+                raw = b"GET / HTTP/1.1\r\n" + fields + b"\r\n"
+                if error:
+                    with self.assertRaises(http11.MissingHost) as caught:
+                        parse_head(raw)
+                    self.assertEqual(caught.exception.status, 400)
+                else:
+                    parse_head(raw)
+        parse_head(b"GET / HTTP/1.0\r\n\r\n")   # optional before 1.1
+
+    def test_only_space_and_tab_are_whitespace(self):
+        for fields, error in ((b"Transfer-Encoding: \x0bchunked\r\n", http11.InvalidFraming),
+                              (b"Transfer-Encoding: chunked\x85\r\n", http11.InvalidFraming),
+                              (b"Content-Length: \xa03\r\n", http11.InvalidFraming),
+                              (b"Content-Length: \x0c3\r\n", http11.InvalidFraming),
+                              (b"Content-Length: 3\x1c\r\n", http11.InvalidFraming)):
+            with self.subTest(fields=fields):
+                with self.assertRaises(error):
+                    read_body(b"abc0\r\n\r\n", fields)
+        self.assertEqual(read_body(b"abc", b"Content-Length: \t 3 \t\r\n"), (b"abc", b""))
+
     def test_header_parsing_is_linear(self):
         spaces = b"X:" + b" " * 8000 + b"a" + b" " * 180 + b"\r\n"
-        head = b"GET / HTTP/1.1\r\n" + spaces * 7 + b"\r\n"
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" + spaces * 7 + b"\r\n"
         started = time.process_time()
         parse_head(head)
         self.assertLess(time.process_time() - started, 0.05)
 
     def test_keep_alive_and_expect(self):
         for raw, keep_alive, expects_continue in (
-                (b"GET / HTTP/1.1\r\n", True, False),
-                (b"GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n", False, False),
+                (b"GET / HTTP/1.1\r\nHost: x\r\n", True, False),
+                (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\n", False, False),
                 (b"GET / HTTP/1.0\r\n", False, False),
                 (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n", False, False),
-                (b"PUT / HTTP/1.1\r\nExpect: 100-Continue\r\n", True, True),
+                (b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\n", True, True),
                 (b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\n", False, False)):   # never to 1.0
             with self.subTest(raw=raw):
                 head, _ = parse_head(raw + b"\r\n")
@@ -97,7 +133,7 @@ class RequestHeadTest(unittest.TestCase):
 class BodyFramingTest(unittest.TestCase):
     def test_bodies(self):
         for fields, data, body, rest in (
-                (b"", b"GET / HTTP/1.1\r\n", b"", b"GET / HTTP/1.1\r\n"),
+                (b"", b"GET / HTTP/1.1\r\nHost: x\r\n", b"", b"GET / HTTP/1.1\r\nHost: x\r\n"),
                 (b"Content-Length: 5\r\n", b"helloNEXT", b"hello", b"NEXT"),
                 (b"Content-Length: 005\r\n", b"hello", b"hello", b""),
                 (b"Content-Length: 5\r\nContent-Length: 5\r\n", b"hello", b"hello", b""),
@@ -132,7 +168,7 @@ class BodyFramingTest(unittest.TestCase):
             http11.frame_body(head, stream, lambda: None)
 
     def test_huge_content_length_is_not_converted(self):
-        head, stream = parse_head(b"PUT / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n")
+        head, stream = parse_head(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n")
         self.assertEqual(http11.frame_body(head, stream, lambda: None).length,
                          http11.LARGEST_LENGTH)
 
@@ -144,6 +180,8 @@ class BodyFramingTest(unittest.TestCase):
                             (b"1" * 20 + b"\r\n", http11.MalformedChunk),
                             (b"F" * 9000 + b"\r\n", http11.MalformedChunk),
                             (b"0\r\n" + b"T: 1\r\n" * 101 + b"\r\n", http11.MalformedChunk),
+                            (b"0\r\nnot a field\r\n\r\n", http11.MalformedChunk),
+                            (b"0\r\nT : 1\r\n\r\n", http11.MalformedChunk),
                             (b"5\r\nhel", http11.ClientDisconnected),
                             (b"5\r\nhello\r\n", http11.ClientDisconnected)):
             with self.subTest(data=data[:30]):
@@ -155,7 +193,7 @@ class BodyFramingTest(unittest.TestCase):
             read_body(b"half", b"Content-Length: 10\r\n")
 
     def test_first_read_announces_itself_once(self):
-        head, stream = parse_head(b"PUT / HTTP/1.1\r\nContent-Length: 6\r\n\r\nabcdef")
+        head, stream = parse_head(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabcdef")
         reads = []
         body = http11.frame_body(head, stream, lambda: reads.append("continue"))
         self.assertEqual(reads, [])   # framing alone sends no 100 Continue
@@ -164,7 +202,7 @@ class BodyFramingTest(unittest.TestCase):
         self.assertEqual((reads, body.finished), (["continue"], True))
 
     def test_body_is_a_readable_stream(self):
-        head, stream = parse_head(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        head, stream = parse_head(b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                   b"6\r\nline1\n\r\n6\r\nline2\n\r\n0\r\n\r\n")
         body = http11.frame_body(head, stream, lambda: None)
         self.assertEqual(list(body), [b"line1\n", b"line2\n"])   # readline and iteration (PEP 3333)
