@@ -194,6 +194,7 @@ class Exchange:
         self.raw_request_line = request_line
         self.request_line = request_line.decode("latin-1").rstrip("\r\n")
         self.started = time.monotonic()
+        self.method = self.target = None   # from the request line, once it parsed
         self.head = None
         self.body = http11.NO_BODY
         self.keep_alive = False
@@ -219,7 +220,9 @@ class Exchange:
 
     def _serve(self):
         try:
-            self.head = http11.read_request_head(self.connection.rfile, self.raw_request_line)
+            self.method, self.target, minor = http11.parse_request_line(self.raw_request_line)
+            self.head = http11.read_header_section(self.connection.rfile, self.method,
+                                                   self.target, minor)
             self.keep_alive = self.head.keep_alive
             self.body = http11.frame_body(self.head, self.connection.rfile, self._send_continue)
             self.continue_pending = self.head.expects_continue and not self.body.finished
@@ -294,16 +297,17 @@ class Exchange:
         self._send_bytes(data)
 
     def _send_result(self, result):
-        """Send the response the application returned (PEP 3333: the head no
-        sooner than the first non-empty body block)."""
-        if self.head.method == "HEAD" or self.response[0][:3] in ("204", "304"):
+        """Send the response the application returned. PEP 3333: the head goes
+        no sooner than the first non-empty block, and an application may call
+        start_response as late as that (a generator does)."""
+        started = self.response is not None
+        if started and self._bodyless():
             self._send_head()
-            return
-        if isinstance(result, FileWrapper) and self.length is not None:
+        elif started and isinstance(result, FileWrapper) and self.length is not None:
             self._send_head()
             self.sent += self.connection.connection.sendfile(
                 result.filelike, result.filelike.tell(), self.length)
-        elif (self.status is None and isinstance(result, (list, tuple))
+        elif (started and self.status is None and isinstance(result, (list, tuple))
               and sum(map(len, result)) <= INLINE_BODY_BYTES):
             body = b"".join(result)
             if self.length is None:
@@ -315,10 +319,17 @@ class Exchange:
                     self._send_head()
                     self._send_bytes(block)
             self._send_head()
-        if self.length is not None and self.sent < self.length:
+        if not self._bodyless() and self.length is not None and self.sent < self.length:
             raise ConnectionError("response body ended before its Content-Length")
 
+    def _bodyless(self):
+        """True for a response that has no body whatever its headers say (RFC 9110 §6.4.1)."""
+        code = self.response[0][:3]
+        return self.method == "HEAD" or code in ("204", "304") or code[0] == "1"
+
     def _send_bytes(self, data):
+        if self._bodyless():
+            return
         if self.length is not None:
             data = data[:max(0, self.length - self.sent)]   # never more than announced
         self.connection.wfile.write(data)
@@ -339,12 +350,17 @@ class Exchange:
             return
         body = json_error(message)
         self.response, self.length = (http11.status_line(status), JSON_ERROR_HEADERS), len(body)
-        self._send_head(body if self.head is None or self.head.method != "HEAD" else b"")
+        self._send_head(body)
 
     def _send_head(self, body=b""):
-        """Send the response head (once), with ``body`` in the same send."""
+        """Send the response head (once), with ``body`` in the same send (none
+        where the response can have none)."""
         if self.status is not None:
             return
+        if self.response is None:
+            raise RuntimeError("the application sent a body before calling start_response")
+        if self._bodyless():
+            body = b""
         status_line, headers = self.response
         if self.length is None or self.server.connections.draining or (
                 not self.body.finished and (self.continue_pending or not self._can_drain_body())):
@@ -393,13 +409,13 @@ class Exchange:
     def _account(self):
         """The access-log line and, unless the application counted it, the metrics."""
         seconds = time.monotonic() - self.started
-        method = self.head.method if self.head else None
         if self.server.metrics is not None and not self.counted_by_application:
-            self.server.metrics.count(method, self.status, seconds, self.body.received, self.sent)
+            self.server.metrics.count(self.method, self.status, seconds, self.body.received,
+                                      self.sent)
         if self.status is not None:
-            self.server.log.access(self.connection.client_address[0], method,
-                                   self.head.target if self.head else None, self.request_line,
-                                   self.status, self.body.received, self.sent, seconds)
+            self.server.log.access(self.connection.client_address[0], self.method, self.target,
+                                   self.request_line, self.status, self.body.received, self.sent,
+                                   seconds)
 
 
 def _origin_form(target):

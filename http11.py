@@ -152,7 +152,9 @@ def read_header_fields(rfile):
     for _ in range(MAX_HEADER_FIELDS + 1):
         raw = rfile.readline(MAX_LINE_BYTES + 1)
         total += len(raw)
-        if len(raw) > MAX_LINE_BYTES or total > MAX_HEADER_BYTES:
+        if len(raw) > MAX_LINE_BYTES:
+            raise HeaderSectionTooLarge("header line longer than %d bytes" % MAX_LINE_BYTES)
+        if total > MAX_HEADER_BYTES:
             raise HeaderSectionTooLarge("header section larger than %d bytes" % MAX_HEADER_BYTES)
         if raw in (b"\r\n", b"\n"):
             return Headers(fields)
@@ -176,9 +178,13 @@ def parse_field_line(raw, error_class):
 
 
 def read_request_head(rfile, request_line):
-    """Parse ``request_line`` (already read) and the header section after it.
+    """Parse ``request_line`` (already read) and the header section after it."""
+    return read_header_section(rfile, *parse_request_line(request_line))
+
+
+def read_header_section(rfile, method, target, minor):
+    """The RequestHead of a parsed request line, reading its header section.
     An HTTP/1.1 request needs exactly one Host field (RFC 9112 §3.2)."""
-    method, target, minor = parse_request_line(request_line)
     headers = read_header_fields(rfile)
     if minor >= 1 and len(headers.values("host")) != 1:
         raise MissingHost("an HTTP/1.1 request needs exactly one Host header field")
@@ -286,6 +292,8 @@ class FixedLengthBody(RequestBody):
         self.finished = length == 0
 
     def readinto(self, buffer):
+        if not len(buffer):
+            return 0
         self._start()
         if not self.remaining:
             return 0
@@ -317,6 +325,8 @@ class ChunkedBody(RequestBody):
         self._chunk_left = 0
 
     def readinto(self, buffer):
+        if not len(buffer):
+            return 0
         self._start()
         if self.finished:
             return 0

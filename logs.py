@@ -12,6 +12,12 @@ gateway calls a few times a second: one write per request would cost each
 request a system call, and with it a hand-over of the GIL between the
 connection threads (measured: about a fifth of the small-request rate).
 A service-log line is written at once, after the access lines before it.
+Request threads only append under a short lock (``_pending_lock``); writes
+are serialized by another (``_write_lock``), so a stream that blocks (a slow
+log reader) holds up requests only once MAX_PENDING_LINES are waiting. A
+stream that fails (a closed pipe) loses lines but never stops the server.
+Neither lock is re-entrant: signal handlers must not log (they run on the
+main thread, which may be in the middle of a flush).
 """
 
 import datetime
@@ -38,8 +44,9 @@ class Log:
         self.json = log_format == "json"
         self.threshold = LEVELS[level]
         self._date = (0, "")
-        self._pending = []   # access lines not yet written
-        self._lock = threading.Lock()
+        self._pending = []   # lines not yet written
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()
 
     def log(self, level, message):
         """A line of the service log, if ``level`` passes the threshold."""
@@ -52,8 +59,9 @@ class Log:
         else:
             line = "%s %s %s" % (now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
                                  level.upper(), message)
-        with self._lock:
-            self._pending.append(line)
+        with self._write_lock:
+            with self._pending_lock:
+                self._pending.append(line)
             self._write_pending()
 
     def access(self, remote, method, path, request_line, status, received, sent, seconds):
@@ -70,21 +78,27 @@ class Log:
         else:
             line = '%s - - [%s] "%s" %d %d' % (remote, self._access_date(),
                                                  printable(request_line), status, sent)
-        with self._lock:
+        with self._pending_lock:
             self._pending.append(line)
-            if len(self._pending) >= MAX_PENDING_LINES:
-                self._write_pending()
+            due = len(self._pending) >= MAX_PENDING_LINES
+        if due:
+            self.flush()
 
     def flush(self):
-        """Write the access lines gathered so far."""
-        with self._lock:
-            if self._pending:
-                self._write_pending()
+        """Write the lines gathered so far."""
+        with self._write_lock:
+            self._write_pending()
 
     def _write_pending(self):
-        """One write for every pending line (lock held)."""
-        lines, self._pending = self._pending, []
-        self.stream.write("\n".join(lines) + "\n")
+        """One write for every pending line (``_write_lock`` held)."""
+        with self._pending_lock:
+            lines, self._pending = self._pending, []
+        if lines:
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):   # a closed pipe or stream: nobody reads these lines
+                pass
 
     def _access_date(self):
         """The current time as the access log writes it, formatted at most once a second."""

@@ -98,7 +98,9 @@ class BodySource:
     body), then at most ``limit`` + 1 bytes before refusing with 413. Uses the
     input's ``readinto`` when it has one (no copy), else ``read(n)``. An
     exception from the input itself (a malformed chunk, a client that left)
-    marks the body ``failed``: that request is the server's to answer.
+    marks the body ``failed``: that request is the server's to answer. A body
+    sent with Transfer-Encoding to a server that neither decodes it nor says
+    where it ends (wsgiref.simple_server) is refused with 411, not taken as empty.
     """
 
     def __init__(self, environ, limit):
@@ -107,6 +109,10 @@ class BodySource:
         self.length = content_length(environ)
         if environ.get("wsgi.input_terminated") and not self.length:
             self._remaining = None   # read to the end of the input
+        elif self.length is None and "HTTP_TRANSFER_ENCODING" in environ:
+            # The server passes a body it has not decoded, and says not where it ends.
+            raise HTTPError(411, "this server cannot read a body without Content-Length; "
+                                 "send Content-Length")
         else:
             self._remaining = self.length or 0
         self._limit = limit

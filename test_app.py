@@ -89,6 +89,13 @@ class ApplicationContract(WSGIClientMixin):
         self.assertEqual(response.json(), {"oid": sha256(data), "size": len(data)})
         self.assertEqual(self.request("GET", "/data/repo/" + sha256(data)).body, data)
 
+    def test_chunked_body_the_server_did_not_decode_is_411(self):
+        environ = self.environ("PUT", "/data/repo", b"5\r\nhello\r\n0\r\n\r\n")
+        del environ["CONTENT_LENGTH"]   # as wsgiref.simple_server passes a chunked body
+        environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+        self.assertJSONError(self.call(environ), 411)
+        self.assertEqual(self.app.store.usage(), (0, 0))
+
     def test_content_length_bounds_the_body_read(self):
         environ = self.environ("PUT", "/data/repo", b"exactly")
         environ["wsgi.input"] = io.BytesIO(b"exactly and more after it")

@@ -20,6 +20,7 @@ import time
 import unittest
 
 import gateway
+import logs
 import server
 from fixtures import (Response, RunningServer, HTTPClientMixin, SharedFile, closed_by_server, metric_samples,
                       run_concurrently, sha256, wait_until)
@@ -413,6 +414,16 @@ class ConnectionTest(GatewayTestCase):
         self.assertIn('datastore_http_requests_total{method="other",status="503"} 1',
                       self.app.metrics.render(0, 0))
 
+    def test_a_malformed_header_section_is_logged_with_its_request_line(self):
+        self.start(log_format="json")
+        self.assertJSONError(self.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX : 1\r\n\r\n"), 400)
+        wait_until(lambda: self.running.log.getvalue())
+        record = json.loads(self.running.log.getvalue())
+        self.assertEqual((record["method"], record["path"], record["status"]),
+                         ("GET", "/healthz", 400))
+        self.assertIn('datastore_http_requests_total{method="GET",status="400"} 1',
+                      self.app.metrics.render(0, 0))
+
     def test_protocol_faults_are_logged_and_counted(self):
         self.assertJSONError(self.raw(b"GET / HTTP/2.0\r\n\r\n"), 505)
         self.assertJSONError(self.raw(b"PUT /data/r HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -633,6 +644,34 @@ class WSGIConformanceTest(GatewayTestCase):
         self.assertEqual(seen["body"], b"body")
         self.assertEqual((seen["SERVER_PROTOCOL"], seen["wsgi.url_scheme"]), ("HTTP/1.1", "http"))
 
+    def test_start_response_in_the_first_iteration(self):
+        def application(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+            yield b"hello"
+
+        self.serve(application)
+        get, head, again = self.raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", responses=3,
+                                    methods=["GET", "HEAD", "GET"])
+        self.assertEqual([(r.status, r.body) for r in (get, head, again)],
+                         [(200, b"hello"), (200, b""), (200, b"hello")])
+
+    def test_no_body_on_head_even_from_write(self):
+        def application(environ, start_response):
+            write = start_response("200 OK", [("Content-Type", "text/plain"),
+                                              ("Content-Length", "5")])
+            write(b"hello")
+            return []
+
+        self.serve(application)
+        sock = self.raw_socket()
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\nHost: x\r\n"
+                     b"Connection: close\r\n\r\n")
+        received = b"".join(iter(lambda: sock.recv(65536), b""))
+        self.assertEqual(received.count(b"HTTP/1.1 200 OK\r\n"), 2)
+        self.assertNotIn(b"hello", received)
+
     def test_application_errors_are_json_500_and_the_connection_closes(self):
         def application(environ, start_response):
             if environ["PATH_INFO"] == "/late":
@@ -658,6 +697,50 @@ class WSGIConformanceTest(GatewayTestCase):
     def failing_blocks():
         yield b"half"
         raise RuntimeError("late bug")
+
+
+class LogStreamTest(unittest.TestCase):
+    """The logs never stop or stall the server for a stream that fails or blocks."""
+
+    def test_a_failing_log_stream_does_not_stop_the_server(self):
+        attempts = []
+
+        class ClosedPipe(io.StringIO):
+            def write(self, text):
+                attempts.append(text)
+                raise BrokenPipeError("the log reader went away")
+
+        running = RunningServer(server.DataStorageServer())
+        running.httpd.log.stream = ClosedPipe()
+        self.addCleanup(running.stop)
+        for count in range(2):   # each on a new connection: the server still accepts
+            connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=10)
+            self.addCleanup(connection.close)
+            connection.request("GET", "/healthz")
+            self.assertEqual(connection.getresponse().read(), b'{"status": "ok"}')
+            wait_until(lambda: len(attempts) > count)   # its line was written, and failed
+
+    def test_a_blocked_log_stream_holds_no_request_thread(self):
+        release, writing = threading.Event(), threading.Event()
+
+        class SlowReader(io.StringIO):
+            def write(self, text):
+                writing.set()
+                release.wait(10)
+                return super().write(text)
+
+        log = logs.Log(SlowReader())
+        log.access("127.0.0.1", "GET", "/", "GET / HTTP/1.1", 200, 0, 0, 0.001)
+        flusher = threading.Thread(target=log.flush)
+        flusher.start()
+        self.assertTrue(writing.wait(10))
+        started = time.monotonic()
+        log.access("127.0.0.1", "GET", "/", "GET / HTTP/1.1", 200, 0, 0, 0.001)   # not blocked
+        self.assertLess(time.monotonic() - started, 1)
+        release.set()
+        flusher.join()
+        log.flush()
+        self.assertEqual(log.stream.getvalue().count("GET / HTTP/1.1"), 2)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,15 @@ class BodyFramingTest(unittest.TestCase):
         self.assertEqual((body.readinto(buffer), body.read(), body.received), (4, b"ef", 6))
         self.assertEqual((reads, body.finished), (["continue"], True))
 
+    def test_reading_nothing_reads_nothing(self):
+        for fields, data in ((b"Content-Length: 3\r\n", b"abc"),
+                             (b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n")):
+            with self.subTest(fields=fields):
+                head, stream = parse_head(b"PUT / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n" + data)
+                body = http11.frame_body(head, stream, lambda: None)
+                self.assertEqual((body.read(0), body.readinto(bytearray())), (b"", 0))
+                self.assertEqual(body.read(), b"abc")
+
     def test_body_is_a_readable_stream(self):
         head, stream = parse_head(b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                                   b"6\r\nline1\n\r\n6\r\nline2\n\r\n0\r\n\r\n")

@@ -30,9 +30,13 @@ def serve_until_signalled(server, shutdown_timeout):
     """Serve until SIGTERM or SIGINT; then stop accepting, close idle
     connections and give in-flight requests ``shutdown_timeout`` seconds."""
     def stop(signum, frame):
+        # Not on this thread: shutdown() waits for serve_forever() to return,
+        # and the log's locks may be held by this very thread (see logs.py).
+        threading.Thread(target=stop_serving, args=(signum,), daemon=True).start()
+
+    def stop_serving(signum):
         server.log.log("info", "signal %d: draining and stopping" % signum)
-        # shutdown() waits for serve_forever() to return, so not on this thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        server.shutdown()
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, stop)
