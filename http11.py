@@ -54,6 +54,11 @@ class MissingHost(ProtocolError):
     """No Host field, or more than one, in an HTTP/1.1 request (RFC 9112 §3.2)."""
 
 
+class UnsupportedExpectation(ProtocolError):
+    """An Expect other than 100-continue (RFC 9110 §10.1.1)."""
+    status = 417
+
+
 class IncompleteHeaderSection(ProtocolError):
     """The connection ended inside the header section."""
 
@@ -188,7 +193,12 @@ def read_header_section(rfile, method, target, minor):
     headers = read_header_fields(rfile)
     if minor >= 1 and len(headers.values("host")) != 1:
         raise MissingHost("an HTTP/1.1 request needs exactly one Host header field")
-    return RequestHead(method, target, minor, headers)
+    head = RequestHead(method, target, minor, headers)
+    expect = headers.get("expect")
+    if minor >= 1 and expect is not None and not head.expects_continue:
+        raise UnsupportedExpectation("the only expectation supported is 100-continue, not %r"
+                                     % expect[:100])
+    return head
 
 
 # Request bodies ----------------------------------------------------------------

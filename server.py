@@ -12,6 +12,7 @@ Run ``python server.py --help`` for the command line.
 """
 
 import argparse
+import hashlib
 import hmac
 import json
 import os
@@ -44,6 +45,9 @@ ROUTE_PATHS = {   # route name -> path template, as in openapi.json
 }
 FIXED_ROUTES = {path: route for route, path in ROUTE_PATHS.items() if "{" not in path}
 JSON = ("Content-Type", "application/json")
+NO_STORE = ("Cache-Control", "no-store")   # errors, listings, health, metrics: they change
+OBJECT_LIFETIME = "max-age=31536000, immutable"   # an oid's bytes never change
+OPENAPI_LIFETIME = "max-age=300"
 
 STORE_ERROR_STATUS = {
     storage.InvalidRepository: 400,
@@ -80,12 +84,12 @@ class Response:
 
     @classmethod
     def json(cls, status, document, headers=()):
-        return cls(status, [JSON, *headers], json.dumps(document).encode())
+        """A JSON document that no cache keeps."""
+        return cls(status, [JSON, NO_STORE, *headers], json.dumps(document).encode())
 
-
-def json_error(message):
-    """The body of every error response."""
-    return json.dumps({"error": message}).encode()
+    @classmethod
+    def error(cls, status, message, headers=()):
+        return cls.json(status, {"error": message}, headers)
 
 
 # Requests -------------------------------------------------------------------------
@@ -382,9 +386,13 @@ class DataStorageServer:
         self.store = store if store is not None else open_store(data_dir, max_total_size)
         self.max_object_size = max_object_size
         self.auth_token = os.fsencode(auth_token) if auth_token else None
+        # Shared caches may keep an object only when anyone may read it.
+        self.object_caching = ("Cache-Control", "%s, %s" % (
+            "private" if self.auth_token else "public", OBJECT_LIFETIME))
         self.metrics = metrics.Metrics()
         with open(OPENAPI_PATH, "rb") as document:
             self.openapi_document = document.read()
+        self.openapi_etag = '"%s"' % hashlib.sha256(self.openapi_document).hexdigest()
 
     def __call__(self, environ, start_response):
         """Answer one request; it is counted in the metrics as its response is handed over."""
@@ -415,16 +423,15 @@ class DataStorageServer:
             request = Request(environ, self.max_object_size)
             return self._route(request), request
         except HTTPError as error:
-            response = Response(error.status, [JSON, *error.headers], json_error(str(error)))
+            response = Response.error(error.status, str(error), error.headers)
         except storage.StoreError as error:
-            status = STORE_ERROR_STATUS.get(type(error), 500)
-            response = Response(status, [JSON], json_error(str(error)))
+            response = Response.error(STORE_ERROR_STATUS.get(type(error), 500), str(error))
         except Exception:
             if request is not None and request.body.failed:
                 raise
             environ["wsgi.errors"].write("unexpected error in %s %s:\n%s" % (
                 environ["REQUEST_METHOD"], request_target(environ)[:200], traceback.format_exc()))
-            response = Response(500, [JSON], json_error("internal server error"))
+            response = Response.error(500, "internal server error")
         return response, request
 
     @staticmethod
@@ -468,20 +475,24 @@ class DataStorageServer:
     # Route handlers -------------------------------------------------------
 
     def put_object(self, request, repository, oid=None):
-        """Store the body; with an oid in the path, only if the body hashes to it."""
+        """Store the body; with an oid in the path, only if the body hashes to it
+        (and, with If-Match, only if the object is stored already)."""
         length = request.body.length
         if length is not None and length > self.max_object_size:
             raise HTTPError(413, "object of %d bytes exceeds the %d-byte limit"
                             % (length, self.max_object_size))
+        if oid is not None and request.header("If-Match") is not None:
+            self._check_if_match(request, repository, oid)
         oid, size = self.store.put(repository, request.body, expected_oid=oid)
         return Response.json(201, {"oid": oid, "size": size},
                              [("Location", "/data/%s/%s" % (repository, oid))])
 
     def get_object(self, request, repository, oid):
-        """The object (GET) or its headers (HEAD), honouring If-None-Match
-        (RFC 9110 §13.1.2) and a single byte Range (RFC 9110 §14)."""
+        """The object (GET) or its headers (HEAD), honouring If-Match,
+        If-None-Match (RFC 9110 §13.1) and a single byte Range (RFC 9110 §14)."""
         stored = self.store.open(repository, oid)
         try:
+            self._check_if_match(request, repository, oid, stored)
             return self._object_response(request, stored, '"%s"' % oid.lower())
         except BaseException:
             stored.close()
@@ -491,7 +502,7 @@ class DataStorageServer:
         """The response for an open object: its bytes when small (and the
         object closed), else a FileSlice that closes it when done."""
         size = stored.size
-        headers = [("ETag", etag), ("Accept-Ranges", "bytes")]
+        headers = [("ETag", etag), ("Accept-Ranges", "bytes"), self.object_caching]
         if_none_match = request.header("If-None-Match")
         if if_none_match is not None and etag_matches(if_none_match, etag):
             stored.close()
@@ -523,9 +534,29 @@ class DataStorageServer:
         return Response(status, headers, body)
 
     def delete_object(self, request, repository, oid):
-        """Remove the object; 404 if the repository does not hold it."""
+        """Remove the object; 404 if the repository does not hold it, 412 if
+        If-Match names another."""
+        if request.header("If-Match") is not None:
+            self._check_if_match(request, repository, oid)
         self.store.delete(repository, oid)
         return Response.json(200, {"deleted": oid.lower()})
+
+    def _check_if_match(self, request, repository, oid, stored=None):
+        """412 unless If-Match, when given, matches the stored object (RFC 9110
+        §13.1.1); ``stored`` is the object if already open. The ETag of an
+        object is its oid, so this asks whether that very object is stored."""
+        if_match = request.header("If-Match")
+        if if_match is None:
+            return
+        if stored is None:
+            try:
+                self.store.open(repository, oid).close()
+            except storage.ObjectNotFound:
+                if request.method == "PUT":
+                    raise HTTPError(412, "If-Match given, and the object is not stored") from None
+                raise
+        if not etag_matches_strongly(if_match, '"%s"' % oid.lower()):
+            raise HTTPError(412, "If-Match does not match the object's ETag")
 
     def list_objects(self, request, repository):
         """A page of the repository's objects, sorted by oid: ``?limit=N&after=OID``."""
@@ -545,11 +576,16 @@ class DataStorageServer:
     def get_metrics(self, request):
         """Prometheus text exposition of the request metrics and the store's usage."""
         text = self.metrics.render(*self.store.usage())
-        return Response(200, [("Content-Type", metrics.CONTENT_TYPE)], text.encode())
+        return Response(200, [("Content-Type", metrics.CONTENT_TYPE), NO_STORE], text.encode())
 
     def get_openapi(self, request):
-        """The OpenAPI 3.1 description of this API, served as stored."""
-        return Response(200, [JSON], self.openapi_document)
+        """The OpenAPI 3.1 description of this API, served as stored, with an
+        ETag for revalidation."""
+        headers = [("ETag", self.openapi_etag), ("Cache-Control", OPENAPI_LIFETIME)]
+        if_none_match = request.header("If-None-Match")
+        if if_none_match is not None and etag_matches(if_none_match, self.openapi_etag):
+            return Response(304, headers, length=len(self.openapi_document))
+        return Response(200, [JSON, *headers], self.openapi_document)
 
 
 def open_store(data_dir=None, max_total_size=None):

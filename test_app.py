@@ -217,6 +217,50 @@ class ApplicationContract(WSGIClientMixin):
         response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": '"other"'})
         self.assertEqual((response.status, response.body), (200, b"cached"))
 
+    def test_if_match(self):
+        oid = self.put("repo", b"matched")
+        path = "/data/repo/" + oid
+        etag = '"%s"' % oid
+        for value in (etag, "*", '"other", ' + etag):
+            for method in ("GET", "HEAD"):
+                self.assertEqual(self.request(method, path, headers={"If-Match": value}).status,
+                                 200, (method, value))
+        for value in ('"other"', "W/" + etag):   # strong comparison: never a weak tag
+            self.assertJSONError(self.request("GET", path, headers={"If-Match": value}), 412)
+            self.assertJSONError(self.request("DELETE", path, headers={"If-Match": value}), 412)
+            self.assertJSONError(self.request("PUT", path, b"matched", headers={"If-Match": value}),
+                                 412)
+        self.assertEqual(self.request("PUT", path, b"matched", headers={"If-Match": "*"}).status, 201)
+        missing = sha256(b"missing")
+        self.assertJSONError(self.request("PUT", "/data/repo/" + missing, b"missing",
+                                          headers={"If-Match": "*"}), 412)
+        self.assertNotStored("repo", b"missing")
+        self.assertJSONError(self.request("GET", "/data/repo/" + missing,
+                                          headers={"If-Match": "*"}), 404)
+        self.assertEqual(self.request("DELETE", path, headers={"If-Match": etag}).status, 200)
+        self.assertJSONError(self.request("DELETE", path, headers={"If-Match": etag}), 404)
+
+    def test_cache_control(self):
+        oid = self.put("repo", b"cached for a year")
+        for method, headers in (("GET", {}), ("HEAD", {}), ("GET", {"Range": "bytes=0-1"}),
+                                ("GET", {"If-None-Match": '"%s"' % oid})):
+            response = self.request(method, "/data/repo/" + oid, headers=headers)
+            self.assertEqual(response.headers["Cache-Control"],
+                             "public, max-age=31536000, immutable", (method, headers))
+        for path in ("/data/repo/" + sha256(b"later"), "/data/repo", "/healthz", "/metrics",
+                     "/data/a%2Fb", "/nowhere"):
+            self.assertEqual(self.request("GET", path).headers["Cache-Control"], "no-store", path)
+        self.restart(auth_token="t")
+        oid = self.put_with_token("repo", b"cached privately")
+        response = self.request("GET", "/data/repo/" + oid, headers={"Authorization": "Bearer t"})
+        self.assertEqual(response.headers["Cache-Control"], "private, max-age=31536000, immutable")
+
+    def put_with_token(self, repository, data):
+        response = self.request("PUT", "/data/" + repository, data,
+                                headers={"Authorization": "Bearer t"})
+        self.assertEqual(response.status, 201)
+        return response.json()["oid"]
+
     def test_single_ranges(self):
         oid = self.put("repo", b"0123456789")
         path = "/data/repo/%s" % oid
@@ -578,6 +622,11 @@ class OpenAPITest(WSGIClientMixin, unittest.TestCase):
         self.assertEqual(response.headers["Content-Type"], "application/json")
         with open(os.path.join(HERE, "openapi.json"), "rb") as document:
             self.assertEqual(response.body, document.read())
+        self.assertEqual(response.headers["Cache-Control"], "max-age=300")
+        etag = response.headers["ETag"]
+        self.assertEqual(etag, '"%s"' % sha256(response.body))
+        again = self.request("GET", "/openapi.json", headers={"If-None-Match": etag})
+        self.assertEqual((again.status, again.body, again.headers["ETag"]), (304, b"", etag))
 
     def test_openapi_routes_match_the_server(self):
         documented = {(path, method.upper()) for path, item in self.paths.items() for method in item
@@ -591,8 +640,8 @@ class OpenAPITest(WSGIClientMixin, unittest.TestCase):
         self.assertEqual(server.parse_target("/data/r/o")[0], "object")
 
     def test_openapi_responses_are_concrete(self):
-        bodyless = {("head", status) for status in ("200", "304", "400", "401", "404", "414", "431",
-                                                    "500", "501", "503", "505")}
+        bodyless = {("head", status) for status in ("200", "304", "400", "401", "404", "412", "414",
+                                                    "417", "431", "500", "501", "503", "505")}
         bodyless |= {("get", "304")}
         for path, item in self.paths.items():
             for method, operation in item.items():

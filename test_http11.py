@@ -116,6 +116,14 @@ class RequestHeadTest(unittest.TestCase):
         parse_head(head)
         self.assertLess(time.process_time() - started, 0.05)
 
+    def test_unknown_expectation_is_417(self):
+        for expect in (b"100-continue, x", b"200-ok", b""):
+            with self.subTest(expect=expect):
+                with self.assertRaises(http11.UnsupportedExpectation) as caught:
+                    parse_head(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: " + expect + b"\r\n\r\n")
+                self.assertEqual(caught.exception.status, 417)
+        parse_head(b"PUT / HTTP/1.0\r\nExpect: 200-ok\r\n\r\n")   # 1.0 ignores Expect
+
     def test_keep_alive_and_expect(self):
         for raw, keep_alive, expects_continue in (
                 (b"GET / HTTP/1.1\r\nHost: x\r\n", True, False),
