@@ -69,10 +69,12 @@ def open_disk_store(test, root, **options):
 
 
 @contextlib.contextmanager
-def small_filesystem(test, size="1m"):
-    """A tmpfs of ``size`` for real ENOSPC; skips the test where mounting is not allowed."""
+def small_filesystem(test, size="1m", inodes=None):
+    """A tmpfs of ``size`` (and at most ``inodes`` files and directories) for
+    real ENOSPC; skips the test where mounting is not allowed."""
     mount_point = temporary_directory(test)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", mount_point],
+    options = "size=" + size + (",nr_inodes=%d" % inodes if inodes else "")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", mount_point],
                             capture_output=True)
     if result.returncode != 0:
         test.skipTest("cannot mount a tmpfs here: %s" % result.stderr.decode().strip())

@@ -305,8 +305,7 @@ class Exchange:
             self._send_head()
         elif started and isinstance(result, FileWrapper) and self.length is not None:
             self._send_head()
-            self.sent += self.connection.connection.sendfile(
-                result.filelike, result.filelike.tell(), self.length)
+            self._send_file(result.filelike)
         elif (started and self.status is None and isinstance(result, (list, tuple))
               and sum(map(len, result)) <= INLINE_BODY_BYTES):
             body = b"".join(result)
@@ -321,6 +320,16 @@ class Exchange:
             self._send_head()
         if not self._bodyless() and self.length is not None and self.sent < self.length:
             raise ConnectionError("response body ended before its Content-Length")
+
+    def _send_file(self, file):
+        """Send ``self.length`` bytes of ``file`` from its position with sendfile,
+        counting what went out even when the client stalls or leaves midway
+        (socket.sendfile leaves the file positioned after the bytes it sent)."""
+        start = file.tell()
+        try:
+            self.connection.connection.sendfile(file, start, self.length)
+        finally:
+            self.sent += file.tell() - start
 
     def _bodyless(self):
         """True for a response that has no body whatever its headers say (RFC 9110 §6.4.1)."""

@@ -11,12 +11,17 @@ turned into a JSON response in one place, ``DataStorageServer._respond``.
 Run ``python server.py --help`` for the command line.
 """
 
-import argparse
+import sys
+
+if sys.version_info < (3, 9):   # before anything that an older Python cannot even parse
+    sys.exit("data storage service: needs Python 3.9 or newer, not %d.%d"
+             % tuple(sys.version_info[:2]))
+
+import argparse   # noqa: E402 (after the version check, on purpose)
 import hashlib
 import hmac
 import json
 import os
-import sys
 import time
 import traceback
 import urllib.parse
@@ -385,7 +390,9 @@ class DataStorageServer:
             raise ValueError("data_dir and max_total_size open a store: pass them or a store")
         self.store = store if store is not None else open_store(data_dir, max_total_size)
         self.max_object_size = max_object_size
-        self.auth_token = os.fsencode(auth_token) if auth_token else None
+        if auth_token is not None and not valid_token(auth_token):
+            raise ValueError("auth_token must be printable ASCII without spaces, not empty")
+        self.auth_token = auth_token.encode() if auth_token is not None else None
         # Shared caches may keep an object only when anyone may read it.
         self.object_caching = ("Cache-Control", "%s, %s" % (
             "private" if self.auth_token else "public", OBJECT_LIFETIME))
@@ -429,7 +436,7 @@ class DataStorageServer:
         except Exception:
             if request is not None and request.body.failed:
                 raise
-            environ["wsgi.errors"].write("unexpected error in %s %s:\n%s" % (
+            environ["wsgi.errors"].write("unexpected error in %s %r:\n%s" % (
                 environ["REQUEST_METHOD"], request_target(environ)[:200], traceback.format_exc()))
             response = Response.error(500, "internal server error")
         return response, request
@@ -588,6 +595,12 @@ class DataStorageServer:
         return Response(200, [JSON, *headers], self.openapi_document)
 
 
+def valid_token(token):
+    """True for a token a client can send after ``Bearer `` as it is: printable
+    ASCII without spaces (RFC 6750 §2.1 asks for less still)."""
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token
+
+
 def open_store(data_dir=None, max_total_size=None):
     """The disk store in ``data_dir``, or a new in-memory store without one."""
     if data_dir is not None:
@@ -673,6 +686,9 @@ def parse_args(argv=None):
                         help="serve from N processes sharing the listening socket; needs "
                              "--data-dir, since processes cannot share memory (default: 1)")
     args = parser.parse_args(argv)
+    if args.auth_token is not None and not valid_token(args.auth_token):
+        parser.error("the token (--auth-token or DATA_STORAGE_TOKEN) must be printable ASCII "
+                     "without spaces, and not empty (an empty one would turn authentication off)")
     if args.workers > 1 and not args.data_dir:
         parser.error("--workers above 1 needs --data-dir: worker processes cannot share "
                      "the in-memory store")
@@ -705,7 +721,8 @@ def main(argv=None):
         ", bearer token required" if args.auth_token else ""), flush=True)
     log.log("info", "settings: max object size %d, quota %s, request timeout %ss, "
             "max connections %d, shutdown timeout %ss, workers %d" % (
-                args.max_object_size, args.max_total_size or "none", args.request_timeout,
+                args.max_object_size, "none" if args.max_total_size is None else args.max_total_size,
+                args.request_timeout,
                 args.max_connections, args.shutdown_timeout, args.workers))
     if args.workers > 1:
         workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)

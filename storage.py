@@ -389,7 +389,7 @@ class DiskStore:
         try:
             while True:
                 block = writer.next_free_buffer()
-                count = source.readinto(block)
+                count = _fill(source, block)   # whole blocks: tiny chunks cost no write each
                 if not count:
                     break
                 chunk = memoryview(block)[:count]
@@ -401,12 +401,25 @@ class DiskStore:
         return digest.hexdigest(), size
 
     def _make_parent_dirs(self, path):
-        """Create the object's directories, fsyncing each new entry's parent."""
+        """Create the object's directories, fsyncing each new entry's parent. A
+        repository directory made here is removed again if its shard directory
+        cannot be made (a full disk), so a failed upload leaves no empty repository."""
         shard_dir = os.path.dirname(path)
         if os.path.isdir(shard_dir):
             return
         repository_dir = os.path.dirname(shard_dir)
-        os.makedirs(shard_dir, exist_ok=True)
+        try:
+            os.mkdir(repository_dir)
+        except FileExistsError:
+            made_repository = False
+        else:
+            made_repository = True
+        try:
+            os.makedirs(shard_dir, exist_ok=True)
+        except OSError:
+            if made_repository:
+                _remove_directory_quietly(repository_dir)
+            raise
         self._sync_directory(repository_dir)
         self._sync_directory(self.root)
 
@@ -632,6 +645,13 @@ def _hash_file(path):
         for count in iter(lambda: file.readinto(block), 0):
             digest.update(view[:count])
     return digest.hexdigest()
+
+
+def _remove_directory_quietly(path):
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _remove_quietly(path):

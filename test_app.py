@@ -483,6 +483,11 @@ class ApplicationContract(WSGIClientMixin):
                                     headers={"Authorization": scheme + " s3cret"})
             self.assertEqual(response.status, 201, scheme)
 
+    def test_tokens_no_client_could_send_are_refused(self):
+        for token in ("", " s3cret", "s3 cret", "caf\u00e9", "line\nbreak"):
+            with self.assertRaises(ValueError):
+                server.DataStorageServer(self.make_store(), auth_token=token)
+
     def test_health_needs_no_token_but_the_rest_does(self):
         self.restart(auth_token="t0ken")
         self.assertEqual(self.request("GET", "/healthz").status, 200)

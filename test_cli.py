@@ -156,6 +156,30 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(connection.getresponse().status, status)
             connection.close()
 
+    def test_tokens_no_client_could_send_are_refused_at_start(self):
+        for args, env in (([], {"DATA_STORAGE_TOKEN": ""}), (["--auth-token", ""], {}),
+                          (["--auth-token", " s3cret "], {}), (["--auth-token", "s3 cret"], {}),
+                          (["--auth-token", "caf\u00e9"], {}), (["--auth-token", "a\tb"], {})):
+            with self.subTest(args=args, env=env):
+                result = subprocess.run([sys.executable, SERVER_SCRIPT, *args], capture_output=True,
+                                        text=True, env=dict(os.environ, **env), timeout=30)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("the token (--auth-token or DATA_STORAGE_TOKEN) must be",
+                              result.stderr.splitlines()[-1])
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_settings_line_says_a_zero_quota_is_zero(self):
+        process, _ = self.start("--port", "0", "--max-total-size", "0")
+        self.assertIn("quota 0,", read_line(process.stderr).decode())
+
+    def test_an_older_python_gets_one_clear_line(self):
+        result = subprocess.run(
+            [sys.executable, "-c", "import runpy, sys; sys.version_info = (3, 8, 18, 'final', 0); "
+                                   "runpy.run_path(sys.argv[1], run_name='__main__')", SERVER_SCRIPT],
+            capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stderr),
+                         (1, "data storage service: needs Python 3.9 or newer, not 3.8\n"))
+
     def test_workers_share_the_socket_and_the_disk_store(self):
         process, port = self.start("--port", "0", "--workers", "2",
                                    "--data-dir", temporary_directory(self))

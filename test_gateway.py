@@ -385,6 +385,30 @@ class ConnectionTest(GatewayTestCase):
                              count)
             self.assertEqual(samples["datastore_http_in_flight_requests"], 1)   # this request
 
+    def test_a_download_cut_off_logs_the_bytes_it_sent(self):
+        self.start(request_timeout=0.3, log_format="json")
+        data = os.urandom(32 * 1024 * 1024)   # more than the socket buffers hold
+        oid = self.put("repo", data)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        self.addCleanup(sock.close)
+        sock.connect(("127.0.0.1", self.running.port))
+        sock.sendall(b"GET /data/repo/%s HTTP/1.1\r\nHost: x\r\n\r\n" % oid.encode())
+        # Read nothing: the server's send stalls, and the timeout cuts it off.
+        wait_until(lambda: '"status": 200' in self.running.log.getvalue())
+        record = [json.loads(line) for line in self.running.log.getvalue().splitlines()
+                  if '"status": 200' in line][0]
+        self.assertGreater(record["response_bytes"], 0)
+        self.assertLess(record["response_bytes"], len(data))
+
+    def test_control_characters_from_clients_are_escaped_in_the_service_log(self):
+        sock = self.raw_socket()
+        sock.sendall(b"PUT /data/r?\x1b[2J HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        sock.close()   # abandoned: a warning quoting the request line
+        wait_until(lambda: "abandoned" in self.running.log.getvalue())
+        self.assertNotIn("\x1b", self.running.log.getvalue())
+        self.assertIn("\\x1b[2J", self.running.log.getvalue())
+
     def test_one_access_log_line_per_request(self):
         connection = self.connect()   # one connection, one thread: lines come in request order
         self.request("PUT", "/data/repo", b"logged", connection=connection)

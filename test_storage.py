@@ -331,6 +331,42 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
             finally:
                 store.close()
 
+    def test_no_empty_repository_is_left_when_its_directory_cannot_be_made(self):
+        with small_filesystem(self, inodes=64) as mount_point:
+            store = storage.DiskStore(mount_point)
+            self.addCleanup(store.close)
+            filler = os.path.join(mount_point, "filler")
+            os.mkdir(filler)
+            count = 0
+            try:
+                while True:   # take every inode left
+                    open(os.path.join(filler, str(count)), "w").close()
+                    count += 1
+            except OSError:
+                pass
+            for name in ("0", "1"):   # room for the temporary file and one directory
+                os.unlink(os.path.join(filler, name))
+            with self.assertRaises(storage.InsufficientStorage):
+                store.put("new-repo", io.BytesIO(b"no room for its shard directory"))
+            self.assertFalse(os.path.exists(os.path.join(mount_point, "new-repo")))
+
+    def test_tiny_reads_are_written_in_whole_blocks(self):
+        if not os.path.exists("/proc/self/io"):
+            self.skipTest("no /proc/self/io to count write system calls")
+
+        class Trickle(io.BytesIO):   # as a body of tiny chunks arrives
+            def readinto(self, buffer):
+                return super().readinto(memoryview(buffer)[:64])
+
+        def writes():
+            with open("/proc/self/io") as counters:
+                return int(dict(line.split(": ") for line in counters.read().splitlines())["syscw"])
+
+        data = os.urandom(3 * storage.DiskStore.BLOCK_BYTES + 5)
+        before = writes()
+        self.assertEqual(self.store.put("repo", Trickle(data))[1], len(data))
+        self.assertLess(writes() - before, 100)   # not one per 64-byte read (49,000)
+
     def test_verify_quarantines_corrupt_objects(self):
         good, _ = self.put("repo", b"good")
         bad, _ = self.put("repo", b"bad")
