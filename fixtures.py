@@ -69,11 +69,13 @@ def open_disk_store(test, root, **options):
 
 
 @contextlib.contextmanager
-def small_filesystem(test, size="1m", inodes=None):
+def small_filesystem(test, size="1m", inodes=None, read_only=False):
     """A tmpfs of ``size`` (and at most ``inodes`` files and directories) for
-    real ENOSPC; skips the test where mounting is not allowed."""
+    real ENOSPC, or EROFS if ``read_only``; skips the test where mounting is
+    not allowed."""
     mount_point = temporary_directory(test)
-    options = "size=" + size + (",nr_inodes=%d" % inodes if inodes else "")
+    options = "size=" + size + (",nr_inodes=%d" % inodes if inodes else "") + (
+        ",ro" if read_only else "")
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", mount_point],
                             capture_output=True)
     if result.returncode != 0:

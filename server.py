@@ -701,6 +701,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Run the service; the exit status: 0, 1 if requests were cut off at
+    shutdown (or workers kept dying), 2 if it could not start."""
     args = parse_args(argv)
     workers.block_stop_signals()
 
@@ -708,11 +710,19 @@ def main(argv=None):
         return DataStorageServer(data_dir=args.data_dir, max_object_size=args.max_object_size,
                                  max_total_size=args.max_total_size, auth_token=args.auth_token)
 
+    try:   # everything is checked before the port is announced
+        application = make_application()
+    except (OSError, storage.StoreError) as error:
+        return cannot_start("cannot use --data-dir %s: %s" % (args.data_dir, error))
     log = logs.Log(log_format=args.log_format, level=args.log_level)
-    server = gateway.GatewayServer((args.host, args.port), None,
-                                   request_timeout=args.request_timeout,
-                                   max_connections=args.max_connections, log=log,
-                                   multiprocess=args.workers > 1)
+    try:
+        server = gateway.GatewayServer((args.host, args.port), None,
+                                       request_timeout=args.request_timeout,
+                                       max_connections=args.max_connections, log=log,
+                                       multiprocess=args.workers > 1)
+    except OSError as error:   # the port is taken, the host does not resolve, ...
+        application.close()
+        return cannot_start("cannot listen on %s port %d: %s" % (args.host, args.port, error))
     host, port = server.server_address[:2]
     print("data storage service listening on http://%s:%d (%s%s%s)" % (
         "[%s]" % host if ":" in host else host, port,
@@ -725,10 +735,15 @@ def main(argv=None):
                 args.request_timeout,
                 args.max_connections, args.shutdown_timeout, args.workers))
     if args.workers > 1:
-        workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)
-    else:
-        workers.serve_application(server, make_application, args.shutdown_timeout)
-    return 0
+        application.close()   # it proved the store opens; each worker opens its own
+        return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)
+    return workers.serve_application(server, application, args.shutdown_timeout)
+
+
+def cannot_start(message):
+    """One line on stderr and the exit status for a start-up that cannot succeed."""
+    print("data storage service: %s" % message, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -286,6 +286,10 @@ class DiskStore:
         self._max_total_size = max_total_size
         self._lock = threading.Lock()
         temporary_root = os.path.join(self.root, self.TEMPORARY_DIR)
+        try:
+            os.mkdir(self.root)   # not makedirs: a mistyped path must not create a tree
+        except FileExistsError:
+            pass
         os.makedirs(temporary_root, exist_ok=True)
         # Start-ups take turns (a lock on @tmp itself), so that no process's
         # clean-up can remove another's directory before it is locked.

@@ -14,7 +14,8 @@ import sys
 import unittest
 
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, child_pids, files_under, read_line,
-                      run_concurrently, running, sha256, temporary_directory, wait_until)
+                      run_concurrently, running, sha256, small_filesystem, temporary_directory,
+                      wait_until)
 
 
 class DiskStoreProcessTest(unittest.TestCase):
@@ -116,24 +117,73 @@ class CommandLineTest(unittest.TestCase):
             process.send_signal(signum)
             self.assertEqual(process.wait(timeout=10), 0)
 
-    def test_sigterm_lets_an_upload_in_progress_finish(self):
-        process, port = self.start("--port", "0")
-        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.addCleanup(idle.close)
+    def start_upload(self, port, sent=b"first"):
+        """A connection with an upload of 10 bytes under way (``sent`` so far)."""
         upload = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.addCleanup(upload.close)
-        upload.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nfirst")
-        self.assertIn(b"HTTP/1.1 404", self.exchange_on(idle, b"GET /data/repo/x HTTP/1.1\r\nHost: x\r\n\r\n"))
+        upload.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + sent)
+        return upload
+
+    def test_stop_signals_let_an_upload_in_progress_finish(self):
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            with self.subTest(signal=signum):
+                process, port = self.start("--port", "0")
+                idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+                self.addCleanup(idle.close)
+                upload = self.start_upload(port)
+                self.assertIn(b"HTTP/1.1 404", self.exchange_on(
+                    idle, b"GET /data/repo/x HTTP/1.1\r\nHost: x\r\n\r\n"))
+                process.send_signal(signum)
+                wait_until(lambda: not self.accepts(port))             # stopped accepting
+                self.assertEqual(idle.recv(1), b"")                      # idle keep-alive closed
+                upload.sendall(b"half")
+                upload.sendall(b"!")
+                response = http.client.HTTPResponse(upload, method="PUT")
+                response.begin()
+                self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 10))
+                self.assertEqual(response.headers["Connection"], "close")
+                self.assertEqual(process.wait(timeout=10), 0)
+
+    def test_a_second_signal_stops_at_once(self):
+        process, port = self.start("--port", "0")
+        self.start_upload(port)
         process.send_signal(signal.SIGTERM)
-        wait_until(lambda: not self.accepts(port))             # stopped accepting
-        self.assertEqual(idle.recv(1), b"")                      # idle keep-alive closed
-        upload.sendall(b"half")
-        upload.sendall(b"!")
-        response = http.client.HTTPResponse(upload, method="PUT")
-        response.begin()
-        self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 10))
-        self.assertEqual(response.headers["Connection"], "close")
-        self.assertEqual(process.wait(timeout=10), 0)
+        wait_until(lambda: not self.accepts(port))   # draining, the upload still open
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(process.wait(timeout=10), 1)   # not the 20 s of --shutdown-timeout
+        self.assertIn(b"stopping at once", process.stderr.read())
+
+    def test_requests_cut_off_at_the_deadline_make_the_exit_status_1(self):
+        process, port = self.start("--port", "0", "--shutdown-timeout", "0.5")
+        self.start_upload(port)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=10), 1)
+        self.assertIn(b"stopping with 1 requests unfinished", process.stderr.read())
+
+    def test_start_up_problems_are_one_line_and_exit_2(self):
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        a_file = os.path.join(temporary_directory(self), "file")
+        open(a_file, "w").close()
+        for args in (["--data-dir", os.path.join(temporary_directory(self), "missing", "dir")],
+                     ["--data-dir", a_file], ["--data-dir", "/proc/x"],
+                     ["--data-dir", a_file, "--workers", "2"],
+                     ["--port", str(taken.getsockname()[1])], ["--host", "no-such-host.invalid"]):
+            with self.subTest(args=args):
+                result = subprocess.run([sys.executable, SERVER_SCRIPT, *args], capture_output=True,
+                                        text=True, timeout=30)
+                self.assertEqual((result.returncode, result.stdout), (2, ""))   # never "listening"
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertTrue(result.stderr.startswith("data storage service: cannot "))
+
+    def test_a_read_only_data_directory_is_a_start_up_problem(self):
+        with small_filesystem(self, read_only=True) as mount_point:
+            result = subprocess.run([sys.executable, SERVER_SCRIPT, "--data-dir", mount_point],
+                                    capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("Read-only file system", result.stderr)
 
     @staticmethod
     def exchange_on(sock, request):
@@ -211,6 +261,44 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(process.wait(timeout=20), 0)
         for pid in final_workers:
             self.assertFalse(running(pid), "worker %d still running" % pid)
+
+    def test_workers_refuse_new_connections_while_draining(self):
+        process, port = self.start("--port", "0", "--workers", "2",
+                                   "--data-dir", temporary_directory(self))
+        wait_until(lambda: len(child_pids(process.pid)) == 2)
+        upload = self.start_upload(port)
+        process.send_signal(signal.SIGTERM)
+        attempts = []
+
+        def refused():
+            attempts.append(port)
+            return not self.accepts(port)
+
+        wait_until(refused)
+        # Refused at once, not queued where no process accepts: a listening socket
+        # left open in the parent refuses only once its backlog (1024) is full.
+        self.assertLess(len(attempts), 300)
+        upload.sendall(b"fiveB")
+        response = http.client.HTTPResponse(upload, method="PUT")
+        response.begin()
+        self.assertEqual(response.status, 201)
+        self.assertEqual(process.wait(timeout=20), 0)
+
+    def test_workers_that_keep_dying_at_start_make_the_parent_give_up(self):
+        process, _ = self.start("--port", "0", "--workers", "2",
+                                "--data-dir", temporary_directory(self))
+
+        def kill_workers():
+            if process.poll() is not None:
+                return True
+            for pid in child_pids(process.pid):
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
+            return False
+
+        wait_until(kill_workers, timeout=30)
+        self.assertEqual(process.returncode, 1)
+        self.assertIn(b"giving up", process.stderr.read())
 
     def test_workers_stop_when_the_parent_is_killed(self):
         process, _ = self.start("--port", "0", "--workers", "2",

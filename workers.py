@@ -7,6 +7,7 @@ shared disk store), restarts a worker that dies, passes stop signals on, and
 makes each worker drain and exit if the parent itself disappears.
 """
 
+import collections
 import os
 import signal
 import threading
@@ -15,7 +16,10 @@ import traceback
 
 import gateway
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# SIGHUP (a closed terminal, or a supervisor's reload) drains too, where it exists.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+FAST_CRASH_SECONDS = 1.0   # a worker dying sooner is restarted only after this pause
+RESTART_LIMIT = (5, 10.0)   # more than 5 restarts within 10 s: give up (as systemd's start limit)
 
 
 def block_stop_signals(block=True):
@@ -27,9 +31,16 @@ def block_stop_signals(block=True):
 
 
 def serve_until_signalled(server, shutdown_timeout):
-    """Serve until SIGTERM or SIGINT; then stop accepting, close idle
-    connections and give in-flight requests ``shutdown_timeout`` seconds."""
+    """Serve until a stop signal; then stop accepting, close idle connections
+    and give in-flight requests ``shutdown_timeout`` seconds. A second stop
+    signal ends the process at once, with status 1. Returns how many requests
+    were cut off at the deadline."""
+    stopping = threading.Event()
+
     def stop(signum, frame):
+        if stopping.is_set():
+            _exit_now("signal %d during the drain: stopping at once" % signum)
+        stopping.set()
         # Not on this thread: shutdown() waits for serve_forever() to return,
         # and the log's locks may be held by this very thread (see logs.py).
         threading.Thread(target=stop_serving, args=(signum,), daemon=True).start()
@@ -47,48 +58,53 @@ def serve_until_signalled(server, shutdown_timeout):
     if left:
         server.log.log("warning", "stopping with %d requests unfinished after %ss"
                        % (left, shutdown_timeout))
+    return left
 
 
-def serve_application(server, make_application, shutdown_timeout):
-    """Give ``server`` a new application from ``make_application()``, serve it
-    until signalled, then close it."""
-    application = make_application()
+def serve_application(server, application, shutdown_timeout):
+    """Serve ``application`` until signalled, then close it; the exit status:
+    0, or 1 if requests were cut off at the shutdown deadline."""
     server.application, server.metrics = application, application.metrics
     try:
-        serve_until_signalled(server, shutdown_timeout)
+        return 1 if serve_until_signalled(server, shutdown_timeout) else 0
     finally:
         application.close()
 
 
 def run_workers(server, count, make_application, shutdown_timeout):
     """Fork ``count`` processes that accept on the server's one listening
-    socket, each serving its own ``make_application()``. Restart a worker that
-    dies; on SIGTERM or SIGINT, pass SIGTERM on and wait for all to drain."""
+    socket, each serving its own ``make_application()``, and return the exit
+    status. Restart a worker that dies, but give up (status 1) beyond
+    RESTART_LIMIT: workers that cannot run must not be forked for ever. On a
+    stop signal, close the
+    listening socket here at once, pass SIGTERM on and wait for all to drain
+    (status 1 if any cut requests off); a second signal is passed on too."""
     workers = {}   # pid -> start time
     stopping = False
+    status = 0
     parent = os.getpid()
 
     def start_worker():
         block_stop_signals()   # no signal between fork and the worker's own handlers
         pid = os.fork()
         if pid == 0:
-            status = 1
+            code = 1
             try:
                 for signum in STOP_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
                 threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
-                serve_application(server, make_application, shutdown_timeout)
-                status = 0
+                code = serve_application(server, make_application(), shutdown_timeout)
             except BaseException:
                 traceback.print_exc()
             finally:
-                os._exit(status)
+                os._exit(code)
         workers[pid] = time.monotonic()
         block_stop_signals(False)
 
     def stop(signum, frame):
         nonlocal stopping
         stopping = True
+        server.socket.close()   # new connections are refused now, not left waiting
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
@@ -100,18 +116,38 @@ def run_workers(server, count, make_application, shutdown_timeout):
     server.socket.setblocking(False)
     for _ in range(count):
         start_worker()
+    restarts = collections.deque()   # when recent restarts happened
     while workers:
-        pid, status = os.wait()
+        pid, wait_status = os.wait()
         started = workers.pop(pid, None)
-        if started is None or stopping:
+        if started is None:
+            continue
+        if stopping:
+            status = status or (1 if wait_status else 0)
             continue
         server.log.log("warning", "worker %d exited (wait status %d); starting another"
-                       % (pid, status))
-        if time.monotonic() - started < 1:
-            time.sleep(1)   # a worker that dies at once would otherwise fork in a tight loop
-        if not stopping:
+                       % (pid, wait_status))
+        now = time.monotonic()
+        if now - started < FAST_CRASH_SECONDS:
+            time.sleep(FAST_CRASH_SECONDS)   # one dying at once would fork in a tight loop
+        while restarts and now - restarts[0] > RESTART_LIMIT[1]:
+            restarts.popleft()
+        if len(restarts) >= RESTART_LIMIT[0]:
+            server.log.log("error", "workers keep dying (%d restarts within %gs); giving up"
+                           % (len(restarts), RESTART_LIMIT[1]))
+            stop(None, None)
+            status = 1
+        elif not stopping:
+            restarts.append(now)
             start_worker()
     server.server_close()
+    return status
+
+
+def _exit_now(message):
+    """End the process at once from a signal handler (no locks: a raw write)."""
+    os.write(2, ("data storage service: %s\n" % message).encode())
+    os._exit(1)
 
 
 def _stop_when_orphaned(parent, interval=0.5):
