@@ -21,6 +21,7 @@ application, and what ``http.server`` would get wrong:
 
 import collections
 import email.utils
+import io
 import json
 import select
 import socket
@@ -41,6 +42,7 @@ POLL_INTERVAL = 0.1   # serve_forever's wake-up: how long an access-log line may
 DRAINING_KEY = "data_storage.draining"   # environ: true once the server is shutting down
 INLINE_BODY_BYTES = 64 * 1024   # response bodies up to this size go out in the same send as the head
 DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
+MIN_BODY_RATE = 1024            # bytes/s a body must average once --request-timeout has passed
 LINGER_SECONDS = 2.0
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade",
                         "proxy-connection", "te", "trailer"))
@@ -75,26 +77,30 @@ class FileWrapper:
 class ConnectionLimiter:
     """Bounds the connections served at once and drains them at shutdown.
 
-    A connection is *idle* while its thread waits for the next request line.
-    When every slot is taken, a new connection reclaims the slot of the
-    connection idle the longest (RFC 9112 §9.5 lets a server close an idle
-    persistent connection at any time), so idle keep-alive clients cannot
-    lock out real requests; only when every connection is mid-request is the
-    newcomer refused. A connection whose next request has already arrived,
+    A connection is *idle* while its thread waits for the next request line,
+    *in its head* from the first byte of a request until its header section
+    is read, then *busy*. When every slot is taken, a new connection reclaims
+    the slot of the connection idle the longest (RFC 9112 §9.5 lets a server
+    close an idle persistent connection at any time), else that of the one in
+    its head the longest, if for RECLAIM_GRACE_SECONDS (a head takes
+    milliseconds; one that dawdles is a slowloris holding a slot), so neither
+    idle clients nor trickled heads lock out real requests; only when every
+    connection is busy is the newcomer refused. A connection whose next request has already arrived,
     unread, is not idle and is never closed under it. While draining, only
-    connections idle for IDLE_GRACE_SECONDS are closed (checked again as the
+    connections idle for RECLAIM_GRACE_SECONDS are closed (checked again as the
     drain waits): a connection accepted a moment ago may have a request that
     its thread has read but not yet announced. Sockets are shut down, never
     closed, from other threads: the owning thread sees end-of-file and cleans up.
     """
 
-    IDLE_GRACE_SECONDS = 0.5
+    RECLAIM_GRACE_SECONDS = 0.5
 
     def __init__(self, limit):
         self.limit = limit
         self.draining = False
         self._open = set()
         self._idle = collections.OrderedDict()   # socket -> idle since (monotonic), longest first
+        self._in_head = collections.OrderedDict()   # socket -> head begun (monotonic), oldest first
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
 
@@ -102,10 +108,11 @@ class ConnectionLimiter:
         """Take a slot for a new connection; False if every slot is mid-request."""
         with self._lock:
             if len(self._open) >= self.limit:
-                victim = next((s for s in self._idle if not _has_unread_bytes(s)), None)
+                victim = self._reclaimable()
                 if victim is None:
                     return False
-                del self._idle[victim]
+                self._idle.pop(victim, None)
+                self._in_head.pop(victim, None)
                 self._open.discard(victim)
                 _shut_down(victim)
             self._open.add(sock)
@@ -123,19 +130,36 @@ class ConnectionLimiter:
             self._idle.move_to_end(sock)
             return True
 
-    def busy(self, sock):
+    def _reclaimable(self):
+        """The connection to close for a newcomer, or None (lock held)."""
+        victim = next((s for s in self._idle if not _has_unread_bytes(s)), None)
+        if victim is None and self._in_head:
+            oldest, since = next(iter(self._in_head.items()))
+            if time.monotonic() - since >= self.RECLAIM_GRACE_SECONDS:
+                victim = oldest
+        return victim
+
+    def reading_head(self, sock):
+        """A request has begun to arrive on the connection."""
         with self._lock:
             self._idle.pop(sock, None)
+            self._in_head[sock] = time.monotonic()
+
+    def busy(self, sock):
+        """The request's head is read: the connection is serving it."""
+        with self._lock:
+            self._in_head.pop(sock, None)
 
     def counts(self):
-        """``(open, idle)`` connections right now."""
+        """``(open, idle, in head)`` connections right now."""
         with self._lock:
-            return len(self._open), len(self._idle)
+            return len(self._open), len(self._idle), len(self._in_head)
 
     def release(self, sock):
         with self._lock:
             self._open.discard(sock)
             self._idle.pop(sock, None)
+            self._in_head.pop(sock, None)
             if not self._open:
                 self._all_closed.notify_all()
 
@@ -151,7 +175,7 @@ class ConnectionLimiter:
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._open and time.monotonic() < deadline:
-                self._all_closed.wait(min(deadline - time.monotonic(), self.IDLE_GRACE_SECONDS))
+                self._all_closed.wait(min(deadline - time.monotonic(), self.RECLAIM_GRACE_SECONDS))
                 self._close_idle()
             return len(self._open)
 
@@ -159,7 +183,7 @@ class ConnectionLimiter:
         """Shut down connections idle past the grace period with nothing unread (lock held)."""
         now = time.monotonic()
         for sock, since in list(self._idle.items()):
-            if now - since >= self.IDLE_GRACE_SECONDS and not _has_unread_bytes(sock):
+            if now - since >= self.RECLAIM_GRACE_SECONDS and not _has_unread_bytes(sock):
                 _shut_down(sock)
                 del self._idle[sock]
 
@@ -180,6 +204,50 @@ def _shut_down(sock):
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+class RequestReader(socket.SocketIO):
+    """The connection's raw input, with time limits beyond the socket's own
+    per-operation timeout (which a client sending one byte just in time
+    never trips): a request head must arrive whole within the timeout of its
+    first byte, and a body must average MIN_BODY_RATE once it has been
+    arriving for the timeout. Each read gets the time left as its timeout."""
+
+    def __init__(self, sock, timeout):
+        super().__init__(sock, "rb")
+        self._sock = sock
+        self._timeout = timeout
+        self._deadline = None          # for the head: a fixed time
+        self._body_started = None      # for the body: the rate's clock
+        self._body_bytes = 0
+
+    def head_begins(self):
+        self._deadline, self._body_started = time.monotonic() + self._timeout, None
+
+    def body_begins(self):
+        self._deadline, self._body_started, self._body_bytes = None, time.monotonic(), 0
+
+    def no_deadline(self):
+        """Only the per-operation timeout: between requests, and between a
+        head and the first read of its body."""
+        self._deadline = self._body_started = None
+
+    def readinto(self, buffer):
+        deadline = self._deadline
+        if self._body_started is not None:
+            deadline = self._body_started + self._timeout + self._body_bytes / MIN_BODY_RATE
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("request too slow: its head must arrive within %gs, "
+                                     "its body at %d bytes/s" % (self._timeout, MIN_BODY_RATE))
+            self._sock.settimeout(min(left, self._timeout))
+        count = super().readinto(buffer)
+        if self._body_started is not None:
+            self._body_bytes += count or 0
+        if deadline is not None:
+            self._sock.settimeout(self._timeout)
+        return count
 
 
 class Exchange:
@@ -224,7 +292,9 @@ class Exchange:
             self.head = http11.read_header_section(self.connection.rfile, self.method,
                                                    self.target, minor)
             self.keep_alive = self.head.keep_alive
-            self.body = http11.frame_body(self.head, self.connection.rfile, self._send_continue)
+            self.server.connections.busy(self.connection.connection)
+            self.connection.reader.no_deadline()
+            self.body = http11.frame_body(self.head, self.connection.rfile, self._body_begins)
             self.continue_pending = self.head.expects_continue and not self.body.finished
             self._call_application()
         except http11.ProtocolError as error:
@@ -346,7 +416,10 @@ class Exchange:
 
     # The gateway's side --------------------------------------------------------
 
-    def _send_continue(self):
+    def _body_begins(self):
+        """The application's first read of the body: its rate's clock starts,
+        and the 100 Continue a client may wait for goes out."""
+        self.connection.reader.body_begins()
         if self.continue_pending:
             self.continue_pending = False
             self.connection.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -443,22 +516,29 @@ class Connection(socketserver.StreamRequestHandler):
     def setup(self):
         self.timeout = self.server.request_timeout
         super().setup()
+        self.reader = RequestReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
 
     def handle(self):
         limiter = self.server.connections
         served = 0
         while limiter.idle(self.connection, first_request=not served):
             try:
+                if not self.rfile.peek(1):   # idle until a request begins (or the client leaves)
+                    return
+                self.reader.head_begins()
+                limiter.reading_head(self.connection)
                 raw = self.rfile.readline(http11.MAX_LINE_BYTES + 1)
                 if raw in (b"\r\n", b"\n"):   # RFC 9112 §2.2: ignore an empty line before a request
                     raw = self.rfile.readline(http11.MAX_LINE_BYTES + 1)
             except (ConnectionError, socket.timeout):
-                return   # idle too long, or gone: nothing to answer
+                return   # idle too long, too slow, or gone: nothing to answer
             if not raw:
                 return
-            limiter.busy(self.connection)
             served += 1
-            if not Exchange(self, raw).run():
+            keep_alive = Exchange(self, raw).run()
+            self.reader.no_deadline()
+            if not keep_alive:
                 return
 
 

@@ -194,7 +194,8 @@ def content_length(environ):
 
 
 class Request:
-    """One request as the application sees it: method, target, headers, body."""
+    """One request as the application sees it: method, target, body; its
+    header fields are ``environ["HTTP_..."]`` (PEP 3333)."""
 
     def __init__(self, environ, max_object_size):
         self.environ = environ
@@ -203,8 +204,6 @@ class Request:
         self.query = ""   # set by routing
         self.body = BodySource(environ, max_object_size)
 
-    def header(self, name, default=None):
-        return self.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
 
 
 def request_target(environ):
@@ -475,7 +474,7 @@ class DataStorageServer:
 
     def _authorized(self, request):
         """Check ``Authorization: Bearer <token>`` in constant time (RFC 6750 §2.1)."""
-        scheme, _, token = request.header("Authorization", "").partition(" ")
+        scheme, _, token = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip(http11.WHITESPACE).encode("latin-1"), self.auth_token)
 
@@ -488,7 +487,7 @@ class DataStorageServer:
         if length is not None and length > self.max_object_size:
             raise HTTPError(413, "object of %d bytes exceeds the %d-byte limit"
                             % (length, self.max_object_size))
-        if oid is not None and request.header("If-Match") is not None:
+        if oid is not None and request.environ.get("HTTP_IF_MATCH") is not None:
             self._check_if_match(request, repository, oid)
         oid, size = self.store.put(repository, request.body, expected_oid=oid)
         return Response.json(201, {"oid": oid, "size": size},
@@ -510,14 +509,14 @@ class DataStorageServer:
         object closed), else a FileSlice that closes it when done."""
         size = stored.size
         headers = [("ETag", etag), ("Accept-Ranges", "bytes"), self.object_caching]
-        if_none_match = request.header("If-None-Match")
+        if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
         if if_none_match is not None and etag_matches(if_none_match, etag):
             stored.close()
             return Response(304, headers, length=size)
         first, last, status = 0, size - 1, 200
-        range_value = request.header("Range")
+        range_value = request.environ.get("HTTP_RANGE")
         if (range_value is not None and request.method == "GET"
-                and request.header("If-Range", etag) == etag):
+                and request.environ.get("HTTP_IF_RANGE", etag) == etag):
             try:
                 selected = parse_range(range_value, size)
             except RangeNotSatisfiable:
@@ -543,7 +542,7 @@ class DataStorageServer:
     def delete_object(self, request, repository, oid):
         """Remove the object; 404 if the repository does not hold it, 412 if
         If-Match names another."""
-        if request.header("If-Match") is not None:
+        if request.environ.get("HTTP_IF_MATCH") is not None:
             self._check_if_match(request, repository, oid)
         self.store.delete(repository, oid)
         return Response.json(200, {"deleted": oid.lower()})
@@ -552,7 +551,7 @@ class DataStorageServer:
         """412 unless If-Match, when given, matches the stored object (RFC 9110
         §13.1.1); ``stored`` is the object if already open. The ETag of an
         object is its oid, so this asks whether that very object is stored."""
-        if_match = request.header("If-Match")
+        if_match = request.environ.get("HTTP_IF_MATCH")
         if if_match is None:
             return
         if stored is None:
@@ -589,7 +588,7 @@ class DataStorageServer:
         """The OpenAPI 3.1 description of this API, served as stored, with an
         ETag for revalidation."""
         headers = [("ETag", self.openapi_etag), ("Cache-Control", OPENAPI_LIFETIME)]
-        if_none_match = request.header("If-None-Match")
+        if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
         if if_none_match is not None and etag_matches(if_none_match, self.openapi_etag):
             return Response(304, headers, length=len(self.openapi_document))
         return Response(200, [JSON, *headers], self.openapi_document)

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import select
 import socket
 import threading
 import time
@@ -428,7 +429,7 @@ class ConnectionTest(GatewayTestCase):
         limiter = self.start(max_connections=2).httpd.connections
         for _ in range(2):   # two uploads stalled mid-body keep both slots busy
             self.raw_socket().sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
-        wait_until(lambda: limiter.counts() == (2, 0))
+        wait_until(lambda: limiter.counts() == (2, 0, 0))
         sock = self.raw_socket()
         response = self.raw(b"GET /data/repo/x HTTP/1.1\r\nHost: x\r\n\r\n", sock=sock)
         self.assertJSONError(response, 503)
@@ -461,10 +462,44 @@ class ConnectionTest(GatewayTestCase):
         self.assertIn('datastore_http_requests_total{method="PUT",status="400"} 1', metrics)
         self.assertIn("datastore_http_in_flight_requests 0\n", metrics)
 
+    def test_trickled_heads_give_their_slots_to_new_requests(self):
+        limiter = self.start(max_connections=4).httpd.connections
+        for _ in range(4):   # slowloris: heads begun, never finished
+            self.raw_socket().sendall(b"GET /data/repo/x HTTP/1.1\r\nHo")
+        wait_until(lambda: limiter.counts() == (4, 0, 4))
+        # Within the grace a newcomer may still be refused; then a trickler gives way.
+        wait_until(lambda: self.request("GET", "/healthz").status == 200)
+
+    def trickle(self, sock, data):
+        """Send ``data`` a byte every 0.1 s until the server closes the
+        connection; the number of bytes it took."""
+        for count, byte in enumerate(data):
+            sock.sendall(bytes([byte]))
+            if select.select([sock], [], [], 0.1)[0]:   # closed by the server (or an answer)
+                return count + 1
+        return len(data)
+
+    def test_a_head_must_arrive_within_the_timeout_of_its_first_byte(self):
+        self.start(request_timeout=0.5)
+        sock = self.raw_socket()
+        head = b"GET /data/repo/x HTTP/1.1\r\nHost: x\r\n" + b"X-Padding: y\r\n" * 10 + b"\r\n"
+        sent = self.trickle(sock, head)   # each byte well within the timeout
+        self.assertLess(sent, 20)          # but not the head as a whole
+        self.assertClosed(sock)
+
+    def test_a_body_must_keep_a_minimum_rate(self):
+        self.start(request_timeout=0.5)
+        sock = self.raw_socket()
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        sent = self.trickle(sock, b"b" * 1000)
+        self.assertLess(sent, 20)
+        self.assertClosed(sock)
+        self.assertEqual(self.app.store.usage(), (0, 0))
+
     def test_idle_connections_are_reclaimed_for_new_requests(self):
         limiter = self.start(max_connections=4).httpd.connections
         idle = self.idle_connections(4)
-        wait_until(lambda: limiter.counts() == (4, 4))
+        wait_until(lambda: limiter.counts() == (4, 4, 0))
         self.assertEqual(self.request("PUT", "/data/repo", b"served").status, 201)
         wait_until(lambda: any(map(closed_by_server, idle)))   # one idle connection gave way
 

@@ -85,7 +85,7 @@ def baseline_server():
 
 def request(port, method, path, body=b""):
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"%s %s HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        sock.sendall(b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                      % (method.encode(), path.encode(), len(body)) + body)
         return b"".join(iter(lambda: sock.recv(65536), b""))
 
@@ -286,7 +286,7 @@ def timed_put(port, path, repository):
     size = os.path.getsize(path)
     with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as file:
         started = time.perf_counter()
-        sock.sendall(b"PUT /data/%s HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+        sock.sendall(b"PUT /data/%s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n"
                      % (repository.encode(), size))
         sock.sendfile(file)
         response = sock.recv(65536)
@@ -298,7 +298,7 @@ def timed_put(port, path, repository):
 def timed_get(port, repository, oid, size):
     with socket.create_connection(("127.0.0.1", port)) as sock:
         started = time.perf_counter()
-        sock.sendall(b"GET /data/%s/%s HTTP/1.1\r\n\r\n" % (repository.encode(), oid.encode()))
+        sock.sendall(b"GET /data/%s/%s HTTP/1.1\r\nHost: bench\r\n\r\n" % (repository.encode(), oid.encode()))
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(4096)
