@@ -21,6 +21,7 @@ application, and what ``http.server`` would get wrong:
 
 import collections
 import email.utils
+import errno
 import io
 import json
 import select
@@ -39,6 +40,8 @@ SERVER_SOFTWARE = "data-storage/1.0"
 DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 256
 POLL_INTERVAL = 0.1   # serve_forever's wake-up: how long an access-log line may wait
+DESCRIPTOR_MARGIN = 64   # file descriptors beyond one per connection: store files, logs, ...
+OUT_OF_DESCRIPTORS_PAUSE = 0.1   # seconds accept() rests when the process has no descriptor left
 DRAINING_KEY = "data_storage.draining"   # environ: true once the server is shutting down
 INLINE_BODY_BYTES = 64 * 1024   # response bodies up to this size go out in the same send as the head
 DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
@@ -47,6 +50,29 @@ LINGER_SECONDS = 2.0
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade",
                         "proxy-connection", "te", "trailer"))
 JSON_ERROR_HEADERS = [("Content-Type", "application/json")]
+
+
+def ensure_descriptors(connections):
+    """Raise this process's soft limit on open files to what ``connections``
+    need (plus DESCRIPTOR_MARGIN) if the hard limit allows; return a warning
+    when it stays below, else None. (No limit to check where ``resource`` is
+    missing, as on Windows.)"""
+    try:
+        import resource
+    except ImportError:
+        return None
+    needed = connections + DESCRIPTOR_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised >= needed:
+        return None
+    return ("the limit on open files (%d) is below --max-connections + %d (%d): beyond it, "
+            "idle connections are closed to accept new ones; raise it (ulimit -n)"
+            % (raised, DESCRIPTOR_MARGIN, needed))
 
 
 def json_error(message):
@@ -138,6 +164,17 @@ class ConnectionLimiter:
             if time.monotonic() - since >= self.RECLAIM_GRACE_SECONDS:
                 victim = oldest
         return victim
+
+    def reclaim_idle(self, count=8):
+        """Close up to ``count`` of the connections idle the longest (nothing
+        unread); how many it closed."""
+        with self._lock:
+            victims = [s for s in self._idle if not _has_unread_bytes(s)][:count]
+            for sock in victims:
+                del self._idle[sock]
+                self._open.discard(sock)
+                _shut_down(sock)
+            return len(victims)
 
     def reading_head(self, sock):
         """A request has begun to arrive on the connection."""
@@ -565,6 +602,7 @@ class GatewayServer(ThreadingHTTPServer):
         self.metrics = metrics
         self.multiprocess = multiprocess
         self._date = (0, "")
+        self._next_warning = 0.0
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Connection)
@@ -593,6 +631,28 @@ class GatewayServer(ThreadingHTTPServer):
         """Called by ``serve_forever`` at least every poll interval: write the
         access lines gathered since the last call."""
         self.log.flush()
+
+    def get_request(self):
+        """Accept a connection. Out of file descriptors (EMFILE, ENFILE), accept
+        fails at once and the listener stays readable, so serve_forever would
+        spin: close some idle connections instead, and pause accepting a moment
+        (socketserver ignores the OSError)."""
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                reclaimed = self.connections.reclaim_idle()
+                self._warn_once_in_a_while(
+                    "out of file descriptors (%s): closed %d idle connections; raise the limit "
+                    "(ulimit -n) or lower --max-connections" % (error.strerror, reclaimed))
+                time.sleep(OUT_OF_DESCRIPTORS_PAUSE)
+            raise
+
+    def _warn_once_in_a_while(self, message, every=10.0):
+        now = time.monotonic()
+        if now >= self._next_warning:
+            self._next_warning = now + every
+            self.log.log("warning", message)
 
     def process_request(self, request, client_address):
         if self.connections.admit(request):

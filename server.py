@@ -733,6 +733,9 @@ def main(argv=None):
                 args.max_object_size, "none" if args.max_total_size is None else args.max_total_size,
                 args.request_timeout,
                 args.max_connections, args.shutdown_timeout, args.workers))
+    descriptors = gateway.ensure_descriptors(args.max_connections)
+    if descriptors:
+        log.log("warning", descriptors)
     if args.workers > 1:
         application.close()   # it proved the store opens; each worker opens its own
         return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)

@@ -7,6 +7,7 @@ import functools
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -262,6 +263,28 @@ class CommandLineTest(unittest.TestCase):
         for pid in final_workers:
             self.assertFalse(running(pid), "worker %d still running" % pid)
 
+    def test_out_of_file_descriptors_it_reclaims_idle_connections_without_spinning(self):
+        def few_descriptors():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+        process = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                                   preexec_fn=few_descriptors)
+        self.addCleanup(self.stop, process)
+        port = int(read_line(process.stdout).decode().rsplit(":", 1)[1].split()[0])
+        self.assertIn(b"the limit on open files (64) is below", read_line(process.stderr) +
+                      read_line(process.stderr))   # after the settings line
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+        for sock in idle:
+            self.addCleanup(sock.close)
+        cpu_before = cpu_seconds(process.pid)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/healthz")   # queued behind idle ones that are accepted and reclaimed
+        self.assertEqual(connection.getresponse().status, 200)
+        wait_until(lambda: b"out of file descriptors" in read_line(process.stderr))
+        self.assertLess(cpu_seconds(process.pid) - cpu_before, 1.0)   # no accept() busy loop
+
     def test_workers_refuse_new_connections_while_draining(self):
         process, port = self.start("--port", "0", "--workers", "2",
                                    "--data-dir", temporary_directory(self))
@@ -392,6 +415,13 @@ print("ok")
                 self.assertEqual(result.returncode, 2)
                 self.assertIn(message, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
+
+
+def cpu_seconds(pid):
+    """User and system CPU time of process ``pid`` so far."""
+    with open("/proc/%d/stat" % pid) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
