@@ -29,10 +29,12 @@ import errno
 import hashlib
 import heapq
 import io
+import itertools
 import os
 import queue
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -69,6 +71,11 @@ class DigestMismatch(StoreError):
 
 class InsufficientStorage(StoreError):
     """The disk (or the user's quota) is full; nothing was stored."""
+
+
+class ForeignEntry(StoreError):
+    """Where the disk store needs a directory of its own, the data directory holds
+    something else (a symlink, a file, a special file), which it will not write through."""
 
 
 def check_repository(name):
@@ -225,9 +232,89 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def object_directory(repository, oid):
+    """The names of an object's directories below the root: its repository's,
+    then its shard's (``<oid[:2]>``)."""
+    return repository, oid[:2]
+
+
 def object_path(root, repository, oid):
     """Where an object lives on disk: ``root/<repository>/<oid[:2]>/<oid>``."""
-    return os.path.join(root, repository, oid[:2], oid)
+    return os.path.join(root, *object_directory(repository, oid), oid)
+
+
+# Directories below the root are opened without following a symlink (O_NOFOLLOW)
+# and only if they are directories (O_DIRECTORY, which also keeps a FIFO from
+# being opened at all); what they hold is then reached through their descriptors.
+# One opened only to reach an entry needs no more than O_PATH, where Linux has
+# it: a lookup, cheaper than a read-only open on the path of every GET.
+_REAL_DIRECTORY = getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+_LIST_FLAGS = os.O_RDONLY | _REAL_DIRECTORY
+_WALK_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | _REAL_DIRECTORY
+# Objects: no symlink followed, and a FIFO opened without waiting for a writer.
+# O_NONBLOCK stays on the descriptor: it changes nothing for a regular file,
+# and anything else is closed again at once.
+_OBJECT_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+# What opening a path below the root with those flags raises when something the
+# store did not make is there: no directory, or a symlink, where a directory
+# belongs (ENOTDIR); a symlink (ELOOP; EMLINK on FreeBSD); a socket (ENXIO).
+_FOREIGN = frozenset((errno.ENOTDIR, errno.ELOOP, errno.EMLINK, errno.ENXIO))
+_NOT_OURS = _FOREIGN | {errno.ENOENT}   # ... or when nothing is there
+
+
+def _open_directory_beneath(root, names, flags=_WALK_FLAGS):
+    """A descriptor on the directory ``root/names[0]/names[1]/...``, reached
+    without following a symlink below ``root``; with the default ``flags`` it
+    can only be used to reach entries, not to list them. Raises OSError with an
+    errno in ``_NOT_OURS`` when one of them is missing or is not a real directory."""
+    fd = os.open(os.path.join(root, names[0]), flags)
+    for name in names[1:]:
+        try:
+            inner = os.open(name, flags, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = inner
+    return fd
+
+
+def _regular_file_size(name, dir_fd):
+    """The size of ``name`` in the directory ``dir_fd`` if it is a regular file
+    (a symlink is not followed), else None."""
+    try:
+        status = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+@contextlib.contextmanager
+def _refusing_foreign_directories(names):
+    """Turn the errors of opening a directory ``names`` (below the root) that is
+    not a real directory into ForeignEntry."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _FOREIGN:
+            raise
+        raise ForeignEntry("cannot store objects in %s/: it, or a directory above it in the data "
+                           "directory, is not a directory the store made (a symlink or a file?)"
+                           % "/".join(names)) from error
+
+
+def _exists(name, dir_fd):
+    """Whether the directory ``dir_fd`` has an entry ``name``, of whatever kind."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _kind(mode):
+    """What a non-regular entry is, in words, from its ``st_mode``."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((name for is_kind, name in kinds if is_kind(mode)), "a device")
 
 
 class DiskStore:
@@ -263,6 +350,15 @@ class DiskStore:
       the temporary file; stored objects are untouched.
     - Directories are never removed on delete, so a delete cannot race a put
       that is about to rename into the same directory.
+    - Only what the store writes counts as an object: a regular file in real
+      repository and shard directories. No symlink below the root is followed
+      (directories are opened with O_NOFOLLOW and their entries reached through
+      their descriptors), so nothing outside the root is read, listed or
+      unlinked. Anything else at an object path (a symlink, a directory, a FIFO,
+      a socket) is not found, not listed and not counted, and is never opened
+      in a way that could block. A put of its content moves it to the
+      quarantine and publishes the object; a put into a repository or shard
+      path that is not a real directory raises ForeignEntry.
     - Usage (objects, bytes) is counted once at start by walking the tree and
       then kept by this process; the quota is checked and the object
       published in one step under a lock. Another process's changes to a
@@ -303,12 +399,11 @@ class DiskStore:
         finally:
             os.close(startup_fd)   # releases the start-up lock
         self._objects = self._bytes = 0
-        for _, _, path in self.stored_objects():
-            try:
-                self._bytes += os.stat(path).st_size
-            except FileNotFoundError:
-                continue   # deleted meanwhile by another process on this root
-            self._objects += 1
+        for _, oid, shard_fd in self._all_object_entries():
+            size = _regular_file_size(oid, shard_fd)
+            if size is not None:   # None: not ours, or deleted meanwhile by another process
+                self._objects += 1
+                self._bytes += size
 
     def close(self):
         """Release this process's temporary directory."""
@@ -351,23 +446,31 @@ class DiskStore:
                     oid, size = self._write(source, file)
                     self._sync_file(file.fileno())
                 check_digest(oid, expected_oid)
-                final_path = object_path(self.root, repository, oid)
-                self._make_parent_dirs(final_path)
-                self._publish(temporary_path, final_path, size)
+                directory = object_directory(repository, oid)
+                shard_fd = self._shard_directory_to_write(directory)
+                try:
+                    self._publish(temporary_path, repository, oid, shard_fd, size)
+                finally:
+                    os.close(shard_fd)
             except BaseException:
                 _remove_quietly(temporary_path)
                 raise
-            self._sync_directory(os.path.dirname(final_path))
+            self._sync_directory(os.path.join(self.root, *directory))
         return oid, size
 
-    def _publish(self, temporary_path, final_path, size):
-        """Rename the finished file into place, within the quota."""
+    def _publish(self, temporary_path, repository, oid, shard_fd, size):
+        """Rename the finished file into place, within the quota. Whatever else
+        holds the object's name (a directory, a symlink, a FIFO) is moved to the
+        quarantine first: a rename cannot replace a directory, and the others
+        are not objects."""
         with self._lock:
-            if os.path.exists(final_path):   # already stored: the rename changes nothing
-                os.replace(temporary_path, final_path)
+            if _regular_file_size(oid, shard_fd) is not None:   # stored: the rename changes nothing
+                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)
                 return
             _check_quota(self._bytes, size, self._max_total_size)
-            os.replace(temporary_path, final_path)
+            if _exists(oid, shard_fd):
+                self._quarantine(repository, oid, shard_fd)
+            os.replace(temporary_path, oid, dst_dir_fd=shard_fd)
             self._objects += 1
             self._bytes += size
 
@@ -404,58 +507,106 @@ class DiskStore:
             writer.finish()
         return digest.hexdigest(), size
 
-    def _make_parent_dirs(self, path):
-        """Create the object's directories, fsyncing each new entry's parent. A
-        repository directory made here is removed again if its shard directory
-        cannot be made (a full disk), so a failed upload leaves no empty repository."""
-        shard_dir = os.path.dirname(path)
-        if os.path.isdir(shard_dir):
-            return
-        repository_dir = os.path.dirname(shard_dir)
+    def _shard_directory_to_write(self, directory):
+        """A descriptor on the object's ``directory`` (see ``object_directory``),
+        made first if missing. Raises ForeignEntry if its path holds anything but
+        real directories: the store neither writes through a symlink nor moves
+        aside what an operator may have put there on purpose."""
+        with _refusing_foreign_directories(directory):
+            try:
+                return _open_directory_beneath(self.root, directory)
+            except FileNotFoundError:
+                return self._make_shard_directory(*directory)
+
+    def _make_shard_directory(self, repository, shard):
+        """Create the object's directories, fsyncing each new entry's parent, and
+        return a descriptor on the shard directory. A repository directory made
+        here is removed again if its shard directory cannot be made (a full
+        disk), so a failed upload leaves no empty repository."""
+        repository_dir = os.path.join(self.root, repository)
         try:
             os.mkdir(repository_dir)
         except FileExistsError:
             made_repository = False
         else:
             made_repository = True
+        repository_fd = _open_directory_beneath(self.root, (repository,))
         try:
-            os.makedirs(shard_dir, exist_ok=True)
-        except OSError:
-            if made_repository:
-                _remove_directory_quietly(repository_dir)
+            try:
+                os.mkdir(shard, dir_fd=repository_fd)   # mkdirat: never through a symlink
+            except FileExistsError:
+                pass   # made meanwhile by a concurrent upload
+            except OSError:
+                if made_repository:
+                    _remove_directory_quietly(repository_dir)
+                raise
+            shard_fd = os.open(shard, _WALK_FLAGS, dir_fd=repository_fd)
+        finally:
+            os.close(repository_fd)
+        try:
+            self._sync_directory(repository_dir)
+            self._sync_directory(self.root)
+        except BaseException:
+            os.close(shard_fd)
             raise
-        self._sync_directory(repository_dir)
-        self._sync_directory(self.root)
+        return shard_fd
 
-    def _path(self, repository, oid):
-        """Where the object would be; ObjectNotFound if ``oid`` is no oid at all."""
+    def _canonical_oid(self, repository, oid):
+        """The oid in lowercase; ObjectNotFound if ``oid`` is no oid at all."""
         check_repository(repository)
         canonical = canonical_oid(oid)
         if canonical is None:
             raise not_found(repository, oid)
-        return object_path(self.root, repository, canonical)
+        return canonical
+
+    def _open_shard_directory(self, repository, oid):
+        """A descriptor on the object's shard directory; ObjectNotFound if it is
+        missing or not a real directory in a real repository directory."""
+        try:
+            return _open_directory_beneath(self.root, object_directory(repository, oid))
+        except OSError as error:
+            if error.errno in _NOT_OURS:
+                raise not_found(repository, oid) from None
+            raise
 
     def open(self, repository, oid):
-        """Return the object as a StoredObject over an open file, or raise ObjectNotFound."""
-        path = self._path(repository, oid)
+        """Return the object as a StoredObject over an open file, or raise
+        ObjectNotFound. Only a regular file is an object; nothing it opens can block."""
+        oid = self._canonical_oid(repository, oid)
+        shard_fd = self._open_shard_directory(repository, oid)
         try:
-            file = open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise not_found(repository, oid) from None
-        return StoredObject(file, os.fstat(file.fileno()).st_size)
+            fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
+        except OSError as error:
+            if error.errno in _NOT_OURS:
+                raise not_found(repository, oid) from None
+            raise
+        finally:
+            os.close(shard_fd)
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            os.close(fd)
+            raise not_found(repository, oid)
+        return StoredObject(open(fd, "rb", buffering=0), status.st_size)
 
     def delete(self, repository, oid):
-        """Remove the object durably, or raise ObjectNotFound if the repository lacks it."""
-        path = self._path(repository, oid)
+        """Remove the object durably, or raise ObjectNotFound if the repository
+        lacks it. Only a regular file in the store's own directories is removed,
+        through their descriptors, so nothing outside the root can be unlinked."""
+        oid = self._canonical_oid(repository, oid)
+        shard_fd = self._open_shard_directory(repository, oid)
         try:
             with self._lock:
-                size = os.stat(path).st_size
-                os.unlink(path)
+                size = _regular_file_size(oid, shard_fd)
+                if size is None:
+                    raise not_found(repository, oid)
+                os.unlink(oid, dir_fd=shard_fd)
                 self._objects -= 1
                 self._bytes -= size
         except FileNotFoundError:
-            raise not_found(repository, oid) from None
-        self._sync_directory(os.path.dirname(path))
+            raise not_found(repository, oid) from None   # deleted meanwhile by another process
+        finally:
+            os.close(shard_fd)
+        self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))
 
     def usage(self):
         """``(objects, bytes)`` as this process counts them (see the class docstring)."""
@@ -468,55 +619,106 @@ class DiskStore:
         never the whole repository."""
         check_repository(repository)
         listed = []
-        for oid, path in self._repository_objects(repository, after):
-            if len(listed) == limit:
-                break
-            try:
-                listed.append((oid, os.stat(path).st_size))
-            except FileNotFoundError:
-                continue   # deleted since the directory was read
+        with contextlib.closing(self._object_entries(repository, after)) as entries:
+            for oid, shard_fd in entries:
+                if len(listed) == limit:
+                    break
+                size = _regular_file_size(oid, shard_fd)
+                if size is not None:   # None: not ours, or deleted since the directory was read
+                    listed.append((oid, size))
         return listed
 
-    def _repository_objects(self, repository, after=None):
-        """Yield ``(oid, path)`` for the repository's objects in oid order, after ``after``."""
-        repository_dir = os.path.join(self.root, repository)
+    def _object_entries(self, repository, after=None):
+        """Yield ``(oid, shard_fd)`` for each entry named like an object in the
+        repository, of whatever kind, in oid order after ``after``; ``shard_fd``
+        is its directory, valid until the next item is taken. Repository and
+        shard paths that are not real directories are not entered."""
         try:
-            shards = sorted(os.listdir(repository_dir))
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for shard in shards:
-            shard_dir = os.path.join(repository_dir, shard)
-            if len(shard) != 2 or (after and shard < after[:2]) or not os.path.isdir(shard_dir):
-                continue
-            for name in sorted(os.listdir(shard_dir)):
-                if canonical_oid(name) == name and name[:2] == shard and (not after or name > after):
-                    yield name, os.path.join(shard_dir, name)
+            repository_fd = _open_directory_beneath(self.root, (repository,), _LIST_FLAGS)
+        except OSError as error:
+            if error.errno in _NOT_OURS:
+                return
+            raise
+        try:
+            for shard in sorted(os.listdir(repository_fd)):
+                if len(shard) != 2 or (after and shard < after[:2]):
+                    continue
+                try:
+                    shard_fd = os.open(shard, _LIST_FLAGS, dir_fd=repository_fd)
+                except OSError as error:
+                    if error.errno in _NOT_OURS:
+                        continue
+                    raise
+                try:
+                    for name in sorted(os.listdir(shard_fd)):
+                        if (canonical_oid(name) == name and name[:2] == shard
+                                and (not after or name > after)):
+                            yield name, shard_fd
+                finally:
+                    os.close(shard_fd)
+        finally:
+            os.close(repository_fd)
 
-    def stored_objects(self):
-        """Yield ``(repository, oid, path)`` for every object file under the root."""
+    def _all_object_entries(self):
+        """Yield ``(repository, oid, shard_fd)`` for every entry named like an
+        object under the root (see ``_object_entries``)."""
         for repository in sorted(os.listdir(self.root)):
             if REPOSITORY_PATTERN.fullmatch(repository) and repository not in (".", ".."):
-                for oid, path in self._repository_objects(repository):
-                    yield repository, oid, path
+                for oid, shard_fd in self._object_entries(repository):
+                    yield repository, oid, shard_fd
 
     def verify(self, report=print):
-        """Re-hash every object; move each whose bytes do not match its name to
-        ``root/quarantine/<repository>@<oid>``. Returns ``(checked, corrupt)``."""
-        quarantine = os.path.join(self.root, self.QUARANTINE_DIR)
+        """Check every entry named like an object, without following a symlink
+        or blocking on a special file: a regular file must hash to its name.
+        Each that does not, and each that is not a regular file (a directory, a
+        symlink, a FIFO, a socket), is corrupt: it is moved to
+        ``root/quarantine/<repository>@<oid>`` and reported. One that cannot be
+        checked or moved (an I/O error) is reported, counted corrupt and left
+        in place, and the check carries on. Returns ``(checked, corrupt)``."""
         checked = corrupt = 0
-        for repository, oid, path in self.stored_objects():
+        for repository, oid, shard_fd in self._all_object_entries():
             try:
-                actual = _hash_file(path)
+                finding = self._verify_entry(repository, oid, shard_fd)
             except FileNotFoundError:
                 continue   # deleted by a running server meanwhile
             checked += 1
-            if actual != oid:
+            if finding is not None:
                 corrupt += 1
-                os.makedirs(quarantine, exist_ok=True)
-                destination = os.path.join(quarantine, "%s@%s" % (repository, oid))
-                os.replace(path, destination)
-                report("corrupt: %s/%s moved to %s" % (repository, oid, destination))
+                report("corrupt: %s/%s %s" % (repository, oid, finding))
         return checked, corrupt
+
+    def _verify_entry(self, repository, oid, shard_fd):
+        """None if the entry is a sound object; else quarantine it if possible
+        and say what was found. FileNotFoundError if it is gone."""
+        try:
+            problem = _object_problem(oid, shard_fd)
+            if problem is None:
+                return None
+            return "%s; moved to %s" % (problem, self._quarantine(repository, oid, shard_fd))
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            return "could not be checked or moved (%s); left in place" % error
+
+    def _quarantine(self, repository, oid, shard_fd):
+        """Move the entry named ``oid`` in ``shard_fd`` to
+        ``root/quarantine/<repository>@<oid>``, or ``...@2``, ``@3``... when that
+        name is taken (a rename could not replace a directory, and would lose
+        what was quarantined before); return where it went."""
+        quarantine = os.path.join(self.root, self.QUARANTINE_DIR)
+        try:
+            os.mkdir(quarantine)
+        except FileExistsError:
+            pass
+        quarantine_fd = _open_directory_beneath(self.root, (self.QUARANTINE_DIR,))
+        try:
+            for number in itertools.count(1):
+                name = "%s@%s" % (repository, oid) + ("@%d" % number if number > 1 else "")
+                if not _exists(name, quarantine_fd):
+                    os.rename(oid, name, src_dir_fd=shard_fd, dst_dir_fd=quarantine_fd)
+                    return os.path.join(quarantine, name)
+        finally:
+            os.close(quarantine_fd)
 
 
 class _BackgroundFlush(threading.Thread):
@@ -641,13 +843,31 @@ def _disk_full_is_insufficient_storage():
                                   % os.strerror(error.errno)) from error
 
 
-def _hash_file(path):
+def _object_problem(oid, shard_fd):
+    """None if the entry ``oid`` in ``shard_fd`` is a regular file whose bytes hash
+    to ``oid``, else what is wrong with it, in words. Follows no symlink and opens
+    a FIFO without waiting for a writer."""
+    try:
+        fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
+    except OSError as error:
+        if error.errno not in _FOREIGN:
+            raise
+        return "is " + _kind(os.stat(oid, dir_fd=shard_fd, follow_symlinks=False).st_mode)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)   # before any FileIO: it refuses a directory and leaves the descriptor open
+        return "is " + _kind(mode)
+    with open(fd, "rb", buffering=0) as file:
+        return None if _hash_file(file) == oid else "does not hash to its name"
+
+
+def _hash_file(file):
+    """The SHA-256 of what is left to read in ``file``, read a block at a time."""
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as file:
-        block = bytearray(DiskStore.BLOCK_BYTES)
-        view = memoryview(block)
-        for count in iter(lambda: file.readinto(block), 0):
-            digest.update(view[:count])
+    block = bytearray(DiskStore.BLOCK_BYTES)
+    view = memoryview(block)
+    for count in iter(lambda: file.readinto(block), 0):
+        digest.update(view[:count])
     return digest.hexdigest()
 
 
@@ -670,7 +890,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "verify":
         print("usage: python storage.py verify DIR\n\n"
-              "Re-hash every object under DIR; move corrupt ones to DIR/quarantine/.",
+              "Re-hash every object under DIR; move corrupt ones, and anything at an object\n"
+              "path that is not a regular file, to DIR/quarantine/.",
               file=sys.stderr)
         return 2
     if not os.path.isdir(argv[1]):
@@ -682,7 +903,7 @@ def main(argv=None):
     finally:
         store.close()
     print("verified %d objects in %s: %d corrupt%s" % (
-        checked, store.root, corrupt, " (moved to quarantine/)" if corrupt else ""))
+        checked, store.root, corrupt, " (listed above)" if corrupt else ""))
     return 1 if corrupt else 0
 
 

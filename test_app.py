@@ -538,6 +538,25 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
         finally:
             result.close()
 
+    def test_entries_the_store_did_not_write_are_404_until_put_replaces_them(self):
+        outside = os.path.join(temporary_directory(self), "outside")
+        with open(outside, "wb") as file:
+            file.write(b"outside the data directory")
+        makers = {b"where a directory was": os.mkdir,
+                  b"outside the data directory": lambda path: os.symlink(outside, path)}
+        for data, make in makers.items():
+            with self.subTest(data=data):
+                oid = sha256(data)
+                path = storage.object_path(self.app.store.root, "repo", oid)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                make(path)
+                for method in ("GET", "HEAD", "DELETE"):
+                    self.assertEqual(self.request(method, "/data/repo/" + oid).status, 404, method)
+                self.assertEqual(self.request("GET", "/data/repo").json()["objects"], [])
+                self.assertEqual(self.request("PUT", "/data/repo/" + oid, data).status, 201)
+                self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)
+                self.assertEqual(self.request("DELETE", "/data/repo/" + oid).status, 200)
+
     def test_full_disk_is_507_and_keeps_serving(self):
         with small_filesystem(self) as mount_point:
             self.restart(store=open_disk_store(self, mount_point))

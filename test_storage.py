@@ -7,6 +7,8 @@ and inherits every test, so each backend proves the same guarantees.
 import functools
 import io
 import os
+import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -245,6 +247,15 @@ class BlockingSource(io.BytesIO):
         return count
 
 
+def make_socket_file(path):
+    """Leave a Unix socket's file at ``path``, as a crashed program would."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+
+
+SPECIAL_FILE_MAKERS = {"FIFO": os.mkfifo, "socket": make_socket_file}
+
+
 class DiskStoreTest(StoreContract, unittest.TestCase):
     def make_store(self, **options):
         self.root = temporary_directory(self)
@@ -252,6 +263,108 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
 
     def temporary_files(self):
         return [path for path in files_under(self.root) if path.startswith("@tmp")]
+
+    def object_path(self, repository, data):
+        """``(oid, path)`` of the object holding ``data``, its directories made."""
+        oid = sha256(data)
+        path = storage.object_path(self.root, repository, oid)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return oid, path
+
+    def quarantined(self, repository, oid, suffix=""):
+        """The ``lstat`` of what the quarantine holds for that object."""
+        return os.lstat(os.path.join(self.root, "quarantine", "%s@%s%s" % (repository, oid, suffix)))
+
+    def assertNotAnObject(self, repository, oid):
+        """Not opened, not deleted, not listed, not counted (usage is counted at start)."""
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.open(repository, oid)
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.delete(repository, oid)
+        self.assertEqual(self.store.list_objects(repository), [])
+        self.assertEqual(open_disk_store(self, self.root).usage(), (0, 0))
+
+    def assertReturnsWithoutBlocking(self, call, fifo):
+        """Run ``call`` on a thread. If it is still waiting after 10 s (for a
+        writer to open ``fifo``), open the FIFO for writing to release it, and fail."""
+        outcome = {}
+        finished = threading.Event()
+
+        def run():
+            try:
+                call()
+            except BaseException as error:
+                outcome["error"] = error
+            finally:
+                finished.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        if not finished.wait(10):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass   # it has just finished after all
+            finished.wait(10)
+            self.fail("blocked waiting for a writer on a FIFO")
+        if "error" in outcome:
+            raise outcome["error"]
+
+    def test_symlink_at_an_object_path_is_not_followed(self):
+        secret = os.path.join(temporary_directory(self), "secret")
+        with open(secret, "wb") as file:
+            file.write(b"outside the data directory")
+        oid, path = self.object_path("repo", b"outside the data directory")
+        os.symlink(secret, path)   # named by its target's hash: even a digest check would pass
+        self.assertNotAnObject("repo", oid)
+        self.assertEqual(self.put("repo", b"outside the data directory")[0], oid)
+        self.assertEqual(self.read("repo", oid), b"outside the data directory")
+        self.assertTrue(stat.S_ISREG(os.lstat(path).st_mode))
+        self.assertTrue(stat.S_ISLNK(self.quarantined("repo", oid).st_mode))
+        with open(secret, "rb") as file:
+            self.assertEqual(file.read(), b"outside the data directory")
+
+    def test_symlinked_directories_are_neither_followed_nor_written_through(self):
+        data = b"an object in a tree outside the data directory"
+        oid = sha256(data)
+        outside = temporary_directory(self)
+        os.makedirs(os.path.join(outside, oid[:2]))
+        with open(os.path.join(outside, oid[:2], oid), "wb") as file:
+            file.write(data)
+        os.symlink(outside, os.path.join(self.root, "linked-repository"))
+        os.makedirs(os.path.join(self.root, "linked-shard"))
+        os.symlink(os.path.join(outside, oid[:2]), os.path.join(self.root, "linked-shard", oid[:2]))
+        for repository in ("linked-repository", "linked-shard"):
+            with self.subTest(repository=repository):
+                self.assertNotAnObject(repository, oid)
+                with self.assertRaises(storage.ForeignEntry):
+                    self.put(repository, data)
+                self.assertEqual(files_under(outside), ["%s/%s" % (oid[:2], oid)])   # nothing unlinked
+
+    def test_special_files_at_an_object_path_are_not_objects(self):
+        for kind, make in SPECIAL_FILE_MAKERS.items():
+            with self.subTest(kind=kind):
+                data = b"an object where a %s was" % kind.encode()
+                oid, path = self.object_path(kind, data)
+                make(path)
+                self.assertReturnsWithoutBlocking(lambda: self.assertNotAnObject(kind, oid), path)
+                self.assertEqual(self.put(kind, data)[0], oid)
+                self.assertEqual(self.read(kind, oid), data)
+                self.assertFalse(stat.S_ISREG(self.quarantined(kind, oid).st_mode))
+                self.store.delete(kind, oid)
+
+    def test_directory_at_an_object_path_is_not_an_object(self):
+        oid, path = self.object_path("repo", b"where a directory was")
+        os.mkdir(path)
+        self.assertNotAnObject("repo", oid)
+        self.assertTrue(os.path.isdir(path))   # a DELETE that finds no object removes nothing
+        self.assertEqual(self.put("repo", b"where a directory was")[0], oid)
+        self.assertEqual(self.read("repo", oid), b"where a directory was")
+        self.assertEqual(self.store.usage(), (1, 21))
+        self.assertTrue(stat.S_ISDIR(self.quarantined("repo", oid).st_mode))
+        self.store.delete("repo", oid)
+        os.mkdir(path)   # again: the first one keeps its place in the quarantine
+        self.assertEqual(self.put("repo", b"where a directory was")[0], oid)
+        self.assertTrue(stat.S_ISDIR(self.quarantined("repo", oid, "@2").st_mode))
 
     def test_layout(self):
         oid, _ = self.put("repo", b"laid out")
@@ -399,6 +512,37 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
                          (0, " 0 corrupt"))
         usage = subprocess.run(command[:2], capture_output=True, text=True)
         self.assertEqual(usage.returncode, 2)
+
+    def test_verify_command_checks_every_entry_and_never_blocks(self):
+        sound = [self.put("r", b"sound %d" % number)[0] for number in range(5)]
+        _, corrupted = self.object_path("r", b"to be corrupted")
+        with open(corrupted, "wb") as file:
+            file.write(b"not what it is named after")
+        target = os.path.join(temporary_directory(self), "target")
+        with open(target, "wb") as file:
+            file.write(b"symlink target")
+        makers = dict(SPECIAL_FILE_MAKERS, directory=os.mkdir,
+                      symlink=lambda path: os.symlink(target, path))
+        special = {kind: self.object_path("r", b"symlink target" if kind == "symlink" else
+                                          kind.encode())[0] for kind in makers}
+        for kind, oid in special.items():
+            makers[kind](storage.object_path(self.root, "r", oid))
+        command = [sys.executable, os.path.join(HERE, "storage.py"), "verify", self.root]
+        first = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        self.assertIn("verified 10 objects", first.stdout, first.stderr)
+        self.assertEqual((first.returncode, first.stdout.splitlines()[-1].split(":")[-1]),
+                         (1, " 5 corrupt (listed above)"))
+        self.assertIn("r/%s does not hash to its name" % sha256(b"to be corrupted"), first.stdout)
+        for kind, oid in special.items():
+            self.assertIn("r/%s is a %s; moved to" % (oid, kind), first.stdout)
+            self.assertFalse(stat.S_ISREG(self.quarantined("r", oid).st_mode))
+        for oid in sound:
+            self.assertEqual(len(self.read("r", oid)), 7)
+        with open(target, "rb") as file:
+            self.assertEqual(file.read(), b"symlink target")
+        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        self.assertEqual((second.returncode, second.stdout.splitlines()[-1].split(":")[-1]),
+                         (0, " 0 corrupt"))
 
 
 if __name__ == "__main__":

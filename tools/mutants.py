@@ -28,11 +28,12 @@ MUTANTS = [   # (name, file, snippet, replacement)
     ("no fsync of the object file", "storage.py",
      "self._sync_file(file.fileno())", "pass"),
     ("no fsync of the directory after the rename", "storage.py",
-     "            self._sync_directory(os.path.dirname(final_path))\n        return oid, size",
+     "            self._sync_directory(os.path.join(self.root, *directory))\n        return oid, size",
      "            pass\n        return oid, size"),
     ("copy instead of temp file + atomic rename", "storage.py",
-     "            os.replace(temporary_path, final_path)\n            self._objects += 1",
-     "            shutil.copyfile(temporary_path, final_path)\n            self._objects += 1"),
+     "            os.replace(temporary_path, oid, dst_dir_fd=shard_fd)\n            self._objects += 1",
+     "            shutil.copyfile(temporary_path, os.path.join(self.root, repository, oid[:2], oid))\n"
+     "            self._objects += 1"),
     ("no digest check on a verified PUT", "storage.py",
      "if expected_oid is not None and oid != expected_oid:", "if False:"),
     ("range end past the object", "server.py",
@@ -47,11 +48,10 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "self.continue_pending = self.head.expects_continue and not self.body.finished; "
      "self._send_continue()"),
     ("one namespace for all repositories", "storage.py",
-     "return os.path.join(root, repository, oid[:2], oid)", "return os.path.join(root, oid[:2], oid)"),
+     "    return repository, oid[:2]", '    return "shared", oid[:2]'),
     ("DELETE of a missing object succeeds", "storage.py",
-     "        except FileNotFoundError:\n            raise not_found(repository, oid) from None\n"
-     "        self._sync_directory",
-     "        except FileNotFoundError:\n            return\n        self._sync_directory"),
+     "                if size is None:\n                    raise not_found(repository, oid)",
+     "                if size is None:\n                    return"),
     ("token compared as a prefix", "server.py",
      "return scheme.lower() == \"bearer\" and hmac.compare_digest(\n"
      "            token.strip(http11.WHITESPACE).encode(\"latin-1\"), self.auth_token)",
