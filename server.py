@@ -60,6 +60,7 @@ STORE_ERROR_STATUS = {
     storage.DigestMismatch: 400,
     storage.ObjectNotFound: 404,
     storage.InsufficientStorage: 507,
+    storage.StoreNotWritable: 503,
 }
 
 
@@ -574,9 +575,11 @@ class DataStorageServer:
 
     def get_health(self, request):
         """200 while serving; 503 once the server hosting us has begun to shut
-        down, so balancers move away."""
+        down, or while the store cannot be written, so balancers move away."""
         if request.environ.get(gateway.DRAINING_KEY):
             return Response.json(503, {"status": "draining"})
+        if not self.store.writable():
+            return Response.json(503, {"status": "not writable"})
         return Response.json(200, {"status": "ok"})
 
     def get_metrics(self, request):

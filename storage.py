@@ -15,6 +15,7 @@ Every store offers the same three calls:
 ``delete(repository, oid)``
 ``list_objects(repository, after=None, limit=1000) -> [(oid, size), ...]``
 ``usage() -> (objects, bytes)``
+``writable() -> bool``
 ``close()``
 
 Both take ``max_total_size``, a quota on the bytes stored: an upload that
@@ -71,6 +72,10 @@ class DigestMismatch(StoreError):
 
 class InsufficientStorage(StoreError):
     """The disk (or the user's quota) is full; nothing was stored."""
+
+
+class StoreNotWritable(StoreError):
+    """The store cannot be written now (a read-only filesystem); nothing changed."""
 
 
 class ForeignEntry(StoreError):
@@ -206,6 +211,10 @@ class MemoryStore:
         """``(objects, bytes)`` currently stored, all repositories together."""
         with self._lock:
             return self._objects, self._bytes
+
+    def writable(self):
+        """Always: memory can always be written (within the quota)."""
+        return True
 
     def list_objects(self, repository, after=None, limit=1000):
         """Up to ``limit`` ``(oid, size)`` pairs of ``repository``, sorted by oid,
@@ -439,7 +448,7 @@ class DiskStore:
         check_repository(repository)
         if expected_oid is not None:
             expected_oid = check_expected_oid(expected_oid)
-        with _disk_full_is_insufficient_storage():
+        with _write_errors_as_store_errors():
             fd, temporary_path = tempfile.mkstemp(dir=self._temporary_dir)
             try:
                 with open(fd, "wb", buffering=0) as file:
@@ -595,7 +604,7 @@ class DiskStore:
         oid = self._canonical_oid(repository, oid)
         shard_fd = self._open_shard_directory(repository, oid)
         try:
-            with self._lock:
+            with self._lock, _write_errors_as_store_errors():
                 size = _regular_file_size(oid, shard_fd)
                 if size is None:
                     raise not_found(repository, oid)
@@ -606,7 +615,13 @@ class DiskStore:
             raise not_found(repository, oid) from None   # deleted meanwhile by another process
         finally:
             os.close(shard_fd)
-        self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))
+        with _write_errors_as_store_errors():
+            self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))
+
+    def writable(self):
+        """Whether uploads and deletes can change the store now (False on a
+        filesystem remounted read-only)."""
+        return os.access(self._temporary_dir, os.W_OK)
 
     def usage(self):
         """``(objects, bytes)`` as this process counts them (see the class docstring)."""
@@ -833,14 +848,19 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)   # macOS has no fdatasync
 
 
 @contextlib.contextmanager
-def _disk_full_is_insufficient_storage():
+def _write_errors_as_store_errors():
+    """A full disk is InsufficientStorage, a read-only one StoreNotWritable:
+    conditions of the storage, not faults of the request or of the code."""
     try:
         yield
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise InsufficientStorage("not enough storage for the object: %s"
-                                  % os.strerror(error.errno)) from error
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage("not enough storage for the object: %s"
+                                      % os.strerror(error.errno)) from error
+        if error.errno == errno.EROFS:
+            raise StoreNotWritable("the data directory cannot be written now: %s"
+                                   % os.strerror(error.errno)) from error
+        raise
 
 
 def _object_problem(oid, shard_fd):

@@ -8,6 +8,7 @@ runs against both stores; a backend's test case supplies ``make_store()``.
 import io
 import json
 import os
+import subprocess
 import time
 import unittest
 import warnings
@@ -557,6 +558,24 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
                 self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)
                 self.assertEqual(self.request("DELETE", "/data/repo/" + oid).status, 200)
 
+    def test_a_read_only_filesystem_is_503_and_unhealthy_until_writable_again(self):
+        with small_filesystem(self) as mount_point:
+            self.restart(store=open_disk_store(self, mount_point))
+            oid = self.put("repo", b"stored before")
+            remount(self, mount_point, "ro")
+            for method, path, body in (("PUT", "/data/repo", b"new"),
+                                       ("PUT", "/data/other", b"new"),
+                                       ("DELETE", "/data/repo/" + oid, None)):
+                response = self.request(method, path, body)
+                self.assertJSONError(response, 503)
+                self.assertIn("cannot be written now", response.json()["error"])
+            self.assertEqual(self.request("GET", "/data/repo/" + oid).body, b"stored before")
+            health = self.request("GET", "/healthz")
+            self.assertEqual((health.status, health.json()), (503, {"status": "not writable"}))
+            remount(self, mount_point, "rw")
+            self.assertEqual(self.request("GET", "/healthz").status, 200)
+            self.assertEqual(self.request("PUT", "/data/repo", b"new").status, 201)
+
     def test_full_disk_is_507_and_keeps_serving(self):
         with small_filesystem(self) as mount_point:
             self.restart(store=open_disk_store(self, mount_point))
@@ -631,6 +650,11 @@ class DurabilityOrderTest(WSGIClientMixin, unittest.TestCase):
         self.assertEqual(self.request("DELETE", "/data/repo/" + oid).status, 200)
         self.assertEqual(self.events, [("sync directory", os.path.join("repo", oid[:2]), False),
                                        ("response", "200")])
+
+
+def remount(test, mount_point, mode):
+    result = subprocess.run(["mount", "-o", "remount," + mode, mount_point], capture_output=True)
+    test.assertEqual(result.returncode, 0, result.stderr)
 
 
 class OpenAPITest(WSGIClientMixin, unittest.TestCase):
