@@ -433,6 +433,9 @@ class DataStorageServer:
             response = Response.error(error.status, str(error), error.headers)
         except storage.StoreError as error:
             response = Response.error(STORE_ERROR_STATUS.get(type(error), 500), str(error))
+            if response.status >= 500:   # the storage's condition, for the operator to see
+                environ["wsgi.errors"].write("store error in %s %r: %s" % (
+                    environ["REQUEST_METHOD"], request_target(environ)[:200], error))
         except Exception:
             if request is not None and request.body.failed:
                 raise

@@ -566,9 +566,12 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
             for method, path, body in (("PUT", "/data/repo", b"new"),
                                        ("PUT", "/data/other", b"new"),
                                        ("DELETE", "/data/repo/" + oid, None)):
-                response = self.request(method, path, body)
+                environ = self.environ(method, path, body)
+                environ["wsgi.errors"] = errors = io.StringIO()
+                response = self.call(environ)
                 self.assertJSONError(response, 503)
                 self.assertIn("cannot be written now", response.json()["error"])
+                self.assertIn("store error in %s" % method, errors.getvalue())   # for the operator
             self.assertEqual(self.request("GET", "/data/repo/" + oid).body, b"stored before")
             health = self.request("GET", "/healthz")
             self.assertEqual((health.status, health.json()), (503, {"status": "not writable"}))
