@@ -52,27 +52,32 @@ HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrad
 JSON_ERROR_HEADERS = [("Content-Type", "application/json")]
 
 
-def ensure_descriptors(connections):
-    """Raise this process's soft limit on open files to what ``connections``
-    need (plus DESCRIPTOR_MARGIN) if the hard limit allows; return a warning
-    when it stays below, else None. (No limit to check where ``resource`` is
-    missing, as on Windows.)"""
+def fit_descriptors(connections):
+    """``(connections, warning)``: raise this process's soft limit on open files
+    to what ``connections`` need (plus DESCRIPTOR_MARGIN for the store, logs
+    and listener) if the hard limit allows; where it does not, fewer
+    connections, so that the store always has descriptors left, and a warning
+    saying so (else None). No limit to fit where ``resource`` is missing."""
     try:
         import resource
     except ImportError:
-        return None
+        return connections, None
     needed = connections + DESCRIPTOR_MARGIN
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
-        return None
-    raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
-    if raised > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-    if raised >= needed:
-        return None
-    return ("the limit on open files (%d) is below --max-connections + %d (%d): beyond it, "
-            "idle connections are closed to accept new ones; raise it (ulimit -n)"
-            % (raised, DESCRIPTOR_MARGIN, needed))
+        return connections, None
+    wanted = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    except (ValueError, OSError):   # macOS caps the soft limit lower than its hard one says
+        pass
+    if soft >= needed:
+        return connections, None
+    fitted = max(1, soft - DESCRIPTOR_MARGIN)
+    return fitted, ("the limit on open files (%d) is below --max-connections + %d (%d): serving "
+                    "at most %d connections at once; raise it (ulimit -n)"
+                    % (soft, DESCRIPTOR_MARGIN, needed, fitted))
 
 
 def json_error(message):
@@ -487,9 +492,9 @@ class Exchange:
         fields = [*self.server.standard_fields(), *headers]
         if self.length is not None:
             fields.append(("Content-Length", str(self.length)))
-        self.status = int(status_line[:3])
         self.connection.wfile.write(
             http11.format_response_head(status_line, fields, not self.keep_alive) + body)
+        self.status = int(status_line[:3])   # only once it went out: else the client left first
         self.sent += len(body)
 
     def _can_drain_body(self):

@@ -61,6 +61,7 @@ STORE_ERROR_STATUS = {
     storage.ObjectNotFound: 404,
     storage.InsufficientStorage: 507,
     storage.StoreNotWritable: 503,
+    storage.StoreBusy: 503,
 }
 
 
@@ -720,10 +721,11 @@ def main(argv=None):
     except (OSError, storage.StoreError) as error:
         return cannot_start("cannot use --data-dir %s: %s" % (args.data_dir, error))
     log = logs.Log(log_format=args.log_format, level=args.log_level)
+    max_connections, descriptors = gateway.fit_descriptors(args.max_connections)
     try:
         server = gateway.GatewayServer((args.host, args.port), None,
                                        request_timeout=args.request_timeout,
-                                       max_connections=args.max_connections, log=log,
+                                       max_connections=max_connections, log=log,
                                        multiprocess=args.workers > 1)
     except OSError as error:   # the port is taken, the host does not resolve, ...
         application.close()
@@ -734,14 +736,13 @@ def main(argv=None):
         "disk store in %s" % args.data_dir if args.data_dir else "in-memory store",
         ", %d workers" % args.workers if args.workers > 1 else "",
         ", bearer token required" if args.auth_token else ""), flush=True)
+    if descriptors:
+        log.log("warning", descriptors)
     log.log("info", "settings: max object size %d, quota %s, request timeout %ss, "
             "max connections %d, shutdown timeout %ss, workers %d" % (
                 args.max_object_size, "none" if args.max_total_size is None else args.max_total_size,
                 args.request_timeout,
-                args.max_connections, args.shutdown_timeout, args.workers))
-    descriptors = gateway.ensure_descriptors(args.max_connections)
-    if descriptors:
-        log.log("warning", descriptors)
+                max_connections, args.shutdown_timeout, args.workers))
     if args.workers > 1:
         application.close()   # it proved the store opens; each worker opens its own
         return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)

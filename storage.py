@@ -78,6 +78,10 @@ class StoreNotWritable(StoreError):
     """The store cannot be written now (a read-only filesystem); nothing changed."""
 
 
+class StoreBusy(StoreError):
+    """The process has no file descriptor left for the store now; nothing changed."""
+
+
 class ForeignEntry(StoreError):
     """Where the disk store needs a directory of its own, the data directory holds
     something else (a symlink, a file, a special file), which it will not write through."""
@@ -312,11 +316,16 @@ def _refusing_foreign_directories(names):
 
 def _exists(name, dir_fd):
     """Whether the directory ``dir_fd`` has an entry ``name``, of whatever kind."""
+    return _entry_mode(name, dir_fd) is not None
+
+
+def _entry_mode(name, dir_fd):
+    """The ``st_mode`` of the entry ``name`` in the directory ``dir_fd``, of
+    whatever kind (a symlink is not followed), or None if there is none."""
     try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except FileNotFoundError:
-        return False
-    return True
+        return None
 
 
 def _kind(mode):
@@ -473,11 +482,12 @@ class DiskStore:
         quarantine first: a rename cannot replace a directory, and the others
         are not objects."""
         with self._lock:
-            if _regular_file_size(oid, shard_fd) is not None:   # stored: the rename changes nothing
-                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)
+            present = _entry_mode(oid, shard_fd)   # one look: another process may publish meanwhile
+            if present is not None and stat.S_ISREG(present):
+                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)   # stored: changes nothing
                 return
             _check_quota(self._bytes, size, self._max_total_size)
-            if _exists(oid, shard_fd):
+            if present is not None:
                 self._quarantine(repository, oid, shard_fd)
             os.replace(temporary_path, oid, dst_dir_fd=shard_fd)
             self._objects += 1
@@ -582,15 +592,16 @@ class DiskStore:
         """Return the object as a StoredObject over an open file, or raise
         ObjectNotFound. Only a regular file is an object; nothing it opens can block."""
         oid = self._canonical_oid(repository, oid)
-        shard_fd = self._open_shard_directory(repository, oid)
-        try:
-            fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
-        except OSError as error:
-            if error.errno in _NOT_OURS:
-                raise not_found(repository, oid) from None
-            raise
-        finally:
-            os.close(shard_fd)
+        with _write_errors_as_store_errors():   # out of descriptors: StoreBusy
+            shard_fd = self._open_shard_directory(repository, oid)
+            try:
+                fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
+            except OSError as error:
+                if error.errno in _NOT_OURS:
+                    raise not_found(repository, oid) from None
+                raise
+            finally:
+                os.close(shard_fd)
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             os.close(fd)
@@ -849,8 +860,9 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)   # macOS has no fdatasync
 
 @contextlib.contextmanager
 def _write_errors_as_store_errors():
-    """A full disk is InsufficientStorage, a read-only one StoreNotWritable:
-    conditions of the storage, not faults of the request or of the code."""
+    """A full disk is InsufficientStorage, a read-only one StoreNotWritable, no
+    descriptor left StoreBusy: conditions of the storage or the process, not
+    faults of the request or of the code."""
     try:
         yield
     except OSError as error:
@@ -860,6 +872,9 @@ def _write_errors_as_store_errors():
         if error.errno == errno.EROFS:
             raise StoreNotWritable("the data directory cannot be written now: %s"
                                    % os.strerror(error.errno)) from error
+        if error.errno in (errno.EMFILE, errno.ENFILE):
+            raise StoreBusy("the server has no file descriptor left now; retry shortly: %s"
+                            % os.strerror(error.errno)) from error
         raise
 
 

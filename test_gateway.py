@@ -470,6 +470,14 @@ class ConnectionTest(GatewayTestCase):
         # Within the grace a newcomer may still be refused; then a trickler gives way.
         wait_until(lambda: self.request("GET", "/healthz").status == 200)
 
+    def test_a_reclaimed_head_is_abandoned_not_answered(self):
+        self.start(max_connections=1)
+        self.raw_socket().sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        wait_until(lambda: self.request("GET", "/healthz").status == 200)
+        wait_until(lambda: "abandoned" in self.running.log.getvalue())
+        self.assertNotIn('" 400 ', self.running.log.getvalue())   # no answer went out to log
+        self.assertNotIn('status="400"', self.app.metrics.render(0, 0))
+
     def trickle(self, sock, data):
         """Send ``data`` a byte every 0.1 s until the server closes the
         connection; the number of bytes it took."""

@@ -30,16 +30,29 @@ def block_stop_signals(block=True):
         signal.pthread_sigmask(signal.SIG_BLOCK if block else signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def serve_until_signalled(server, shutdown_timeout):
+def handle_stop_signals(handler):
+    """Install ``handler`` for the stop signals this process was not started
+    ignoring: under ``nohup`` SIGHUP stays ignored, as does SIGINT in a shell's
+    background job."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
+def serve_until_signalled(server, shutdown_timeout, second_signal_stops=True):
     """Serve until a stop signal; then stop accepting, close idle connections
     and give in-flight requests ``shutdown_timeout`` seconds. A second stop
-    signal ends the process at once, with status 1. Returns how many requests
-    were cut off at the deadline."""
+    signal ends the process at once, with status 1, if ``second_signal_stops``
+    (a worker gets the same signal twice when a terminal or systemd signals
+    its whole process group and its parent passes it on: it only drains).
+    Returns how many requests were cut off at the deadline."""
     stopping = threading.Event()
 
     def stop(signum, frame):
         if stopping.is_set():
-            _exit_now("signal %d during the drain: stopping at once" % signum)
+            if second_signal_stops:
+                _exit_now("signal %d during the drain: stopping at once" % signum)
+            return
         stopping.set()
         # Not on this thread: shutdown() waits for serve_forever() to return,
         # and the log's locks may be held by this very thread (see logs.py).
@@ -49,8 +62,7 @@ def serve_until_signalled(server, shutdown_timeout):
         server.log.log("info", "signal %d: draining and stopping" % signum)
         server.shutdown()
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
+    handle_stop_signals(stop)
     block_stop_signals(False)
     server.serve_forever(gateway.POLL_INTERVAL)
     server.stop_accepting()
@@ -61,12 +73,12 @@ def serve_until_signalled(server, shutdown_timeout):
     return left
 
 
-def serve_application(server, application, shutdown_timeout):
+def serve_application(server, application, shutdown_timeout, second_signal_stops=True):
     """Serve ``application`` until signalled, then close it; the exit status:
     0, or 1 if requests were cut off at the shutdown deadline."""
     server.application, server.metrics = application, application.metrics
     try:
-        return 1 if serve_until_signalled(server, shutdown_timeout) else 0
+        return 1 if serve_until_signalled(server, shutdown_timeout, second_signal_stops) else 0
     finally:
         application.close()
 
@@ -78,7 +90,7 @@ def run_workers(server, count, make_application, shutdown_timeout):
     RESTART_LIMIT: workers that cannot run must not be forked for ever. On a
     stop signal, close the
     listening socket here at once, pass SIGTERM on and wait for all to drain
-    (status 1 if any cut requests off); a second signal is passed on too."""
+    (status 1 if any cut requests off); a second signal kills them (status 1)."""
     workers = {}   # pid -> start time
     stopping = False
     status = 0
@@ -90,10 +102,10 @@ def run_workers(server, count, make_application, shutdown_timeout):
         if pid == 0:
             code = 1
             try:
-                for signum in STOP_SIGNALS:
-                    signal.signal(signum, signal.SIG_DFL)
+                handle_stop_signals(signal.SIG_DFL)   # not the parent's handler
                 threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
-                code = serve_application(server, make_application(), shutdown_timeout)
+                code = serve_application(server, make_application(), shutdown_timeout,
+                                         second_signal_stops=False)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -102,14 +114,18 @@ def run_workers(server, count, make_application, shutdown_timeout):
         block_stop_signals(False)
 
     def stop(signum, frame):
-        nonlocal stopping
+        nonlocal stopping, status
+        if stopping and signum is not None:   # a second signal: stop at once
+            status = 1
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            return
         stopping = True
-        server.socket.close()   # new connections are refused now, not left waiting
+        server.socket.close()   # this copy at once; each worker closes its own as it stops
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, stop)
+    handle_stop_signals(stop)
     # Every worker wakes for each new connection and only one wins it; the
     # others must get EAGAIN from accept() (which socketserver ignores), not
     # block there, deaf to shutdown, until the next connection.
