@@ -494,7 +494,7 @@ class DataStorageServer:
                             % (length, self.max_object_size))
         if oid is not None and request.environ.get("HTTP_IF_MATCH") is not None:
             self._check_if_match(request, repository, oid)
-        oid, size = self.store.put(repository, request.body, expected_oid=oid)
+        oid, size = self.store.put(repository, request.body, expected_oid=oid, length=length)
         return Response.json(201, {"oid": oid, "size": size},
                              [("Location", "/data/%s/%s" % (repository, oid))])
 

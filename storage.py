@@ -159,30 +159,39 @@ class MemoryStore:
         self._repositories = {}  # repository -> {oid: bytes}
         self._objects = 0
         self._bytes = 0
-        self._max_total_size = max_total_size
+        self._quota = _Quota(max_total_size)
         self._lock = threading.Lock()
 
-    def put(self, repository, source, expected_oid=None):
+    def put(self, repository, source, expected_oid=None, length=None):
         """Read ``source`` to its end and store it in ``repository``.
 
         Returns ``(oid, size)``. If ``expected_oid`` is given, it is checked
         before anything is read, and bytes that hash to anything else raise
-        DigestMismatch with nothing stored. An exception raised by ``source``
-        propagates and stores nothing.
+        DigestMismatch with nothing stored. ``length``, when the caller knows
+        it, is checked against the quota before anything is read (see
+        ``_Quota``). An exception raised by ``source`` propagates and stores nothing.
         """
         check_repository(repository)
         if expected_oid is not None:
             expected_oid = check_expected_oid(expected_oid)
-        data = source.read()
-        oid = hashlib.sha256(data).hexdigest()
-        check_digest(oid, expected_oid)
         with self._lock:
-            objects = self._repositories.setdefault(repository, {})
-            if oid not in objects:
-                _check_quota(self._bytes, len(data), self._max_total_size)
-                objects[oid] = data
-                self._objects += 1
-                self._bytes += len(data)
+            stored = expected_oid in self._repositories.get(repository, {})
+            held = 0 if stored else self._quota.hold(self._bytes, length)
+            room = None if stored or length is not None else self._quota.room(self._bytes)
+        try:
+            data = (source if room is None else _WithinRoom(source, room)).read()
+            oid = hashlib.sha256(data).hexdigest()
+            check_digest(oid, expected_oid)
+            with self._lock:
+                objects = self._repositories.setdefault(repository, {})
+                if oid not in objects:
+                    self._quota.check(self._bytes, len(data), held)
+                    objects[oid] = data
+                    self._objects += 1
+                    self._bytes += len(data)
+        finally:
+            with self._lock:
+                self._quota.release(held)
         return oid, len(data)
 
     def open(self, repository, oid):
@@ -230,10 +239,71 @@ class MemoryStore:
             return [(oid, len(objects[oid])) for oid in oids]
 
 
-def _check_quota(used, size, limit):
-    if limit is not None and used + size > limit:
-        raise InsufficientStorage("storing %d more bytes would exceed the %d-byte quota "
-                                  "(%d bytes in use)" % (size, limit, used))
+class _Quota:
+    """A quota on the bytes stored (None: no quota), with room held for the
+    uploads in flight that declared their length, so that concurrent uploads
+    cannot overshoot it together and an upload that cannot fit is refused
+    before its body is read. Its methods are called under the store's lock,
+    with ``used``, the bytes stored now."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._held = 0   # bytes promised to uploads in flight
+
+    def hold(self, used, length):
+        """Promise ``length`` bytes (None: unknown) to an upload; return what
+        was held, to pass to ``check`` and ``release``."""
+        if self.limit is None or length is None:
+            return 0
+        self._refuse_beyond(used + self._held, length)
+        self._held += length
+        return length
+
+    def room(self, used):
+        """The most bytes an upload of unknown length may have now (None: any)."""
+        return None if self.limit is None else max(0, self.limit - used - self._held)
+
+    def check(self, used, size, held):
+        """Before publishing a new object of ``size`` for an upload that held ``held``."""
+        if self.limit is not None:
+            self._refuse_beyond(used + self._held - held, size)
+
+    def release(self, held):
+        self._held -= held
+
+    def _refuse_beyond(self, taken, size):
+        if taken + size > self.limit:
+            raise InsufficientStorage(
+                "storing %d more bytes would exceed the %d-byte quota (%d bytes stored or "
+                "promised to uploads in progress)" % (size, self.limit, taken))
+
+
+class _WithinRoom:
+    """A source that raises InsufficientStorage as soon as it has given more
+    than ``room`` bytes: an upload of unknown length stops at the quota's line,
+    not after its whole body arrived."""
+
+    def __init__(self, source, room):
+        self._source = source
+        self._room = room
+        self._given = 0
+
+    def readinto(self, buffer):
+        count = self._source.readinto(memoryview(buffer)[:self._room + 1 - self._given])
+        self._given += count
+        if self._given > self._room:
+            raise InsufficientStorage("the upload passed the room left under the quota "
+                                      "(%d bytes)" % self._room)
+        return count
+
+    def read(self):
+        parts = bytearray()
+        block = bytearray(256 * 1024)
+        while True:
+            count = self.readinto(block)
+            if not count:
+                return bytes(parts)
+            parts += memoryview(block)[:count]
 
 
 def _fsync_dir(path):
@@ -397,7 +467,7 @@ class DiskStore:
         self._sync_file = sync_file
         self._sync_directory = sync_directory
         self.root = os.path.abspath(root)
-        self._max_total_size = max_total_size
+        self._quota = _Quota(max_total_size)
         self._lock = threading.Lock()
         temporary_root = os.path.join(self.root, self.TEMPORARY_DIR)
         try:
@@ -446,17 +516,38 @@ class DiskStore:
             finally:
                 os.close(fd)
 
-    def put(self, repository, source, expected_oid=None):
+    def put(self, repository, source, expected_oid=None, length=None):
         """Stream ``source`` to disk and publish it in ``repository``.
 
         Returns ``(oid, size)`` once the object is durable. If
         ``expected_oid`` is given it is checked before anything is read, and
         content that hashes to anything else raises DigestMismatch with
-        nothing stored. Any exception leaves no trace on disk.
+        nothing stored. ``length``, when the caller knows it, is checked
+        against the quota before anything is read (see ``_Quota``). Any
+        exception leaves no trace on disk.
         """
         check_repository(repository)
         if expected_oid is not None:
             expected_oid = check_expected_oid(expected_oid)
+        stored = expected_oid is not None and self._is_stored(repository, expected_oid)
+        with self._lock:
+            held = 0 if stored else self._quota.hold(self._bytes, length)
+            room = None if stored or length is not None else self._quota.room(self._bytes)
+        try:
+            return self._put(repository, source if room is None else _WithinRoom(source, room),
+                             expected_oid, held)
+        finally:
+            with self._lock:
+                self._quota.release(held)
+
+    def _is_stored(self, repository, oid):
+        try:
+            self.open(repository, oid).close()
+        except ObjectNotFound:
+            return False
+        return True
+
+    def _put(self, repository, source, expected_oid, held):
         with _write_errors_as_store_errors():
             fd, temporary_path = tempfile.mkstemp(dir=self._temporary_dir)
             try:
@@ -467,7 +558,7 @@ class DiskStore:
                 directory = object_directory(repository, oid)
                 shard_fd = self._shard_directory_to_write(directory)
                 try:
-                    self._publish(temporary_path, repository, oid, shard_fd, size)
+                    self._publish(temporary_path, repository, oid, shard_fd, size, held)
                 finally:
                     os.close(shard_fd)
             except BaseException:
@@ -476,7 +567,7 @@ class DiskStore:
             self._sync_directory(os.path.join(self.root, *directory))
         return oid, size
 
-    def _publish(self, temporary_path, repository, oid, shard_fd, size):
+    def _publish(self, temporary_path, repository, oid, shard_fd, size, held):
         """Rename the finished file into place, within the quota. Whatever else
         holds the object's name (a directory, a symlink, a FIFO) is moved to the
         quarantine first: a rename cannot replace a directory, and the others
@@ -486,7 +577,7 @@ class DiskStore:
             if present is not None and stat.S_ISREG(present):
                 os.replace(temporary_path, oid, dst_dir_fd=shard_fd)   # stored: changes nothing
                 return
-            _check_quota(self._bytes, size, self._max_total_size)
+            self._quota.check(self._bytes, size, held)
             if present is not None:
                 self._quarantine(repository, oid, shard_fd)
             os.replace(temporary_path, oid, dst_dir_fd=shard_fd)

@@ -39,6 +39,22 @@ class FailingSource(io.RawIOBase):
         raise ConnectionResetError("client went away")
 
 
+class CountingSource(io.BytesIO):
+    """Counts the bytes it gives (it has no read(): stores must read in blocks)."""
+
+    given = 0
+
+    def readinto(self, buffer):
+        count = super().readinto(buffer)
+        self.given += count
+        return count
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.given += len(data)
+        return data
+
+
 class StoreContract:
     """Tests every store must pass. Subclasses define ``make_store()``."""
 
@@ -154,11 +170,46 @@ class StoreContract:
         first, _ = self.put("repo", b"123456")
         with self.assertRaises(storage.InsufficientStorage):
             self.put("repo", b"abcdef")
-        self.assertEqual(self.put("repo", b"123456")[0], first)   # already stored: no new bytes
+        # Already stored: no new bytes, when the oid says so before the body is read.
+        self.assertEqual(self.put("repo", b"123456", expected_oid=first)[0], first)
+        with self.assertRaises(storage.InsufficientStorage):   # a plain upload needs its room
+            self.put("repo", b"123456")
         self.assertEqual(self.put("repo", b"abcd")[1], 4)          # exactly at the quota
         self.store.delete("repo", first)
         self.assertEqual(self.put("repo", b"abcdef")[1], 6)
         self.assertEqual(self.store.usage(), (2, 10))
+
+    def test_a_declared_length_beyond_the_room_is_refused_before_reading(self):
+        self.store = self.make_store(max_total_size=100)
+        self.put("repo", b"x" * 60)
+        unread = CountingSource(b"y" * 50)
+        with self.assertRaises(storage.InsufficientStorage):
+            self.store.put("repo", unread, length=50)
+        self.assertEqual(unread.given, 0)
+        self.assertEqual(self.store.put("repo", io.BytesIO(b"z" * 40), length=40)[1], 40)
+
+    def test_room_is_held_for_uploads_in_flight(self):
+        self.store = self.make_store(max_total_size=100)
+        release = threading.Event()
+        first = BlockingSource(b"a" * 60, release)
+        upload = threading.Thread(target=self.store.put, args=("repo", first), kwargs={"length": 60})
+        upload.start()
+        self.addCleanup(upload.join)
+        self.addCleanup(release.set)
+        self.assertTrue(first.started.wait(10))   # 60 bytes promised, not yet stored
+        with self.assertRaises(storage.InsufficientStorage):
+            self.store.put("repo", io.BytesIO(b"b" * 50), length=50)
+        release.set()
+        upload.join()
+        self.assertEqual(self.store.usage(), (1, 60))
+
+    def test_an_upload_of_unknown_length_stops_at_the_line(self):
+        self.store = self.make_store(max_total_size=1000)
+        endless = CountingSource(b"c" * (8 * 1024 * 1024))
+        with self.assertRaises(storage.InsufficientStorage):
+            self.store.put("repo", endless)
+        self.assertLessEqual(endless.given, 1001 + 256 * 1024)   # at most one block past it
+        self.assertEqual(self.store.usage(), (0, 0))
 
     def test_concurrent_uploads_cannot_overshoot_the_quota(self):
         self.store = self.make_store(max_total_size=100)
@@ -245,6 +296,11 @@ class BlockingSource(io.BytesIO):
         count = super().readinto(memoryview(buffer)[:4096])
         self.started.set()
         return count
+
+    def read(self, size=-1):   # the in-memory store reads a body of known length at once
+        self.started.set()
+        self._release.wait(10)
+        return super().read(size)
 
 
 def make_socket_file(path):
