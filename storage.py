@@ -19,8 +19,10 @@ Every store offers the same three calls:
 ``close()``
 
 Both take ``max_total_size``, a quota on the bytes stored: an upload that
-would exceed it raises InsufficientStorage, except an upload of an object the
-repository already holds, which adds nothing.
+would exceed it raises InsufficientStorage, before its body is read when
+``put`` is told its ``length``, as soon as it passes the room left when not
+(see ``_Quota``). Only an upload with an ``expected_oid`` the repository
+already holds needs no room.
 
 Run as a program, it checks a disk store: ``python storage.py verify DIR``.
 """
@@ -447,15 +449,22 @@ class DiskStore:
       in a way that could block. A put of its content moves it to the
       quarantine and publishes the object; a put into a repository or shard
       path that is not a real directory raises ForeignEntry.
-    - Usage (objects, bytes) is counted once at start by walking the tree and
-      then kept by this process; the quota is checked and the object
-      published in one step under a lock. Another process's changes to a
-      shared root are seen at the next start, so with several processes the
-      quota is enforced per process against that view.
+    - Usage (objects, bytes) is one account for the root, kept in the file
+      ``root/@ledger`` by every process on it, under ``flock``: the quota is
+      checked, the account raised and the object renamed into place in one
+      step, so several processes never overshoot the quota together and all
+      report the same usage. Start-up reads the account instead of walking
+      the tree (which happens once, when the ledger is new). The account is
+      raised before the rename and lowered after an unlink, so a crash
+      between the two leaves it high (the quota kept too strictly), never
+      low; ``verify`` lowers it for what it moves out, and deleting
+      ``@ledger`` while no server runs has the next start recount it. Room
+      promised to uploads in flight is counted per process.
     """
 
     BLOCK_BYTES = 1 << 20
     TEMPORARY_DIR = "@tmp"
+    LEDGER_FILE = "@ledger"
     QUARANTINE_DIR = "quarantine"
 
     def __init__(self, root, max_total_size=None, *, sync_file=os.fsync,
@@ -484,20 +493,21 @@ class DiskStore:
             self._temporary_dir = tempfile.mkdtemp(prefix="%d-" % os.getpid(), dir=temporary_root)
             self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Read-only, so that an administrator can still remount the
+            # filesystem read-only; each change opens the file for writing.
+            self._ledger_path = os.path.join(self.root, self.LEDGER_FILE)
+            self._ledger_fd = os.open(self._ledger_path, os.O_RDONLY | os.O_CREAT, 0o644)
+            if not os.fstat(self._ledger_fd).st_size:   # a new root, or one from before the ledger
+                self._write_ledger(self._count_objects())
         finally:
             os.close(startup_fd)   # releases the start-up lock
-        self._objects = self._bytes = 0
-        for _, oid, shard_fd in self._all_object_entries():
-            size = _regular_file_size(oid, shard_fd)
-            if size is not None:   # None: not ours, or deleted meanwhile by another process
-                self._objects += 1
-                self._bytes += size
 
     def close(self):
         """Release this process's temporary directory."""
         if self._lock_fd is not None:
             shutil.rmtree(self._temporary_dir, ignore_errors=True)
             os.close(self._lock_fd)
+            os.close(self._ledger_fd)
             self._lock_fd = None
 
     @staticmethod
@@ -530,9 +540,9 @@ class DiskStore:
         if expected_oid is not None:
             expected_oid = check_expected_oid(expected_oid)
         stored = expected_oid is not None and self._is_stored(repository, expected_oid)
-        with self._lock:
-            held = 0 if stored else self._quota.hold(self._bytes, length)
-            room = None if stored or length is not None else self._quota.room(self._bytes)
+        with self._lock, self._ledger(fcntl.LOCK_SH) as (_, stored_bytes):
+            held = 0 if stored else self._quota.hold(stored_bytes, length)
+            room = None if stored or length is not None else self._quota.room(stored_bytes)
         try:
             return self._put(repository, source if room is None else _WithinRoom(source, room),
                              expected_oid, held)
@@ -572,17 +582,22 @@ class DiskStore:
         holds the object's name (a directory, a symlink, a FIFO) is moved to the
         quarantine first: a rename cannot replace a directory, and the others
         are not objects."""
-        with self._lock:
+        with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
             present = _entry_mode(oid, shard_fd)   # one look: another process may publish meanwhile
             if present is not None and stat.S_ISREG(present):
                 os.replace(temporary_path, oid, dst_dir_fd=shard_fd)   # stored: changes nothing
                 return
-            self._quota.check(self._bytes, size, held)
+            self._quota.check(stored_bytes, size, held)
             if present is not None:
                 self._quarantine(repository, oid, shard_fd)
-            os.replace(temporary_path, oid, dst_dir_fd=shard_fd)
-            self._objects += 1
-            self._bytes += size
+            # Counted before the rename: a crash between the two leaves the
+            # account high (a quota kept too strictly), never low.
+            self._write_ledger((objects + 1, stored_bytes + size))
+            try:
+                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)
+            except BaseException:
+                self._write_ledger((objects, stored_bytes))
+                raise
 
     def _write(self, source, file):
         """Copy ``source`` into ``file``, hashing as it goes; return ``(oid, size)``.
@@ -706,13 +721,13 @@ class DiskStore:
         oid = self._canonical_oid(repository, oid)
         shard_fd = self._open_shard_directory(repository, oid)
         try:
-            with self._lock, _write_errors_as_store_errors():
+            with self._lock, _write_errors_as_store_errors(), \
+                    self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
                 size = _regular_file_size(oid, shard_fd)
                 if size is None:
                     raise not_found(repository, oid)
-                os.unlink(oid, dir_fd=shard_fd)
-                self._objects -= 1
-                self._bytes -= size
+                os.unlink(oid, dir_fd=shard_fd)   # before the account goes down (see _publish)
+                self._write_ledger((objects - 1, stored_bytes - size))
         except FileNotFoundError:
             raise not_found(repository, oid) from None   # deleted meanwhile by another process
         finally:
@@ -726,9 +741,39 @@ class DiskStore:
         return os.access(self._temporary_dir, os.W_OK)
 
     def usage(self):
-        """``(objects, bytes)`` as this process counts them (see the class docstring)."""
-        with self._lock:
-            return self._objects, self._bytes
+        """``(objects, bytes)`` stored under the root, by the account that every
+        process on it keeps (see the class docstring)."""
+        with self._ledger(fcntl.LOCK_SH) as counts:
+            return counts
+
+    @contextlib.contextmanager
+    def _ledger(self, lock):
+        """The account ``(objects, bytes)``, read under ``lock`` on the ledger
+        file (LOCK_EX to change it with ``_write_ledger`` meanwhile)."""
+        fcntl.flock(self._ledger_fd, lock)
+        try:
+            objects, stored_bytes = os.pread(self._ledger_fd, 64, 0).split()
+            yield int(objects), int(stored_bytes)
+        finally:
+            fcntl.flock(self._ledger_fd, fcntl.LOCK_UN)
+
+    def _write_ledger(self, counts):
+        """Replace the account (its lock held, or the start-up lock)."""
+        fd = os.open(self._ledger_path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, ("%d %d" % counts).ljust(63).encode() + b"\n", 0)
+        finally:
+            os.close(fd)
+
+    def _count_objects(self):
+        """``(objects, bytes)`` by walking the whole tree: only when the ledger is new."""
+        objects = stored_bytes = 0
+        for _, oid, shard_fd in self._all_object_entries():
+            size = _regular_file_size(oid, shard_fd)
+            if size is not None:   # None: not ours, or deleted meanwhile by another process
+                objects += 1
+                stored_bytes += size
+        return objects, stored_bytes
 
     def list_objects(self, repository, after=None, limit=1000):
         """Up to ``limit`` ``(oid, size)`` pairs of ``repository``, sorted by oid,
@@ -811,7 +856,12 @@ class DiskStore:
             problem = _object_problem(oid, shard_fd)
             if problem is None:
                 return None
-            return "%s; moved to %s" % (problem, self._quarantine(repository, oid, shard_fd))
+            with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
+                counted = _regular_file_size(oid, shard_fd)   # a regular file was in the account
+                moved_to = self._quarantine(repository, oid, shard_fd)
+                if counted is not None:
+                    self._write_ledger((objects - 1, stored_bytes - counted))
+            return "%s; moved to %s" % (problem, moved_to)
         except FileNotFoundError:
             raise
         except OSError as error:

@@ -44,8 +44,8 @@ class DiskStoreProcessTest(unittest.TestCase):
         second = ServerProcess(self, "--data-dir", self.root)
         self.assertEqual(second.request("GET", "/data/repo/" + sha256(b"acknowledged")).body,
                          b"acknowledged")
-        self.assertEqual(files_under(self.root),
-                         ["repo/%s/%s" % (sha256(b"acknowledged")[:2], sha256(b"acknowledged"))])
+        self.assertEqual(files_under(self.root), [   # the account, and one whole object
+            "@ledger", "repo/%s/%s" % (sha256(b"acknowledged")[:2], sha256(b"acknowledged"))])
         self.assertAllObjectsIntact()
 
     def test_two_processes_share_one_directory(self):
@@ -289,6 +289,25 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(connection.getresponse().status, 200)
         wait_until(lambda: b"out of file descriptors" in read_line(process.stderr))
         self.assertLess(cpu_seconds(process.pid) - cpu_before, 1.0)   # no accept() busy loop
+
+    def test_workers_share_the_quota_and_the_gauges(self):
+        process, port = self.start("--port", "0", "--workers", "2", "--max-total-size", "100",
+                                   "--data-dir", temporary_directory(self))
+        wait_until(lambda: len(child_pids(process.pid)) == 2)
+        statuses = []
+        for number in range(12):   # 10 bytes each, on new connections: both workers take some
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("PUT", "/data/repo", body=b"object %03d" % number)
+            statuses.append(connection.getresponse().status)
+            connection.close()
+        self.assertEqual(statuses, [201] * 10 + [507] * 2)   # one quota for the directory
+        for _ in range(6):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/metrics")
+            metrics = connection.getresponse().read().decode()
+            connection.close()
+            self.assertIn("datastore_objects 10\n", metrics)
+            self.assertIn("datastore_bytes 100\n", metrics)
 
     def test_workers_refuse_new_connections_while_draining(self):
         process, port = self.start("--port", "0", "--workers", "2",

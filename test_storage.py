@@ -445,7 +445,7 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
             self.store.put("repo", FailingSource(b"cut off" * 500000))   # through the pipeline
         with self.assertRaises(storage.DigestMismatch):
             self.put("repo", b"mismatch", expected_oid=sha256(b"other"))
-        self.assertEqual(files_under(self.root), [])
+        self.assertEqual(files_under(self.root), ["@ledger"])   # the account alone
 
     def test_concurrent_uploads_of_one_object_both_succeed(self):
         data = b"twice at once" * 1000
@@ -547,6 +547,28 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
             self.store.open("repo", bad)
         self.assertEqual(self.read("repo", good), b"good")
         self.assertEqual(self.store.verify(report=lambda line: None), (1, 0))
+        self.assertEqual(self.store.usage(), (1, 4))   # the account follows what verify moved out
+
+    def test_processes_on_one_root_share_one_account_and_quota(self):
+        first = self.make_store(max_total_size=100)
+        second = open_disk_store(self, self.root, max_total_size=100)   # as another process would
+        oid, _ = first.put("repo", io.BytesIO(b"x" * 60))
+        self.assertEqual(second.usage(), (1, 60))
+        with self.assertRaises(storage.InsufficientStorage):
+            second.put("repo", io.BytesIO(b"y" * 50), length=50)
+        second.delete("repo", oid)
+        self.assertEqual(first.usage(), (0, 0))
+        self.assertEqual(first.put("repo", io.BytesIO(b"y" * 50), length=50)[1], 50)
+
+    def test_start_up_reads_the_account_instead_of_walking_the_tree(self):
+        self.put("repo", b"counted")
+        stray = os.path.join(self.root, "repo", sha256(b"stray")[:2])
+        os.makedirs(stray, exist_ok=True)
+        with open(os.path.join(stray, sha256(b"stray")), "wb") as file:
+            file.write(b"stray")   # written behind the store's back: not in the account
+        self.assertEqual(open_disk_store(self, self.root).usage(), (1, 7))   # no walk
+        os.unlink(os.path.join(self.root, storage.DiskStore.LEDGER_FILE))
+        self.assertEqual(open_disk_store(self, self.root).usage(), (2, 12))  # recounted once
 
     def test_quarantine_is_also_a_valid_repository_name(self):
         oid, _ = self.put("quarantine", b"a repository like any other")
