@@ -43,6 +43,9 @@ POLL_INTERVAL = 0.1   # serve_forever's wake-up: how long an access-log line may
 DESCRIPTOR_MARGIN = 64   # file descriptors beyond one per connection: store files, logs, ...
 OUT_OF_DESCRIPTORS_PAUSE = 0.1   # seconds accept() rests when the process has no descriptor left
 DRAINING_KEY = "data_storage.draining"   # environ: true once the server is shutting down
+# environ: true because this server honours a file_wrapper file's ``held_back``
+# (see Exchange._send_file), so an application can check a file while it is sent.
+HELD_BACK_KEY = "data_storage.held_back_sendfile"
 INLINE_BODY_BYTES = 64 * 1024   # response bodies up to this size go out in the same send as the head
 DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
 MIN_BODY_RATE = 1024            # bytes/s a body must average once --request-timeout has passed
@@ -436,12 +439,18 @@ class Exchange:
     def _send_file(self, file):
         """Send ``self.length`` bytes of ``file`` from its position with sendfile,
         counting what went out even when the client stalls or leaves midway
-        (socket.sendfile leaves the file positioned after the bytes it sent)."""
+        (socket.sendfile leaves the file positioned after the bytes it sent).
+        A file with ``held_back`` bytes keeps that many at its end for
+        ``file.release_held_back()`` to give once it has checked them, or to
+        refuse (raising), which cuts the response short."""
+        held_back = getattr(file, "held_back", 0)
         start = file.tell()
         try:
-            self.connection.connection.sendfile(file, start, self.length)
+            self.connection.connection.sendfile(file, start, self.length - held_back)
         finally:
             self.sent += file.tell() - start
+        if held_back:
+            self._send_bytes(file.release_held_back())
 
     def _bodyless(self):
         """True for a response that has no body whatever its headers say (RFC 9110 §6.4.1)."""
@@ -630,6 +639,7 @@ class GatewayServer(ThreadingHTTPServer):
             "wsgi.multiprocess": self.multiprocess,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
+            HELD_BACK_KEY: True,
         }
 
     def service_actions(self):

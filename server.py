@@ -18,10 +18,12 @@ if sys.version_info < (3, 9):   # before anything that an older Python cannot ev
              % tuple(sys.version_info[:2]))
 
 import argparse   # noqa: E402 (after the version check, on purpose)
+import functools
 import hashlib
 import hmac
 import json
 import os
+import threading
 import time
 import traceback
 import urllib.parse
@@ -358,6 +360,83 @@ class FileSlice:
         self._stored.close()
 
 
+class CheckedObject(FileSlice):
+    """A whole stored object that goes out only while its bytes hash to its
+    oid: the last block (``held_back`` bytes) is released only once the digest
+    of the whole matches, so a damaged object never arrives complete; the
+    response is cut short instead and ``on_damage()`` is called.
+
+    Read as an iterable, it hashes the blocks it yields. Sent with sendfile by
+    a server that knows about ``held_back`` (our gateway, which says so with
+    ``environ[gateway.HELD_BACK_KEY]``), it hashes the file in a thread
+    meanwhile (``check_in_background``), and the server asks for the tail
+    with ``release_held_back()``."""
+
+    def __init__(self, stored, oid, on_damage):
+        super().__init__(stored, 0, stored.size)
+        self._oid = oid
+        self._on_damage = on_damage
+        self.held_back = min(BODY_BLOCK_BYTES, stored.size)
+        self._checker = None
+
+    def __iter__(self):
+        digest = hashlib.sha256()
+        previous = None
+        for block in super().__iter__():
+            digest.update(block)
+            if previous is not None:
+                yield previous
+            previous = block
+        self._verify(digest.hexdigest())
+        if previous is not None:
+            yield previous
+
+    def check_in_background(self):
+        self._checker = _FileDigest(self.file.fileno(), self.end)
+        self._checker.start()
+
+    def release_held_back(self):
+        """The last ``held_back`` bytes, once the whole file hashed to the oid."""
+        self._checker.join()
+        self._verify(self._checker.hexdigest)
+        tail = os.pread(self.file.fileno(), self.held_back, self.end - self.held_back)
+        if len(tail) != self.held_back:
+            raise OSError("stored object shorter than its recorded size")
+        return tail
+
+    def _verify(self, hexdigest):
+        if hexdigest != self._oid:
+            self._on_damage()
+            raise OSError("object %s failed its integrity check; the response was cut short"
+                          % self._oid)
+
+
+class _FileDigest(threading.Thread):
+    """The SHA-256 of the first ``size`` bytes of a file, read with ``pread``
+    (its position is the sender's), in a thread: hashlib and reads release the
+    GIL, so the check runs beside sendfile. ``hexdigest`` is None if reading failed."""
+
+    def __init__(self, fd, size):
+        super().__init__(daemon=True)
+        self._fd = fd
+        self._size = size
+        self.hexdigest = None
+
+    def run(self):
+        digest = hashlib.sha256()
+        offset = 0
+        try:
+            while offset < self._size:
+                block = os.pread(self._fd, min(1 << 20, self._size - offset), offset)
+                if not block:
+                    return
+                digest.update(block)
+                offset += len(block)
+        except OSError:
+            return
+        self.hexdigest = digest.hexdigest()
+
+
 # The application ---------------------------------------------------------------------
 
 class DataStorageServer:
@@ -454,6 +533,12 @@ class DataStorageServer:
             if isinstance(body, FileSlice):
                 body.close()
             body = b""
+        elif isinstance(body, CheckedObject):
+            if environ.get(gateway.HELD_BACK_KEY) and "wsgi.file_wrapper" in environ:
+                body.check_in_background()   # the server sends all but the tail with sendfile
+                body = environ["wsgi.file_wrapper"](body, BODY_BLOCK_BYTES)
+            # Elsewhere the body is read here, checked block by block (a server
+            # that sends a file_wrapper's file itself would send it unchecked).
         elif isinstance(body, FileSlice):
             wrapper = environ.get("wsgi.file_wrapper")
             body = wrapper(body, BODY_BLOCK_BYTES) if wrapper else body
@@ -504,15 +589,19 @@ class DataStorageServer:
         stored = self.store.open(repository, oid)
         try:
             self._check_if_match(request, repository, oid, stored)
-            return self._object_response(request, stored, '"%s"' % oid.lower())
+            return self._object_response(request, stored, repository, oid.lower())
         except BaseException:
             stored.close()
             raise
 
-    def _object_response(self, request, stored, etag):
+    def _object_response(self, request, stored, repository, oid):
         """The response for an open object: its bytes when small (and the
-        object closed), else a FileSlice that closes it when done."""
+        object closed), else a FileSlice that closes it when done. Bytes that
+        may have changed at rest are checked against the oid before they go
+        out whole: a small object here, a large one as it is sent
+        (CheckedObject); a range of a large object is not checked."""
         size = stored.size
+        etag = '"%s"' % oid
         headers = [("ETag", etag), ("Accept-Ranges", "bytes"), self.object_caching]
         if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
         if if_none_match is not None and etag_matches(if_none_match, etag):
@@ -533,16 +622,35 @@ class DataStorageServer:
                 headers.append(("Content-Range", "bytes %d-%d/%d" % (first, last, size)))
         headers.append(("Content-Type", "application/octet-stream"))
         count = last - first + 1
+        checked = stored.may_change_at_rest
         if count > INLINE_BODY_BYTES and request.method == "GET":
+            if checked and count == size:
+                damaged = functools.partial(self._damaged, request.environ, repository, oid)
+                return Response(status, headers, CheckedObject(stored, oid, damaged), length=count)
             return Response(status, headers, FileSlice(stored, first, count), length=count)
         with stored:
             if request.method == "HEAD":
                 return Response(status, headers, length=count)
-            stored.file.seek(first)
-            body = stored.file.read(count)
+            whole = checked and size <= INLINE_BODY_BYTES
+            stored.file.seek(0 if whole else first)
+            body = stored.file.read(size if whole else count)
+        if whole and hashlib.sha256(body).hexdigest() != oid:
+            self._damaged(request.environ, repository, oid)
+            raise HTTPError(500, "object %s failed its integrity check and was taken out of "
+                                 "service; upload it again" % oid)
+        body = body[first:first + count] if whole else body
         if len(body) != count:
             raise OSError("stored object shorter than its recorded size")
         return Response(status, headers, body)
+
+    def _damaged(self, environ, repository, oid):
+        """An object's bytes no longer hash to its oid: quarantine it and say so."""
+        try:
+            where = "moved to %s" % self.store.quarantine(repository, oid)
+        except storage.StoreError as error:
+            where = "could not be moved: %s" % error
+        environ["wsgi.errors"].write("object %s/%s failed its integrity check; %s"
+                                     % (repository, oid, where))
 
     def delete_object(self, request, repository, oid):
         """Remove the object; 404 if the repository does not hold it, 412 if

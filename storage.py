@@ -16,6 +16,7 @@ Every store offers the same three calls:
 ``list_objects(repository, after=None, limit=1000) -> [(oid, size), ...]``
 ``usage() -> (objects, bytes)``
 ``writable() -> bool``
+``quarantine(repository, oid)``
 ``close()``
 
 Both take ``max_total_size``, a quota on the bytes stored: an upload that
@@ -127,11 +128,15 @@ def check_digest(oid, expected_oid):
 
 class StoredObject:
     """An open stored object: ``file`` is a binary file positioned at 0 that
-    holds exactly ``size`` bytes. Close it (or use ``with``) when done."""
+    holds exactly ``size`` bytes. ``may_change_at_rest`` says whether its
+    bytes could have been damaged since they were stored (a file can be; bytes
+    in memory cannot), so a reader should check them against the oid. Close
+    it (or use ``with``) when done."""
 
-    def __init__(self, file, size):
+    def __init__(self, file, size, may_change_at_rest=False):
         self.file = file
         self.size = size
+        self.may_change_at_rest = may_change_at_rest
 
     def close(self):
         self.file.close()
@@ -230,6 +235,11 @@ class MemoryStore:
     def writable(self):
         """Always: memory can always be written (within the quota)."""
         return True
+
+    def quarantine(self, repository, oid):
+        """Take a damaged object out of service (bytes in memory cannot be
+        damaged at rest, so this only deletes)."""
+        self.delete(repository, oid)
 
     def list_objects(self, repository, after=None, limit=1000):
         """Up to ``limit`` ``(oid, size)`` pairs of ``repository``, sorted by oid,
@@ -712,7 +722,7 @@ class DiskStore:
         if not stat.S_ISREG(status.st_mode):
             os.close(fd)
             raise not_found(repository, oid)
-        return StoredObject(open(fd, "rb", buffering=0), status.st_size)
+        return StoredObject(open(fd, "rb", buffering=0), status.st_size, may_change_at_rest=True)
 
     def delete(self, repository, oid):
         """Remove the object durably, or raise ObjectNotFound if the repository
@@ -734,6 +744,24 @@ class DiskStore:
             os.close(shard_fd)
         with _write_errors_as_store_errors():
             self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))
+
+    def quarantine(self, repository, oid):
+        """Take an object found damaged out of service: move it to
+        ``root/quarantine/`` (as ``verify`` would) and out of the account.
+        Returns where it went; ObjectNotFound if it is already gone."""
+        oid = self._canonical_oid(repository, oid)
+        shard_fd = self._open_shard_directory(repository, oid)
+        try:
+            with self._lock, _write_errors_as_store_errors(), \
+                    self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
+                counted = _regular_file_size(oid, shard_fd)
+                if counted is None:
+                    raise not_found(repository, oid)
+                moved_to = self._quarantine(repository, oid, shard_fd)
+                self._write_ledger((objects - 1, stored_bytes - counted))
+                return moved_to
+        finally:
+            os.close(shard_fd)
 
     def writable(self):
         """Whether uploads and deletes can change the store now (False on a

@@ -584,6 +584,49 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
             self.assertEqual(self.request("GET", "/healthz").status, 200)
             self.assertEqual(self.request("PUT", "/data/repo", b"new").status, 201)
 
+    def damage(self, oid, how):
+        """Change a stored object's file behind the store's back."""
+        with open(os.path.join(self.app.store.root, "repo", oid[:2], oid), "r+b") as file:
+            if how == "overwrite":
+                file.seek(file.seek(0, os.SEEK_END) // 2)
+                file.write(b"!")
+            else:
+                file.truncate(file.seek(0, os.SEEK_END) - 1)
+
+    def test_a_damaged_small_object_is_never_served(self):
+        for how in ("overwrite", "truncate"):
+            with self.subTest(how=how):
+                oid = self.put("repo", b"small and damaged " + how.encode())
+                self.damage(oid, how)
+                environ = self.environ("GET", "/data/repo/" + oid)
+                environ["wsgi.errors"] = errors = io.StringIO()
+                response = self.call(environ)
+                self.assertJSONError(response, 500)
+                self.assertIn("failed its integrity check", response.json()["error"])
+                self.assertIn("moved to", errors.getvalue())
+                self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+                self.assertEqual(self.request("GET", "/data/repo/" + oid,
+                                              headers={"Range": "bytes=0-1"}).status, 404)
+        # Out of the account too; by its size now, so the truncated one leaves a byte.
+        self.assertEqual(self.app.store.usage(), (0, 1))
+
+    def test_a_damaged_large_object_never_arrives_whole(self):
+        for how in ("overwrite", "truncate"):
+            with self.subTest(how=how):
+                data = os.urandom(3 * server.BODY_BLOCK_BYTES + 10) + how.encode()
+                oid = self.put("repo", data)
+                self.damage(oid, how)
+                environ = self.environ("GET", "/data/repo/" + oid)
+                environ["wsgi.errors"] = io.StringIO()
+                result = self.app(environ, lambda status, headers, exc_info=None: None)
+                received = bytearray()
+                with self.assertRaises(OSError):
+                    for block in result:
+                        received += block
+                result.close()
+                self.assertLess(len(received), len(data))   # never the whole: the last block was held
+                self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+
     def test_full_disk_is_507_and_keeps_serving(self):
         with small_filesystem(self) as mount_point:
             self.restart(store=open_disk_store(self, mount_point))

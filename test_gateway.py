@@ -24,7 +24,7 @@ import gateway
 import logs
 import server
 from fixtures import (Response, RunningServer, HTTPClientMixin, SharedFile, closed_by_server, metric_samples,
-                      run_concurrently, sha256, wait_until)
+                      run_concurrently, sha256, temporary_directory, wait_until)
 
 APPLICATION_OPTIONS = ("max_object_size", "auth_token")
 
@@ -409,6 +409,25 @@ class ConnectionTest(GatewayTestCase):
         wait_until(lambda: "abandoned" in self.running.log.getvalue())
         self.assertNotIn("\x1b", self.running.log.getvalue())
         self.assertIn("\\x1b[2J", self.running.log.getvalue())
+
+    def test_large_objects_are_checked_while_sendfile_sends_them(self):
+        self.start(server.DataStorageServer(data_dir=temporary_directory(self)))
+        self.addCleanup(self.app.close)
+        data = os.urandom(5 * 1024 * 1024)
+        oid = self.put("repo", data)
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)   # sound: whole
+        with open(os.path.join(self.app.store.root, "repo", oid[:2], oid), "r+b") as file:
+            file.seek(4 * 1024 * 1024)
+            file.write(b"\0" * 16)
+        connection = self.connect()
+        connection.request("GET", "/data/repo/" + oid)
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)   # the head went out before the damage showed
+        with self.assertRaises(http.client.IncompleteRead) as cut:
+            response.read()
+        self.assertLessEqual(len(cut.exception.partial), len(data) - server.BODY_BLOCK_BYTES)
+        wait_until(lambda: "failed its integrity check" in self.running.log.getvalue())
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)   # quarantined
 
     def test_one_access_log_line_per_request(self):
         connection = self.connect()   # one connection, one thread: lines come in request order
