@@ -80,7 +80,8 @@ class CommandLineTest(unittest.TestCase):
     def start(self, *args, env=None):
         process = subprocess.Popen([sys.executable, SERVER_SCRIPT, *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                   env=dict(os.environ, **(env or {})))
+                                   env=dict(os.environ, **(env or {})),
+                                   preexec_fn=default_stop_signals)
         self.addCleanup(self.stop, process)
         line = process.stdout.readline().decode()
         self.assertIn("listening on http://127.0.0.1:", line)
@@ -481,6 +482,14 @@ print("ok")
                 self.assertEqual(result.returncode, 2)
                 self.assertIn(message, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
+
+
+def default_stop_signals():
+    """In a child before it runs the server: stop signals as a terminal would
+    deliver them, whatever this suite inherited (run in the background by a
+    shell, it ignores SIGINT, and the server keeps ignored signals ignored)."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def cpu_seconds(pid):
