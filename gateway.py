@@ -445,10 +445,11 @@ class Exchange:
         refuse (raising), which cuts the response short."""
         held_back = getattr(file, "held_back", 0)
         start = file.tell()
-        try:
-            self.connection.connection.sendfile(file, start, self.length - held_back)
-        finally:
-            self.sent += file.tell() - start
+        if self.length > held_back:   # socket.sendfile refuses a count of 0
+            try:
+                self.connection.connection.sendfile(file, start, self.length - held_back)
+            finally:
+                self.sent += file.tell() - start
         if held_back:
             self._send_bytes(file.release_held_back())
 

@@ -625,7 +625,8 @@ class DataStorageServer:
         checked = stored.may_change_at_rest
         if count > INLINE_BODY_BYTES and request.method == "GET":
             if checked and count == size:
-                damaged = functools.partial(self._damaged, request.environ, repository, oid)
+                damaged = functools.partial(self._damaged, request.environ, repository, oid,
+                                            stored.file)
                 return Response(status, headers, CheckedObject(stored, oid, damaged), length=count)
             return Response(status, headers, FileSlice(stored, first, count), length=count)
         with stored:
@@ -634,19 +635,19 @@ class DataStorageServer:
             whole = checked and size <= INLINE_BODY_BYTES
             stored.file.seek(0 if whole else first)
             body = stored.file.read(size if whole else count)
-        if whole and hashlib.sha256(body).hexdigest() != oid:
-            self._damaged(request.environ, repository, oid)
-            raise HTTPError(500, "object %s failed its integrity check and was taken out of "
-                                 "service; upload it again" % oid)
+            if whole and hashlib.sha256(body).hexdigest() != oid:
+                self._damaged(request.environ, repository, oid, stored.file)
+                raise HTTPError(500, "object %s failed its integrity check and was taken out of "
+                                     "service; upload it again" % oid)
         body = body[first:first + count] if whole else body
         if len(body) != count:
             raise OSError("stored object shorter than its recorded size")
         return Response(status, headers, body)
 
-    def _damaged(self, environ, repository, oid):
-        """An object's bytes no longer hash to its oid: quarantine it and say so."""
+    def _damaged(self, environ, repository, oid, file):
+        """An object's bytes (``file``) no longer hash to its oid: quarantine it and say so."""
         try:
-            where = "moved to %s" % self.store.quarantine(repository, oid)
+            where = "moved to %s" % self.store.quarantine(repository, oid, file)
         except storage.StoreError as error:
             where = "could not be moved: %s" % error
         environ["wsgi.errors"].write("object %s/%s failed its integrity check; %s"

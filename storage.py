@@ -16,7 +16,7 @@ Every store offers the same three calls:
 ``list_objects(repository, after=None, limit=1000) -> [(oid, size), ...]``
 ``usage() -> (objects, bytes)``
 ``writable() -> bool``
-``quarantine(repository, oid)``
+``quarantine(repository, oid, file)``
 ``close()``
 
 Both take ``max_total_size``, a quota on the bytes stored: an upload that
@@ -236,7 +236,7 @@ class MemoryStore:
         """Always: memory can always be written (within the quota)."""
         return True
 
-    def quarantine(self, repository, oid):
+    def quarantine(self, repository, oid, file):
         """Take a damaged object out of service (bytes in memory cannot be
         damaged at rest, so this only deletes)."""
         self.delete(repository, oid)
@@ -503,11 +503,10 @@ class DiskStore:
             self._temporary_dir = tempfile.mkdtemp(prefix="%d-" % os.getpid(), dir=temporary_root)
             self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Read-only, so that an administrator can still remount the
-            # filesystem read-only; each change opens the file for writing.
             self._ledger_path = os.path.join(self.root, self.LEDGER_FILE)
-            self._ledger_fd = os.open(self._ledger_path, os.O_RDONLY | os.O_CREAT, 0o644)
-            if not os.fstat(self._ledger_fd).st_size:   # a new root, or one from before the ledger
+            self._open_ledger()
+            if _parse_ledger(os.pread(self._ledger_fd, 64, 0)) is None:
+                # A new root, one from before the ledger, or a damaged ledger.
                 self._write_ledger(self._count_objects())
         finally:
             os.close(startup_fd)   # releases the start-up lock
@@ -745,18 +744,25 @@ class DiskStore:
         with _write_errors_as_store_errors():
             self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))
 
-    def quarantine(self, repository, oid):
+    def quarantine(self, repository, oid, file):
         """Take an object found damaged out of service: move it to
         ``root/quarantine/`` (as ``verify`` would) and out of the account.
-        Returns where it went; ObjectNotFound if it is already gone."""
+        ``file`` is the one that was read: if the name holds another file by
+        now (uploaded again meanwhile, sound), nothing moves. Returns where it
+        went; ObjectNotFound if it is gone or replaced."""
         oid = self._canonical_oid(repository, oid)
+        read = os.fstat(file.fileno())
         shard_fd = self._open_shard_directory(repository, oid)
         try:
             with self._lock, _write_errors_as_store_errors(), \
                     self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
-                counted = _regular_file_size(oid, shard_fd)
-                if counted is None:
-                    raise not_found(repository, oid)
+                try:
+                    present = os.stat(oid, dir_fd=shard_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise not_found(repository, oid) from None
+                if (present.st_dev, present.st_ino) != (read.st_dev, read.st_ino):
+                    raise not_found(repository, oid)   # replaced: the one now there is not the one read
+                counted = present.st_size
                 moved_to = self._quarantine(repository, oid, shard_fd)
                 self._write_ledger((objects - 1, stored_bytes - counted))
                 return moved_to
@@ -771,17 +777,32 @@ class DiskStore:
     def usage(self):
         """``(objects, bytes)`` stored under the root, by the account that every
         process on it keeps (see the class docstring)."""
-        with self._ledger(fcntl.LOCK_SH) as counts:
+        with self._lock, self._ledger(fcntl.LOCK_SH) as counts:
             return counts
+
+    def _open_ledger(self):
+        # Read-only, so that an administrator can still remount the filesystem
+        # read-only (each change opens it to write); never through a symlink.
+        self._ledger_fd = os.open(self._ledger_path,
+                                  os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        self._ledger_pid = os.getpid()
 
     @contextlib.contextmanager
     def _ledger(self, lock):
         """The account ``(objects, bytes)``, read under ``lock`` on the ledger
-        file (LOCK_EX to change it with ``_write_ledger`` meanwhile)."""
+        file (LOCK_EX to change it with ``_write_ledger`` meanwhile); ``self._lock``
+        held, since a flock belongs to the open file that all threads share. A
+        process forked from the one that opened the store (``gunicorn
+        --preload``) opens the file again: a shared open file shares its locks."""
+        if self._ledger_pid != os.getpid():
+            self._open_ledger()
         fcntl.flock(self._ledger_fd, lock)
         try:
-            objects, stored_bytes = os.pread(self._ledger_fd, 64, 0).split()
-            yield int(objects), int(stored_bytes)
+            counts = _parse_ledger(os.pread(self._ledger_fd, 64, 0))
+            if counts is None:
+                raise StoreError("the account %s is damaged; stop the servers on %s and delete "
+                                 "it to have it recounted" % (self._ledger_path, self.root))
+            yield counts
         finally:
             fcntl.flock(self._ledger_fd, fcntl.LOCK_UN)
 
@@ -1025,6 +1046,15 @@ def _write_all(file, chunk):
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)   # macOS has no fdatasync
+
+
+def _parse_ledger(data):
+    """``(objects, bytes)`` from the ledger's bytes, or None unless they are two
+    whole numbers, not negative."""
+    fields = data.split()
+    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+        return None
+    return int(fields[0]), int(fields[1])
 
 
 @contextlib.contextmanager

@@ -416,6 +416,10 @@ class ConnectionTest(GatewayTestCase):
         data = os.urandom(5 * 1024 * 1024)
         oid = self.put("repo", data)
         self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)   # sound: whole
+        for size in (64 * 1024 + 1, 200000, 256 * 1024, 256 * 1024 + 1):   # held back: all, or not
+            small = os.urandom(size)
+            self.assertEqual(self.request("GET", "/data/repo/" + self.put("repo", small)).body,
+                             small, size)
         with open(os.path.join(self.app.store.root, "repo", oid[:2], oid), "r+b") as file:
             file.seek(4 * 1024 * 1024)
             file.write(b"\0" * 16)

@@ -560,6 +560,54 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(first.usage(), (0, 0))
         self.assertEqual(first.put("repo", io.BytesIO(b"y" * 50), length=50)[1], 50)
 
+    def test_the_account_stays_exact_under_concurrent_changes_and_readers(self):
+        stores = [self.store, open_disk_store(self, self.root)]   # two open ledgers, as two processes
+        bodies = [b"body %d" % n * (n + 1) for n in range(8)]
+        done = threading.Event()
+
+        def churn(store, number):
+            for round_ in range(60):
+                body = bodies[(number + round_) % len(bodies)]
+                store.put("repo", io.BytesIO(body))
+                try:
+                    store.delete("repo", sha256(body))
+                except storage.ObjectNotFound:
+                    pass
+
+        def read_usage(store):   # as /metrics does, from another thread
+            while not done.is_set():
+                store.usage()
+
+        readers = [threading.Thread(target=read_usage, args=(store,)) for store in stores]
+        for reader in readers:
+            reader.start()
+        run_concurrently([functools.partial(churn, store, number)
+                          for number, store in enumerate(stores * 3)])
+        done.set()
+        for reader in readers:
+            reader.join()
+        truth = [os.path.getsize(os.path.join(self.root, path)) for path in files_under(self.root)
+                 if path.startswith("repo/")]
+        self.assertEqual(self.store.usage(), (len(truth), sum(truth)))
+
+    def test_a_damaged_account_is_recounted_at_start(self):
+        self.put("repo", b"counted")
+        ledger = os.path.join(self.root, storage.DiskStore.LEDGER_FILE)
+        for damage in (b"garbage", b"-5 -100", b"1", b""):
+            with self.subTest(damage=damage):
+                with open(ledger, "wb") as file:
+                    file.write(damage)
+                self.assertEqual(open_disk_store(self, self.root).usage(), (1, 7))
+
+    def test_quarantine_moves_only_the_file_that_was_read(self):
+        oid, _ = self.put("repo", b"read, then uploaded again")
+        with self.store.open("repo", oid) as read:
+            self.put("repo", b"read, then uploaded again")   # a new file under the same name
+            with self.assertRaises(storage.ObjectNotFound):
+                self.store.quarantine("repo", oid, read.file)
+        self.assertEqual(self.read("repo", oid), b"read, then uploaded again")
+        self.assertEqual(self.store.usage(), (1, 25))
+
     def test_start_up_reads_the_account_instead_of_walking_the_tree(self):
         self.put("repo", b"counted")
         stray = os.path.join(self.root, "repo", sha256(b"stray")[:2])
