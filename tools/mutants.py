@@ -31,9 +31,9 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "            self._sync_directory(os.path.join(self.root, *directory))\n        return oid, size",
      "            pass\n        return oid, size"),
     ("copy instead of temp file + atomic rename", "storage.py",
-     "            os.replace(temporary_path, oid, dst_dir_fd=shard_fd)\n            self._objects += 1",
-     "            shutil.copyfile(temporary_path, os.path.join(self.root, repository, oid[:2], oid))\n"
-     "            self._objects += 1"),
+     "            try:\n                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)",
+     "            try:\n                shutil.copyfile(temporary_path, "
+     "os.path.join(self.root, repository, oid[:2], oid))"),
     ("no digest check on a verified PUT", "storage.py",
      "if expected_oid is not None and oid != expected_oid:", "if False:"),
     ("range end past the object", "server.py",
