@@ -90,13 +90,19 @@ def copy_tree(destination):
         shutil.copy2(os.path.join(ROOT, name), target)
 
 
+def _check_snippet(tree, file, snippet):
+    with open(os.path.join(tree, file)) as source:
+        count = source.read().count(snippet)
+    if count != 1:
+        raise SystemExit("mutant snippet found %d times in %s (the code moved: update it): %r"
+                         % (count, file, snippet[:60]))
+
+
 def mutate(tree, file, snippet, replacement):
+    _check_snippet(tree, file, snippet)
     path = os.path.join(tree, file)
     with open(path) as source:
         text = source.read()
-    if text.count(snippet) != 1:
-        raise SystemExit("mutant snippet found %d times in %s: %r"
-                         % (text.count(snippet), file, snippet[:60]))
     with open(path, "w") as source:
         source.write(text.replace(snippet, replacement))
 
@@ -121,6 +127,8 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         baseline = os.path.join(work, "unmutated")
         copy_tree(baseline)
+        for _, file, snippet, _ in chosen:   # every snippet still there, before minutes go by
+            _check_snippet(baseline, file, snippet)
         passed, seconds, failure = suite_passes(baseline)
         if not passed:
             raise SystemExit("the unmutated tree fails its tests: %s" % failure)
