@@ -47,12 +47,24 @@ def wait_until(condition, timeout=10.0):
 
 
 def run_concurrently(calls):
-    """Run each callable on a thread of its own, all at once, and wait for them all."""
-    threads = [threading.Thread(target=call) for call in calls]
+    """Run each callable on a thread of its own, all at once, and wait for them
+    all; then raise the first exception any of them raised (a thread's
+    exception would otherwise vanish, and its test pass having done less)."""
+    failures = []
+
+    def run(call):
+        try:
+            call()
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        raise failures[0]
 
 
 def temporary_directory(test):
