@@ -46,7 +46,7 @@ MUTANTS = [   # (name, file, snippet, replacement)
     ("eager 100 Continue", "gateway.py",
      "self.continue_pending = self.head.expects_continue and not self.body.finished",
      "self.continue_pending = self.head.expects_continue and not self.body.finished; "
-     "self._send_continue()"),
+     "self._body_begins()"),
     ("one namespace for all repositories", "storage.py",
      "    return repository, oid[:2]", '    return "shared", oid[:2]'),
     ("DELETE of a missing object succeeds", "storage.py",
