@@ -77,11 +77,18 @@ class DiskStoreProcessTest(unittest.TestCase):
 class CommandLineTest(unittest.TestCase):
     """``python server.py`` as a user runs it, in a subprocess."""
 
-    def start(self, *args, env=None):
+    def start(self, *args, env=None, preexec_fn=None, **popen_options):
+        """``python server.py ARGS``: ``(process, port)`` once it listens. The
+        child starts with default stop signals, then runs ``preexec_fn``."""
+        def prepare_child():
+            default_stop_signals()
+            if preexec_fn is not None:
+                preexec_fn()
+
         process = subprocess.Popen([sys.executable, SERVER_SCRIPT, *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                                    env=dict(os.environ, **(env or {})),
-                                   preexec_fn=default_stop_signals)
+                                   preexec_fn=prepare_child, **popen_options)
         self.addCleanup(self.stop, process)
         line = process.stdout.readline().decode()
         self.assertIn("listening on http://127.0.0.1:", line)
@@ -126,6 +133,15 @@ class CommandLineTest(unittest.TestCase):
         upload.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + sent)
         return upload
 
+    @staticmethod
+    def finish_upload(upload):
+        """Send the rest of a ``start_upload`` body; its response, begun."""
+        upload.sendall(b"half")
+        upload.sendall(b"!")
+        response = http.client.HTTPResponse(upload, method="PUT")
+        response.begin()
+        return response
+
     def test_stop_signals_let_an_upload_in_progress_finish(self):
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             with self.subTest(signal=signum):
@@ -138,10 +154,7 @@ class CommandLineTest(unittest.TestCase):
                 process.send_signal(signum)
                 wait_until(lambda: not self.accepts(port))             # stopped accepting
                 self.assertEqual(idle.recv(1), b"")                      # idle keep-alive closed
-                upload.sendall(b"half")
-                upload.sendall(b"!")
-                response = http.client.HTTPResponse(upload, method="PUT")
-                response.begin()
+                response = self.finish_upload(upload)
                 self.assertEqual((response.status, json.loads(response.read())["size"]), (201, 10))
                 self.assertEqual(response.headers["Connection"], "close")
                 self.assertEqual(process.wait(timeout=10), 0)
@@ -268,11 +281,7 @@ class CommandLineTest(unittest.TestCase):
         def few_descriptors():
             resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
 
-        process = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                   preexec_fn=few_descriptors)
-        self.addCleanup(self.stop, process)
-        read_line(process.stdout)
+        process, _ = self.start("--port", "0", preexec_fn=few_descriptors)
         self.assertIn(b"the limit on open files (100) is below --max-connections + 64 (320): "
                       b"serving at most 36 connections", read_line(process.stderr))
         self.assertIn(b"max connections 36,", read_line(process.stderr))
@@ -326,29 +335,19 @@ class CommandLineTest(unittest.TestCase):
         # Refused at once, not queued where no process accepts: a listening socket
         # left open in the parent refuses only once its backlog (1024) is full.
         self.assertLess(len(attempts), 300)
-        upload.sendall(b"fiveB")
-        response = http.client.HTTPResponse(upload, method="PUT")
-        response.begin()
-        self.assertEqual(response.status, 201)
+        self.assertEqual(self.finish_upload(upload).status, 201)
         self.assertEqual(process.wait(timeout=20), 0)
 
     def test_a_signal_to_the_whole_process_group_drains_workers_once(self):
         # A terminal's Ctrl-C and systemd signal every process of the group:
         # each worker gets the signal itself and again from its parent.
-        process = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0", "--workers", "2",
-                                    "--data-dir", temporary_directory(self)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                   start_new_session=True)
-        self.addCleanup(self.stop, process)
-        port = int(read_line(process.stdout).decode().rsplit(":", 1)[1].split()[0])
+        process, port = self.start("--port", "0", "--workers", "2",
+                                   "--data-dir", temporary_directory(self), start_new_session=True)
         wait_until(lambda: len(child_pids(process.pid)) == 2)
         upload = self.start_upload(port)
         os.killpg(process.pid, signal.SIGTERM)
         wait_until(lambda: not self.accepts(port))
-        upload.sendall(b"fiveB")
-        response = http.client.HTTPResponse(upload, method="PUT")
-        response.begin()
-        self.assertEqual(response.status, 201)
+        self.assertEqual(self.finish_upload(upload).status, 201)
         self.assertEqual(process.wait(timeout=20), 0)
 
     def test_a_second_signal_stops_workers_at_once(self):
@@ -362,11 +361,8 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(process.wait(timeout=10), 1)
 
     def test_signals_ignored_at_start_stay_ignored(self):
-        process = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-                                   preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-        self.addCleanup(self.stop, process)
-        read_line(process.stdout)
+        process, _ = self.start(
+            "--port", "0", preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
         process.send_signal(signal.SIGHUP)   # as under nohup, when the terminal closes
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(timeout=20), 0)
