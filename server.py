@@ -147,13 +147,7 @@ class BodySource:
     def read(self):
         """Everything left; a Content-Length body in one allocation."""
         if self._remaining is None:
-            parts = bytearray()
-            block = bytearray(BODY_BLOCK_BYTES)
-            while True:
-                count = self.readinto(block)
-                if not count:
-                    return bytes(parts)
-                parts += memoryview(block)[:count]
+            return storage.read_to_end(self, BODY_BLOCK_BYTES)
         parts = []
         while self._remaining:   # once, unless the server returns less than asked
             part = self._input_call(self._input.read, self._remaining)

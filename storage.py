@@ -309,13 +309,7 @@ class _WithinRoom:
         return count
 
     def read(self):
-        parts = bytearray()
-        block = bytearray(256 * 1024)
-        while True:
-            count = self.readinto(block)
-            if not count:
-                return bytes(parts)
-            parts += memoryview(block)[:count]
+        return read_to_end(self)
 
 
 def _fsync_dir(path):
@@ -1026,6 +1020,18 @@ class _FileWriter(threading.Thread):
                     self._flush.request()
                     unflushed = 0
             self._free.put(chunk.obj)
+
+
+def read_to_end(source, block_size=256 * 1024):
+    """Everything left in ``source``, gathered through ``readinto`` in blocks
+    (for a source whose length is not known in advance)."""
+    parts = bytearray()
+    block = bytearray(block_size)
+    while True:
+        count = source.readinto(block)
+        if not count:
+            return bytes(parts)
+        parts += memoryview(block)[:count]
 
 
 def _fill(source, buffer):
