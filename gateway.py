@@ -43,9 +43,9 @@ POLL_INTERVAL = 0.1   # serve_forever's wake-up: how long an access-log line may
 DESCRIPTOR_MARGIN = 64   # file descriptors beyond one per connection: store files, logs, ...
 OUT_OF_DESCRIPTORS_PAUSE = 0.1   # seconds accept() rests when the process has no descriptor left
 DRAINING_KEY = "data_storage.draining"   # environ: true once the server is shutting down
-# environ: true because this server honours a file_wrapper file's ``held_back``
+# environ: true because this server honours a file_wrapper file's ``checked_spans``
 # (see Exchange._send_file), so an application can check a file while it is sent.
-HELD_BACK_KEY = "data_storage.held_back_sendfile"
+CHECKED_SPANS_KEY = "data_storage.checked_spans"
 INLINE_BODY_BYTES = 64 * 1024   # response bodies up to this size go out in the same send as the head
 DRAIN_BODY_BYTES = 64 * 1024    # an unread body up to this size is read and dropped to keep the connection
 MIN_BODY_RATE = 1024            # bytes/s a body must average once --request-timeout has passed
@@ -96,6 +96,9 @@ class FileWrapper:
         self.block_size = block_size
 
     def __iter__(self):
+        if hasattr(self.filelike, "checked_spans"):
+            yield from self.filelike   # a file that checks its bytes as they are read
+            return
         while True:
             block = self.filelike.read(self.block_size)
             if not block:
@@ -440,18 +443,24 @@ class Exchange:
         """Send ``self.length`` bytes of ``file`` from its position with sendfile,
         counting what went out even when the client stalls or leaves midway
         (socket.sendfile leaves the file positioned after the bytes it sent).
-        A file with ``held_back`` bytes keeps that many at its end for
-        ``file.release_held_back()`` to give once it has checked them, or to
-        refuse (raising), which cuts the response short."""
-        held_back = getattr(file, "held_back", 0)
-        start = file.tell()
-        if self.length > held_back:   # socket.sendfile refuses a count of 0
-            try:
-                self.connection.connection.sendfile(file, start, self.length - held_back)
-            finally:
-                self.sent += file.tell() - start
-        if held_back:
-            self._send_bytes(file.release_held_back())
+        A file with ``checked_spans()`` gives the ``(offset, count)`` spans
+        that may go out, as they may, and raises to cut the response short."""
+        if hasattr(file, "checked_spans"):
+            spans = file.checked_spans()
+        else:
+            spans = iter([(file.tell(), self.length)])
+        try:
+            for offset, count in spans:
+                if count:   # socket.sendfile refuses a count of 0
+                    try:
+                        self.connection.connection.sendfile(file, offset, count)
+                    finally:
+                        self.sent += file.tell() - offset
+                    if file.tell() - offset < count:   # the file ended early
+                        return
+        finally:
+            if hasattr(spans, "close"):
+                spans.close()
 
     def _bodyless(self):
         """True for a response that has no body whatever its headers say (RFC 9110 §6.4.1)."""
@@ -640,7 +649,7 @@ class GatewayServer(ThreadingHTTPServer):
             "wsgi.multiprocess": self.multiprocess,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
-            HELD_BACK_KEY: True,
+            CHECKED_SPANS_KEY: True,
         }
 
     def service_actions(self):

@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 
 import gateway
 import http11
@@ -355,80 +356,151 @@ class FileSlice:
 
 
 class CheckedObject(FileSlice):
-    """A whole stored object that goes out only while its bytes hash to its
-    oid: the last block (``held_back`` bytes) is released only once the digest
-    of the whole matches, so a damaged object never arrives complete; the
-    response is cut short instead and ``on_damage()`` is called.
+    """Bytes of a stored object that go out only as far as they have been
+    checked, so that a damaged object never arrives complete: the response is
+    cut short at the damage instead, and ``on_damage()`` is called.
 
-    Read as an iterable, it hashes the blocks it yields. Sent with sendfile by
-    a server that knows about ``held_back`` (our gateway, which says so with
-    ``environ[gateway.HELD_BACK_KEY]``), it hashes the file in a thread
-    meanwhile (``check_in_background``), and the server asks for the tail
-    with ``release_held_back()``."""
+    With the object's recorded block checksums (``stored.checksums``) each
+    block is checked before it goes out, and any range can be checked. An
+    object without them is checked against its oid: then only the whole, and
+    all but its last block may go out before the digest of the whole matches.
 
-    def __init__(self, stored, oid, on_damage):
-        super().__init__(stored, 0, stored.size)
+    ``checked_spans()`` says which spans of the file may go out when, for a
+    server that sends them itself with sendfile (our gateway, which says so
+    with ``environ[gateway.CHECKED_SPANS_KEY]``); read as an iterable it
+    yields those spans' bytes."""
+
+    def __init__(self, stored, first, count, oid, on_damage):
+        super().__init__(stored, first, count)
+        self._first = first
         self._oid = oid
         self._on_damage = on_damage
-        self.held_back = min(BODY_BLOCK_BYTES, stored.size)
-        self._checker = None
+        self._checksums = stored.checksums
+        # The bytes that may go out before any check end here.
+        self._unchecked_end = first if self._checksums else self.end - min(BODY_BLOCK_BYTES, count)
 
     def __iter__(self):
-        digest = hashlib.sha256()
-        previous = None
-        for block in super().__iter__():
-            digest.update(block)
-            if previous is not None:
-                yield previous
-            previous = block
-        self._verify(digest.hexdigest())
-        if previous is not None:
-            yield previous
+        for offset, count in self.checked_spans():
+            self.file.seek(offset)
+            end = offset + count
+            while self.file.tell() < end:
+                block = self.file.read(min(BODY_BLOCK_BYTES, end - self.file.tell()))
+                if not block:
+                    raise OSError("stored object shorter than its recorded size")
+                yield block
 
-    def check_in_background(self):
-        self._checker = _FileDigest(self.file.fileno(), self.end)
-        self._checker.start()
+    def checked_spans(self):
+        """``(offset, count)`` spans of the file, in order, that together make
+        the body; each may go out once yielded. Raises OSError, once
+        ``on_damage()`` has been called, where the bytes fail their check."""
+        checker = _Checker(self.file.fileno(), self._first, self.end, self._oid, self._checksums)
+        if self._checksums:
+            one_step = sum(1 for _ in self._checksums.blocks(self._first, self.end)) == 1
+        else:
+            one_step = self._unchecked_end == 0
+        if one_step:
+            checker.run()   # here and now: a thread would cost more than it saves
+        else:
+            checker.start()
+        sent = self._first
+        try:
+            if self._unchecked_end > sent:
+                yield sent, self._unchecked_end - sent
+                sent = self._unchecked_end
+            while sent < self.end:
+                checked = checker.wait_beyond(sent)
+                if checked is None:
+                    self._on_damage()
+                    raise OSError("object %s failed its integrity check; the response was cut "
+                                  "short" % self._oid)
+                yield sent, checked - sent
+                sent = checked
+        finally:
+            checker.stop()
 
-    def release_held_back(self):
-        """The last ``held_back`` bytes, once the whole file hashed to the oid."""
-        self._checker.join()
-        self._verify(self._checker.hexdigest)
-        tail = os.pread(self.file.fileno(), self.held_back, self.end - self.held_back)
-        if len(tail) != self.held_back:
-            raise OSError("stored object shorter than its recorded size")
-        return tail
 
-    def _verify(self, hexdigest):
-        if hexdigest != self._oid:
-            self._on_damage()
-            raise OSError("object %s failed its integrity check; the response was cut short"
-                          % self._oid)
+def intact(data, oid, recorded):
+    """True if ``data``, a whole object, matches its ``recorded`` checksums (or
+    its oid, without them)."""
+    return recorded.match(data) if recorded else hashlib.sha256(data).hexdigest() == oid
 
 
-class _FileDigest(threading.Thread):
-    """The SHA-256 of the first ``size`` bytes of a file, read with ``pread``
-    (its position is the sender's), in a thread: hashlib and reads release the
-    GIL, so the check runs beside sendfile. ``hexdigest`` is None if reading failed."""
+class _Checker(threading.Thread):
+    """Checks bytes ``first:end`` of a file: each block against its recorded
+    CRC (``recorded``, checksums.BlockChecksums), or, without them, the whole
+    file against ``oid``; ``wait_beyond`` says how far it has got. It reads
+    with pread from a descriptor of its own (the file's position belongs to
+    the sender, and the sender may close the file before this ends); zlib,
+    hashlib and reads release the GIL, so it runs beside sendfile. A read error
+    counts as damage."""
 
-    def __init__(self, fd, size):
+    READ_BYTES = 1 << 20
+
+    def __init__(self, fd, first, end, oid, recorded):
         super().__init__(daemon=True)
-        self._fd = fd
-        self._size = size
-        self.hexdigest = None
+        self._fd = os.dup(fd)
+        self._first, self._end = first, end
+        self._oid = oid
+        self._recorded = recorded
+        self._progress = threading.Condition()
+        self._checked = first   # bytes up to here are known good
+        self._finished = False
+        self._stopping = False
 
     def run(self):
-        digest = hashlib.sha256()
-        offset = 0
         try:
-            while offset < self._size:
-                block = os.pread(self._fd, min(1 << 20, self._size - offset), offset)
-                if not block:
-                    return
-                digest.update(block)
-                offset += len(block)
+            if self._recorded:
+                self._check_blocks()
+            else:
+                self._check_digest()
         except OSError:
-            return
-        self.hexdigest = digest.hexdigest()
+            pass
+        finally:
+            os.close(self._fd)
+            with self._progress:
+                self._finished = True
+                self._progress.notify_all()
+
+    def wait_beyond(self, offset):
+        """How far the bytes are known good once that is past ``offset``; None
+        if they failed their check first."""
+        with self._progress:
+            self._progress.wait_for(lambda: self._checked > offset or self._finished)
+            return self._checked if self._checked > offset else None
+
+    def stop(self):
+        """Stop reading soon: nobody waits for the rest."""
+        self._stopping = True
+
+    def _check_blocks(self):
+        for offset, count, crc in self._recorded.blocks(self._first, self._end):
+            if self._stopping or self._read(offset, count, zlib.crc32, 0) != crc:
+                return
+            with self._progress:
+                self._checked = min(offset + count, self._end)
+                self._progress.notify_all()
+
+    def _check_digest(self):
+        digest = hashlib.sha256()
+        self._read(0, self._end, lambda data, digest: digest.update(data) or digest, digest)
+        if not self._stopping and digest.hexdigest() == self._oid:
+            with self._progress:
+                self._checked = self._end
+                self._progress.notify_all()
+
+    def _read(self, offset, count, fold, value):
+        """``value`` folded with ``fold(data, value)`` over the bytes
+        ``offset:offset + count``, read a block at a time."""
+        buffer = bytearray(min(self.READ_BYTES, count))
+        view = memoryview(buffer)
+        end = offset + count
+        while offset < end and not self._stopping:
+            got = os.preadv(self._fd, [view[:min(len(buffer), end - offset)]], offset)
+            if not got:
+                raise OSError("stored object shorter than its recorded size")
+            value = fold(view[:got], value)
+            offset += got
+        return value
 
 
 # The application ---------------------------------------------------------------------
@@ -528,11 +600,10 @@ class DataStorageServer:
                 body.close()
             body = b""
         elif isinstance(body, CheckedObject):
-            if environ.get(gateway.HELD_BACK_KEY) and "wsgi.file_wrapper" in environ:
-                body.check_in_background()   # the server sends all but the tail with sendfile
-                body = environ["wsgi.file_wrapper"](body, BODY_BLOCK_BYTES)
-            # Elsewhere the body is read here, checked block by block (a server
-            # that sends a file_wrapper's file itself would send it unchecked).
+            if environ.get(gateway.CHECKED_SPANS_KEY) and "wsgi.file_wrapper" in environ:
+                body = environ["wsgi.file_wrapper"](body, BODY_BLOCK_BYTES)   # sent by spans
+            # Elsewhere the body is read here, as it is checked (a server that
+            # sends a file_wrapper's file itself would send it unchecked).
         elif isinstance(body, FileSlice):
             wrapper = environ.get("wsgi.file_wrapper")
             body = wrapper(body, BODY_BLOCK_BYTES) if wrapper else body
@@ -591,9 +662,10 @@ class DataStorageServer:
     def _object_response(self, request, stored, repository, oid):
         """The response for an open object: its bytes when small (and the
         object closed), else a FileSlice that closes it when done. Bytes that
-        may have changed at rest are checked against the oid before they go
-        out whole: a small object here, a large one as it is sent
-        (CheckedObject); a range of a large object is not checked."""
+        may have changed at rest are checked before they go out: a small
+        object here, a large one as it is sent (CheckedObject). A range of a
+        large object is checked if it has recorded checksums; one without
+        them is checked against its oid, which takes the whole."""
         size = stored.size
         etag = '"%s"' % oid
         headers = [("ETag", etag), ("Accept-Ranges", "bytes"), self.object_caching]
@@ -617,11 +689,14 @@ class DataStorageServer:
         headers.append(("Content-Type", "application/octet-stream"))
         count = last - first + 1
         checked = stored.may_change_at_rest
+        if checked and stored.checksums and stored.checksums.size != size:
+            self._failed_check(request, repository, oid, stored)   # truncated, or grown
         if count > INLINE_BODY_BYTES and request.method == "GET":
-            if checked and count == size:
+            if checked and (stored.checksums or count == size):
                 damaged = functools.partial(self._damaged, request.environ, repository, oid,
                                             stored.file)
-                return Response(status, headers, CheckedObject(stored, oid, damaged), length=count)
+                return Response(status, headers, CheckedObject(stored, first, count, oid, damaged),
+                                length=count)
             return Response(status, headers, FileSlice(stored, first, count), length=count)
         with stored:
             if request.method == "HEAD":
@@ -629,14 +704,19 @@ class DataStorageServer:
             whole = checked and size <= INLINE_BODY_BYTES
             stored.file.seek(0 if whole else first)
             body = stored.file.read(size if whole else count)
-            if whole and hashlib.sha256(body).hexdigest() != oid:
-                self._damaged(request.environ, repository, oid, stored.file)
-                raise HTTPError(500, "object %s failed its integrity check and was taken out of "
-                                     "service; upload it again" % oid)
+            if whole and not intact(body, oid, stored.checksums):
+                self._failed_check(request, repository, oid, stored)
         body = body[first:first + count] if whole else body
         if len(body) != count:
             raise OSError("stored object shorter than its recorded size")
         return Response(status, headers, body)
+
+    def _failed_check(self, request, repository, oid, stored):
+        """Take a damaged object out of service, close it, and answer 500."""
+        with stored:
+            self._damaged(request.environ, repository, oid, stored.file)
+        raise HTTPError(500, "object %s failed its integrity check and was taken out of "
+                             "service; upload it again" % oid)
 
     def _damaged(self, environ, repository, oid, file):
         """An object's bytes (``file``) no longer hash to its oid: quarantine it and say so."""

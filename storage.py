@@ -43,6 +43,8 @@ import sys
 import tempfile
 import threading
 
+import checksums
+
 try:
     import fcntl   # POSIX only; the in-memory store must import anywhere
 except ImportError:
@@ -130,13 +132,15 @@ class StoredObject:
     """An open stored object: ``file`` is a binary file positioned at 0 that
     holds exactly ``size`` bytes. ``may_change_at_rest`` says whether its
     bytes could have been damaged since they were stored (a file can be; bytes
-    in memory cannot), so a reader should check them against the oid. Close
-    it (or use ``with``) when done."""
+    in memory cannot), so a reader should check them: against ``checksums``
+    (the checksums.BlockChecksums recorded when it was written) when there
+    are any, else against the oid. Close it (or use ``with``) when done."""
 
-    def __init__(self, file, size, may_change_at_rest=False):
+    def __init__(self, file, size, may_change_at_rest=False, checksums=None):
         self.file = file
         self.size = size
         self.may_change_at_rest = may_change_at_rest
+        self.checksums = checksums
 
     def close(self):
         self.file.close()
@@ -548,7 +552,7 @@ class DiskStore:
             room = None if stored or length is not None else self._quota.room(stored_bytes)
         try:
             return self._put(repository, source if room is None else _WithinRoom(source, room),
-                             expected_oid, held)
+                             expected_oid, held, length)
         finally:
             with self._lock:
                 self._quota.release(held)
@@ -560,12 +564,14 @@ class DiskStore:
             return False
         return True
 
-    def _put(self, repository, source, expected_oid, held):
+    def _put(self, repository, source, expected_oid, held, length):
         with _write_errors_as_store_errors():
             fd, temporary_path = tempfile.mkstemp(dir=self._temporary_dir)
             try:
                 with open(fd, "wb", buffering=0) as file:
-                    oid, size = self._write(source, file)
+                    recorder = checksums.Recorder(length)
+                    oid, size = self._write(source, file, recorder)
+                    _record_checksums(file.fileno(), recorder.finish())
                     self._sync_file(file.fileno())
                 check_digest(oid, expected_oid)
                 directory = object_directory(repository, oid)
@@ -602,24 +608,26 @@ class DiskStore:
                 self._write_ledger((objects, stored_bytes))
                 raise
 
-    def _write(self, source, file):
-        """Copy ``source`` into ``file``, hashing as it goes; return ``(oid, size)``.
+    def _write(self, source, file, recorder):
+        """Copy ``source`` into ``file``, hashing as it goes and giving the
+        bytes to ``recorder`` (a checksums.Recorder); return ``(oid, size)``.
 
         A body that fits in one buffer is hashed and written here. A larger
         one goes through a pipeline: this thread reads and hashes block n+1
-        while a _FileWriter thread writes block n (hashlib and file writes
-        both release the GIL), so an upload costs about the slower of the
-        two rather than their sum.
+        while a _FileWriter thread checksums and writes block n (hashlib,
+        zlib and file writes all release the GIL), so an upload costs about
+        the slower of the two rather than their sum.
         """
         digest = hashlib.sha256()
         first = bytearray(self.BLOCK_BYTES)
         count = _fill(source, first)
         digest.update(memoryview(first)[:count])
         if count < len(first):
+            recorder.update(memoryview(first)[:count])
             _write_all(file, memoryview(first)[:count])
             return digest.hexdigest(), count
         size = count
-        writer = _FileWriter(file, [bytearray(self.BLOCK_BYTES) for _ in range(3)])
+        writer = _FileWriter(file, [bytearray(self.BLOCK_BYTES) for _ in range(3)], recorder)
         writer.submit(memoryview(first))
         try:
             while True:
@@ -715,7 +723,8 @@ class DiskStore:
         if not stat.S_ISREG(status.st_mode):
             os.close(fd)
             raise not_found(repository, oid)
-        return StoredObject(open(fd, "rb", buffering=0), status.st_size, may_change_at_rest=True)
+        return StoredObject(open(fd, "rb", buffering=0), status.st_size, may_change_at_rest=True,
+                            checksums=_recorded_checksums(fd))
 
     def delete(self, repository, oid):
         """Remove the object durably, or raise ObjectNotFound if the repository
@@ -966,16 +975,17 @@ class _BackgroundFlush(threading.Thread):
 
 
 class _FileWriter(threading.Thread):
-    """Writes submitted buffers to a file on its own thread, in order, and
-    hands each buffer back for reuse once written. Every FLUSH_BYTES it asks
+    """Writes submitted buffers to a file on its own thread, in order (giving
+    each to ``recorder`` first), and hands each buffer back for reuse once written. Every FLUSH_BYTES it asks
     a _BackgroundFlush to fdatasync, without waiting for it. An error is
     kept and raised to the caller at its next call."""
 
     FLUSH_BYTES = 16 << 20
 
-    def __init__(self, file, buffers):
+    def __init__(self, file, buffers, recorder):
         super().__init__(daemon=True)
         self._file = file
+        self._recorder = recorder
         self._written = queue.Queue()
         self._free = queue.Queue()
         for buffer in buffers:
@@ -1012,6 +1022,7 @@ class _FileWriter(threading.Thread):
         for chunk in iter(self._written.get, None):
             if self._error is None:
                 try:
+                    self._recorder.update(chunk)
                     _write_all(self._file, chunk)
                 except BaseException as error:
                     self._error = error
@@ -1054,6 +1065,29 @@ def _write_all(file, chunk):
 _fdatasync = getattr(os, "fdatasync", os.fsync)   # macOS has no fdatasync
 
 
+def _record_checksums(fd, recorded):
+    """Keep ``recorded`` (BlockChecksums, or None) with the file. They are an
+    aid, not part of the object: where the file system takes no extended
+    attributes (or the platform has none) the object goes without, and is
+    checked against its oid when read."""
+    if recorded is None or not hasattr(os, "setxattr"):
+        return
+    try:
+        os.setxattr(fd, checksums.ATTRIBUTE, recorded.to_bytes())
+    except OSError:
+        pass
+
+
+def _recorded_checksums(fd):
+    """The BlockChecksums kept with the file, or None if it has none intact."""
+    if not hasattr(os, "getxattr"):
+        return None
+    try:
+        return checksums.BlockChecksums.from_bytes(os.getxattr(fd, checksums.ATTRIBUTE))
+    except OSError:
+        return None
+
+
 def _parse_ledger(data):
     """``(objects, bytes)`` from the ledger's bytes, or None unless they are two
     whole numbers, not negative."""
@@ -1086,7 +1120,9 @@ def _write_errors_as_store_errors():
 def _object_problem(oid, shard_fd):
     """None if the entry ``oid`` in ``shard_fd`` is a regular file whose bytes hash
     to ``oid``, else what is wrong with it, in words. Follows no symlink and opens
-    a FIFO without waiting for a writer."""
+    a FIFO without waiting for a writer. A sound object's block checksums are
+    recorded anew when they are missing (stored by an older version, or copied
+    without extended attributes) or do not match its bytes."""
     try:
         fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
     except OSError as error:
@@ -1098,16 +1134,26 @@ def _object_problem(oid, shard_fd):
         os.close(fd)   # before any FileIO: it refuses a directory and leaves the descriptor open
         return "is " + _kind(mode)
     with open(fd, "rb", buffering=0) as file:
-        return None if _hash_file(file) == oid else "does not hash to its name"
+        found = _recorded_checksums(fd)
+        recorder = checksums.Recorder(os.fstat(fd).st_size, found and found.block_size)
+        if _hash_file(file, recorder) != oid:
+            return "does not hash to its name"
+        recorded = recorder.finish()
+        if recorded is not None and (found is None or (found.size, found.crcs) != (
+                recorded.size, recorded.crcs)):
+            _record_checksums(fd, recorded)
+        return None
 
 
-def _hash_file(file):
-    """The SHA-256 of what is left to read in ``file``, read a block at a time."""
+def _hash_file(file, recorder):
+    """The SHA-256 of what is left to read in ``file``, read a block at a time
+    and given to ``recorder`` (a checksums.Recorder) as well."""
     digest = hashlib.sha256()
     block = bytearray(DiskStore.BLOCK_BYTES)
     view = memoryview(block)
     for count in iter(lambda: file.readinto(block), 0):
         digest.update(view[:count])
+        recorder.update(view[:count])
     return digest.hexdigest()
 
 

@@ -6,6 +6,7 @@ runs against both stores; a backend's test case supplies ``make_store()``.
 """
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import unittest
 import warnings
 import wsgiref.validate
 
+import checksums
 import gateway
 import server
 import storage
@@ -205,6 +207,7 @@ class ApplicationContract(WSGIClientMixin):
         oid = self.put("repo", data)
         environ = self.environ("GET", "/data/repo/" + oid, headers={"Range": "bytes=1000-800999"})
         environ["wsgi.file_wrapper"] = gateway.FileWrapper
+        environ[gateway.CHECKED_SPANS_KEY] = True
         result = self.app(environ, lambda status, headers, exc_info=None: None)
         try:
             self.assertIsInstance(result, gateway.FileWrapper)
@@ -584,19 +587,47 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
             self.assertEqual(self.request("GET", "/healthz").status, 200)
             self.assertEqual(self.request("PUT", "/data/repo", b"new").status, 201)
 
-    def damage(self, oid, how):
-        """Change a stored object's file behind the store's back."""
-        with open(os.path.join(self.app.store.root, "repo", oid[:2], oid), "r+b") as file:
+    def object_path(self, oid):
+        return os.path.join(self.app.store.root, "repo", oid[:2], oid)
+
+    def damage(self, oid, how, at=None):
+        """Change a stored object's file behind the store's back: flip the bits
+        of one byte (at ``at``, else in the middle), or cut the last byte off."""
+        with open(self.object_path(oid), "r+b") as file:
+            size = file.seek(0, os.SEEK_END)
             if how == "overwrite":
-                file.seek(file.seek(0, os.SEEK_END) // 2)
-                file.write(b"!")
+                file.seek(size // 2 if at is None else at)
+                byte = file.read(1)[0]
+                file.seek(-1, os.SEEK_CUR)
+                file.write(bytes([byte ^ 0xFF]))
             else:
-                file.truncate(file.seek(0, os.SEEK_END) - 1)
+                file.truncate(size - 1)
+
+    def put_object(self, data, recorded):
+        """Store ``data``; without its block checksums unless ``recorded`` (as
+        by an older version, or copied by a tool that drops extended attributes)."""
+        oid = self.put("repo", data)
+        if not recorded:
+            os.removexattr(self.object_path(oid), checksums.ATTRIBUTE)
+        return oid
+
+    def read_cut_short(self, environ):
+        """The bytes a damaged body delivered before it was cut short."""
+        environ["wsgi.errors"] = errors = io.StringIO()
+        result = self.app(environ, lambda status, headers, exc_info=None: None)
+        received = bytearray()
+        with self.assertRaises(OSError):
+            for block in result:
+                received += block
+        result.close()
+        self.assertIn("failed its integrity check", errors.getvalue())
+        return bytes(received)
 
     def test_a_damaged_small_object_is_never_served(self):
-        for how in ("overwrite", "truncate"):
-            with self.subTest(how=how):
-                oid = self.put("repo", b"small and damaged " + how.encode())
+        for recorded, how in itertools.product((True, False), ("overwrite", "truncate")):
+            with self.subTest(recorded=recorded, how=how):
+                oid = self.put_object(b"small and damaged %s %s" % (how.encode(), b"%d" % recorded),
+                                      recorded)
                 self.damage(oid, how)
                 environ = self.environ("GET", "/data/repo/" + oid)
                 environ["wsgi.errors"] = errors = io.StringIO()
@@ -607,25 +638,54 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
                 self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
                 self.assertEqual(self.request("GET", "/data/repo/" + oid,
                                               headers={"Range": "bytes=0-1"}).status, 404)
-        # Out of the account too; by its size now, so the truncated one leaves a byte.
-        self.assertEqual(self.app.store.usage(), (0, 1))
+        # Out of the account too; by its size now, so the truncated ones leave a byte each.
+        self.assertEqual(self.app.store.usage(), (0, 2))
 
     def test_a_damaged_large_object_never_arrives_whole(self):
-        for how in ("overwrite", "truncate"):
-            with self.subTest(how=how):
+        for recorded, how in itertools.product((True, False), ("overwrite", "truncate")):
+            with self.subTest(recorded=recorded, how=how):
                 data = os.urandom(3 * server.BODY_BLOCK_BYTES + 10) + how.encode()
-                oid = self.put("repo", data)
+                oid = self.put_object(data, recorded)
                 self.damage(oid, how)
                 environ = self.environ("GET", "/data/repo/" + oid)
-                environ["wsgi.errors"] = io.StringIO()
-                result = self.app(environ, lambda status, headers, exc_info=None: None)
-                received = bytearray()
-                with self.assertRaises(OSError):
-                    for block in result:
-                        received += block
-                result.close()
-                self.assertLess(len(received), len(data))   # never the whole: the last block was held
+                if recorded and how == "truncate":   # found by its size before a byte goes out
+                    self.assertJSONError(self.call(environ), 500)
+                else:   # with its checksums, nothing of its one block; without, never the last
+                    received = self.read_cut_short(environ)
+                    self.assertLessEqual(len(received),
+                                         0 if recorded else len(data) - server.BODY_BLOCK_BYTES)
                 self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+
+    def test_each_block_is_checked_before_it_goes_out(self):
+        mib = checksums.MIN_BLOCK_BYTES
+        data = os.urandom(3 * mib + 10)
+        oid = self.put("repo", data)
+        self.damage(oid, "overwrite", at=2 * mib + 5)
+        whole = self.environ("GET", "/data/repo/" + oid)
+        self.assertEqual(self.read_cut_short(whole), data[:2 * mib])   # the two good blocks
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+
+    def test_a_range_is_checked_by_the_blocks_it_touches(self):
+        mib = checksums.MIN_BLOCK_BYTES
+        data = os.urandom(3 * mib + 10)
+        oid = self.put("repo", data)
+        self.damage(oid, "overwrite", at=2 * mib + 5)
+        response = self.request("GET", "/data/repo/" + oid, headers={"Range": "bytes=100-2097151"})
+        self.assertEqual((response.status, response.body), (206, data[100:2 * mib]))
+        touching = self.environ("GET", "/data/repo/" + oid,
+                                headers={"Range": "bytes=%d-%d" % (mib + 7, 3 * mib)})
+        self.assertEqual(self.read_cut_short(touching), data[mib + 7:2 * mib])
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+
+    def test_damaged_checksums_fall_back_to_the_oid(self):
+        data = os.urandom(3 * checksums.MIN_BLOCK_BYTES)
+        oid = self.put("repo", data)
+        path = self.object_path(oid)
+        os.setxattr(path, checksums.ATTRIBUTE, os.getxattr(path, checksums.ATTRIBUTE)[:-1])
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)
+        self.damage(oid, "overwrite")
+        received = self.read_cut_short(self.environ("GET", "/data/repo/" + oid))
+        self.assertLess(len(received), len(data))
 
     def test_full_disk_is_507_and_keeps_serving(self):
         with small_filesystem(self) as mount_point:

@@ -20,6 +20,7 @@ import threading
 import time
 import unittest
 
+import checksums
 import gateway
 import logs
 import server
@@ -413,25 +414,41 @@ class ConnectionTest(GatewayTestCase):
     def test_large_objects_are_checked_while_sendfile_sends_them(self):
         self.start(server.DataStorageServer(data_dir=temporary_directory(self)))
         self.addCleanup(self.app.close)
-        data = os.urandom(5 * 1024 * 1024)
-        oid = self.put("repo", data)
-        self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)   # sound: whole
-        for size in (64 * 1024 + 1, 200000, 256 * 1024, 256 * 1024 + 1):   # held back: all, or not
-            small = os.urandom(size)
-            self.assertEqual(self.request("GET", "/data/repo/" + self.put("repo", small)).body,
-                             small, size)
-        with open(os.path.join(self.app.store.root, "repo", oid[:2], oid), "r+b") as file:
-            file.seek(4 * 1024 * 1024)
-            file.write(b"\0" * 16)
-        connection = self.connect()
-        connection.request("GET", "/data/repo/" + oid)
-        response = connection.getresponse()
-        self.assertEqual(response.status, 200)   # the head went out before the damage showed
-        with self.assertRaises(http.client.IncompleteRead) as cut:
-            response.read()
-        self.assertLessEqual(len(cut.exception.partial), len(data) - server.BODY_BLOCK_BYTES)
-        wait_until(lambda: "failed its integrity check" in self.running.log.getvalue())
-        self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)   # quarantined
+        for size in (64 * 1024 + 1, 200000, 256 * 1024, 256 * 1024 + 1, 5 * 1024 * 1024):
+            for recorded in (True, False):   # block checksums, or the oid alone
+                data = os.urandom(size)
+                oid = self.put("repo", data)
+                if not recorded:
+                    os.removexattr(self.object_path(oid), checksums.ATTRIBUTE)
+                self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data, size)
+        for times, recorded in enumerate((True, False), 1):
+            with self.subTest(recorded=recorded):
+                data = os.urandom(5 * 1024 * 1024)
+                oid = self.put("repo", data)
+                if not recorded:
+                    os.removexattr(self.object_path(oid), checksums.ATTRIBUTE)
+                with open(self.object_path(oid), "r+b") as file:
+                    file.seek(4 * 1024 * 1024)
+                    damaged = bytes(byte ^ 0xFF for byte in file.read(16))
+                    file.seek(4 * 1024 * 1024)
+                    file.write(damaged)
+                connection = self.connect()
+                connection.request("GET", "/data/repo/" + oid)
+                response = connection.getresponse()
+                self.assertEqual(response.status, 200)   # the head went out before the damage showed
+                with self.assertRaises(http.client.IncompleteRead) as cut:
+                    response.read()
+                if recorded:   # every block before the damaged one, none after
+                    self.assertEqual(cut.exception.partial, data[:4 * 1024 * 1024])
+                else:   # never the last block
+                    self.assertLessEqual(len(cut.exception.partial),
+                                         len(data) - server.BODY_BLOCK_BYTES)
+                wait_until(lambda: self.running.log.getvalue().count(
+                    "failed its integrity check; moved to") == times)
+                self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+
+    def object_path(self, oid):
+        return os.path.join(self.app.store.root, "repo", oid[:2], oid)
 
     def test_one_access_log_line_per_request(self):
         connection = self.connect()   # one connection, one thread: lines come in request order

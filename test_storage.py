@@ -14,6 +14,7 @@ import sys
 import threading
 import unittest
 
+import checksums
 import storage
 from fixtures import (HERE, files_under, open_disk_store, run_concurrently, sha256,
                       small_filesystem, temporary_directory)
@@ -536,6 +537,33 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(self.store.put("repo", Trickle(data))[1], len(data))
         self.assertLess(writes() - before, 100)   # not one per 64-byte read (49,000)
 
+    def test_block_checksums_are_recorded_with_each_object(self):
+        data = os.urandom(2 * storage.DiskStore.BLOCK_BYTES + 3)
+        for length in (len(data), None):   # sized for the length, or for the unknown-length bound
+            with self.subTest(length=length):
+                oid, _ = self.store.put("repo", io.BytesIO(data), length=length)
+                with self.store.open("repo", oid) as stored:
+                    recorded = stored.checksums
+                self.assertEqual(recorded.block_size, checksums.block_size_for(length))
+                self.assertTrue(recorded.match(data))
+                self.store.delete("repo", oid)
+        small, _ = self.put("repo", b"small")
+        with self.store.open("repo", small) as stored:
+            self.assertTrue(stored.checksums.match(b"small"))
+
+    def test_damaged_or_missing_checksums_are_none(self):
+        oid, _ = self.put("repo", b"data")
+        path = storage.object_path(self.root, "repo", oid)
+        recorded = os.getxattr(path, checksums.ATTRIBUTE)
+        for value in (recorded[:-1], b"\0" + recorded[1:]):
+            os.setxattr(path, checksums.ATTRIBUTE, value)
+            with self.store.open("repo", oid) as stored:
+                self.assertIsNone(stored.checksums)
+        os.removexattr(path, checksums.ATTRIBUTE)
+        with self.store.open("repo", oid) as stored:
+            self.assertIsNone(stored.checksums)
+            self.assertEqual(stored.file.read(), b"data")
+
     def test_verify_quarantines_corrupt_objects(self):
         good, _ = self.put("repo", b"good")
         bad, _ = self.put("repo", b"bad")
@@ -548,6 +576,20 @@ class DiskStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(self.read("repo", good), b"good")
         self.assertEqual(self.store.verify(report=lambda line: None), (1, 0))
         self.assertEqual(self.store.usage(), (1, 4))   # the account follows what verify moved out
+
+    def test_verify_records_missing_or_wrong_block_checksums(self):
+        data = os.urandom(2 * checksums.MIN_BLOCK_BYTES + 1)
+        oid, _ = self.put("repo", data)
+        path = storage.object_path(self.root, "repo", oid)
+        recorded = os.getxattr(path, checksums.ATTRIBUTE)
+        wrong = checksums.BlockChecksums.from_bytes(recorded)
+        wrong.crcs[0] ^= 1   # intact as bytes, wrong for the object
+        for damage in (lambda: os.removexattr(path, checksums.ATTRIBUTE),
+                       lambda: os.setxattr(path, checksums.ATTRIBUTE, wrong.to_bytes())):
+            damage()
+            self.assertEqual(self.store.verify(report=lambda line: None), (1, 0))
+            self.assertTrue(checksums.BlockChecksums.from_bytes(
+                os.getxattr(path, checksums.ATTRIBUTE)).match(data))
 
     def test_processes_on_one_root_share_one_account_and_quota(self):
         first = self.make_store(max_total_size=100)
