@@ -18,11 +18,13 @@ if sys.version_info < (3, 9):   # before anything that an older Python cannot ev
              % tuple(sys.version_info[:2]))
 
 import argparse   # noqa: E402 (after the version check, on purpose)
+import binascii
 import functools
 import hashlib
 import hmac
 import json
 import os
+import re
 import threading
 import time
 import traceback
@@ -31,6 +33,7 @@ import zlib
 
 import gateway
 import http11
+import lfs
 import logs
 import metrics
 import storage
@@ -50,8 +53,16 @@ ROUTE_PATHS = {   # route name -> path template, as in openapi.json
     "openapi": "/openapi.json",
     "repository": "/data/{repository}",
     "object": "/data/{repository}/{oid}",
+    "lfs-batch": "/lfs/{repository}/objects/batch",
+    "lfs-verify": "/lfs/{repository}/verify",
+    "lfs-locks": "/lfs/{repository}/locks",
+    "lfs-locks-verify": "/lfs/{repository}/locks/verify",
+    "lfs-unlock": "/lfs/{repository}/locks/{id}/unlock",
 }
+HOST_PATTERN = re.compile(r"[A-Za-z0-9.:\[\]_~-]+")   # a Host value: name or address, port
 FIXED_ROUTES = {path: route for route, path in ROUTE_PATHS.items() if "{" not in path}
+TEMPLATED_ROUTES = [(route, path.split("/")[1:]) for route, path in ROUTE_PATHS.items()
+                    if "{" in path]
 JSON = ("Content-Type", "application/json")
 NO_STORE = ("Cache-Control", "no-store")   # errors, listings, health, metrics: they change
 OBJECT_LIFETIME = "max-age=31536000, immutable"   # an oid's bytes never change
@@ -129,7 +140,7 @@ class BodySource:
                                  "send Content-Length")
         else:
             self._remaining = self.length or 0
-        self._limit = limit
+        self.limit = limit
         self.received = 0
         self.failed = False
 
@@ -138,7 +149,7 @@ class BodySource:
         if self._remaining is not None:
             wanted = min(wanted, self._remaining)
         else:
-            wanted = min(wanted, self._limit + 1 - self.received)
+            wanted = min(wanted, self.limit + 1 - self.received)
         if wanted <= 0:
             return 0
         count = self._input_call(self._fill, memoryview(buffer)[:wanted])
@@ -177,8 +188,8 @@ class BodySource:
                 raise http11.ClientDisconnected("request body ended before its Content-Length")
             self._remaining -= count
         self.received += count
-        if self.received > self._limit:
-            raise HTTPError(413, "object larger than the %d-byte limit" % self._limit)
+        if self.received > self.limit:
+            raise HTTPError(413, "object larger than the %d-byte limit" % self.limit)
 
 
 def content_length(environ):
@@ -201,8 +212,37 @@ class Request:
         self.method = environ["REQUEST_METHOD"]
         self.target = request_target(environ)
         self.query = ""   # set by routing
+        self.lfs = False   # set by routing: a Git LFS route, whose errors git-lfs reads
         self.body = BodySource(environ, max_object_size)
+        self.credentials = ("", "")   # set by routing, from the Authorization field
 
+
+
+def authorization(environ):
+    """``(scheme in lowercase, credentials)`` from the Authorization field,
+    ``("", "")`` without one. A client may send the field twice (git-lfs sends
+    an action's header and a configured ``http.extraHeader`` both): identical
+    values count as one, different ones are a 400."""
+    value = environ.get("HTTP_AUTHORIZATION", "").strip(http11.WHITESPACE)
+    values = {part.strip(http11.WHITESPACE) for part in value.split(",")}
+    if len(values) > 1 and all(part.partition(" ")[0].lower() in ("basic", "bearer")
+                               for part in values):
+        raise HTTPError(400, "the Authorization field is given twice, with different values")
+    if len(values) == 1:
+        value = values.pop()   # the same value, repeated (the server joined them with commas)
+    scheme, _, credentials = value.partition(" ")
+    return scheme.lower(), credentials.strip(http11.WHITESPACE)
+
+
+def basic_credentials(encoded):
+    """``(user, password)`` as bytes from Basic credentials (RFC 7617);
+    ``(b"", b"")`` if they are not base64."""
+    try:
+        decoded = binascii.a2b_base64(encoded.encode("latin-1"))
+    except (binascii.Error, UnicodeEncodeError):
+        return b"", b""
+    user, _, password = decoded.partition(b":")
+    return user, password
 
 
 def request_target(environ):
@@ -235,14 +275,18 @@ def parse_target(target):
     if path in FIXED_ROUTES:
         return FIXED_ROUTES[path], (), query
     segments = path.split("/")[1:]
-    if segments[0] != "data" or len(segments) not in (2, 3) or "" in segments:
+    for route, template in TEMPLATED_ROUTES:
+        if len(template) == len(segments) and "" not in segments and all(
+                part.startswith("{") or part == segment for part, segment in zip(template, segments)):
+            break
+    else:
         return None, (), query
     try:
-        arguments = [urllib.parse.unquote(s, errors="strict") if "%" in s else s
-                     for s in segments[1:]]
+        arguments = [urllib.parse.unquote(segment, errors="strict") if "%" in segment else segment
+                     for part, segment in zip(template, segments) if part.startswith("{")]
     except UnicodeDecodeError:
         raise HTTPError(400, "path segments must be percent-encoded UTF-8") from None
-    return ("repository", "object")[len(arguments) - 1], arguments, query
+    return route, arguments, query
 
 
 def parse_listing_query(query):
@@ -527,18 +571,27 @@ class DataStorageServer:
         "repository": {"GET": "list_objects", "HEAD": "list_objects", "PUT": "put_object"},
         "object": {"GET": "get_object", "HEAD": "get_object",
                    "PUT": "put_object", "DELETE": "delete_object"},
+        "lfs-batch": {"POST": "lfs_batch"},
+        "lfs-verify": {"POST": "lfs_verify"},
+        "lfs-locks": {"GET": "lfs_list_locks", "POST": "lfs_create_lock"},
+        "lfs-locks-verify": {"POST": "lfs_verify_locks"},
+        "lfs-unlock": {"POST": "lfs_unlock"},
     }
     public_routes = frozenset({"health"})   # answered without a token, for load balancers
 
     def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
-                 max_total_size=None, auth_token=None):
+                 max_total_size=None, auth_token=None, public_url=None):
         if store is not None and (data_dir is not None or max_total_size is not None):
             raise ValueError("data_dir and max_total_size open a store: pass them or a store")
-        self.store = store if store is not None else open_store(data_dir, max_total_size)
-        self.max_object_size = max_object_size
         if auth_token is not None and not valid_token(auth_token):
             raise ValueError("auth_token must be printable ASCII without spaces, not empty")
+        if public_url is not None and not valid_public_url(public_url):
+            raise ValueError("public_url must be an http:// or https:// URL without query")
+        self.store = store if store is not None else open_store(data_dir, max_total_size)
+        self.locks = lfs.open_locks(self.store)
+        self.max_object_size = max_object_size
         self.auth_token = auth_token.encode() if auth_token is not None else None
+        self.public_url = public_url.rstrip("/") if public_url is not None else None
         # Shared caches may keep an object only when anyone may read it.
         self.object_caching = ("Cache-Control", "%s, %s" % (
             "private" if self.auth_token else "public", OBJECT_LIFETIME))
@@ -575,6 +628,8 @@ class DataStorageServer:
         try:
             request = Request(environ, self.max_object_size)
             return self._route(request), request
+        except lfs.LFSError as error:
+            return lfs_response(error.status, error.document()), request
         except HTTPError as error:
             response = Response.error(error.status, str(error), error.headers)
         except storage.StoreError as error:
@@ -588,6 +643,10 @@ class DataStorageServer:
             environ["wsgi.errors"].write("unexpected error in %s %r:\n%s" % (
                 environ["REQUEST_METHOD"], request_target(environ)[:200], traceback.format_exc()))
             response = Response.error(500, "internal server error")
+        if request is not None and request.lfs:   # the same error, as git-lfs reads errors
+            response = lfs_response(response.status, {"message": json.loads(response.body)["error"]},
+                                    [field for field in response.headers if field[0] not in (
+                                        "Content-Type", "Cache-Control")])
         return response, request
 
     @staticmethod
@@ -612,10 +671,14 @@ class DataStorageServer:
 
     def _route(self, request):
         route, arguments, request.query = parse_target(request.target)
+        request.lfs = route is not None and route.startswith("lfs-")
+        request.credentials = authorization(request.environ)
         if (self.auth_token is not None and route not in self.public_routes
                 and not self._authorized(request)):
-            raise HTTPError(401, "missing or wrong bearer token",
-                            [("WWW-Authenticate", 'Bearer realm="data-storage"')])
+            raise HTTPError(401, "missing or wrong token (Bearer, or the password of Basic)", [
+                ("WWW-Authenticate", 'Bearer realm="data-storage"'),
+                # git-lfs asks git's credential helpers for Basic credentials.
+                *([("LFS-Authenticate", 'Basic realm="data-storage"')] if request.lfs else [])])
         if route is None:
             raise HTTPError(404, "no such resource: %s" % request.target[:200])
         methods = self.routes[route]
@@ -628,10 +691,17 @@ class DataStorageServer:
         return getattr(self, handler)(request, *arguments)
 
     def _authorized(self, request):
-        """Check ``Authorization: Bearer <token>`` in constant time (RFC 6750 §2.1)."""
-        scheme, _, token = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip(http11.WHITESPACE).encode("latin-1"), self.auth_token)
+        """Check the token in constant time: ``Authorization: Bearer <token>``
+        (RFC 6750 §2.1), or the password of Basic credentials with any user
+        name (RFC 7617), for git's credential helpers and git-lfs."""
+        scheme, secret = request.credentials
+        if scheme == "basic":
+            secret = basic_credentials(secret)[1]
+        elif scheme == "bearer":
+            secret = secret.encode("latin-1")
+        else:
+            return False
+        return hmac.compare_digest(secret, self.auth_token)
 
     # Route handlers -------------------------------------------------------
 
@@ -783,6 +853,143 @@ class DataStorageServer:
             return Response(304, headers, length=len(self.openapi_document))
         return Response(200, [JSON, *headers], self.openapi_document)
 
+    # Git LFS (the protocol is in lfs.py) ---------------------------------------
+
+    def lfs_batch(self, request, repository):
+        """The Batch API: actions on ``/data/<repository>/<oid>`` for each object."""
+        document = self._lfs_document(request)
+        storage.check_repository(repository)
+        links = lfs.Links(self._base_url(request), repository, self._transfer_header(request))
+        return lfs_response(200, lfs.batch(self.store, document, links, self.max_object_size))
+
+    def lfs_verify(self, request, repository):
+        """The verify action, after an upload: 200 if stored with that size."""
+        return lfs_response(200, lfs.verify(self.store, repository, self._lfs_document(request)))
+
+    def lfs_create_lock(self, request, repository):
+        """Lock a path for the caller: 201, or 409 with the lock that holds it."""
+        path = lfs.lock_path(self._lfs_document(request))
+        lock, created = self.locks.create(repository, path, self._lock_owner(request))
+        if not created:
+            return lfs_response(409, {"lock": lock, "message": "%s is already locked" % path})
+        return lfs_response(201, {"lock": lock})
+
+    def lfs_list_locks(self, request, repository):
+        """A page of locks: ``?path=&id=&cursor=&limit=`` (``refspec`` is ignored:
+        locks are per repository)."""
+        self._check_lfs_accept(request)
+        try:
+            fields = urllib.parse.parse_qs(request.query, errors="strict")
+        except UnicodeDecodeError:
+            raise lfs.LFSError(400, "query must be percent-encoded UTF-8") from None
+        if any(len(values) > 1 for values in fields.values()):
+            raise lfs.LFSError(400, "a query parameter is given more than once")
+        field = {name: values[0] for name, values in fields.items()}.get
+        locks, next_cursor = self.locks.find(repository, path=field("path"), lock_id=field("id"),
+                                             cursor=field("cursor"),
+                                             limit=lfs.lock_limit(field("limit")))
+        return lfs_response(200, {"locks": locks, **(
+            {"next_cursor": next_cursor} if next_cursor is not None else {})})
+
+    def lfs_verify_locks(self, request, repository):
+        """The locks that bear on a push, split into the caller's and others'."""
+        document = self._lfs_document(request)
+        cursor = document.get("cursor") if isinstance(document, dict) else None
+        if cursor is not None and not isinstance(cursor, str):
+            raise lfs.LFSError(422, "cursor must be a string")
+        locks, next_cursor = self.locks.find(repository, cursor=cursor or None, limit=lfs.lock_limit(
+            document.get("limit") if isinstance(document, dict) else None))
+        owner = self._lock_owner(request)
+        return lfs_response(200, {
+            "ours": [lock for lock in locks if lock["owner"]["name"] == owner],
+            "theirs": [lock for lock in locks if lock["owner"]["name"] != owner],
+            **({"next_cursor": next_cursor} if next_cursor is not None else {})})
+
+    def lfs_unlock(self, request, repository, lock_id):
+        """Remove a lock: the caller's own, or anyone's with ``"force": true``."""
+        document = self._lfs_document(request)
+        force = document.get("force") if isinstance(document, dict) else None
+        if force not in (None, True, False):
+            raise lfs.LFSError(422, "force must be true or false")
+        lock = self.locks.unlock(repository, lock_id, self._lock_owner(request), bool(force))
+        return lfs_response(200, {"lock": lock})
+
+    def _lfs_document(self, request):
+        """The JSON document of an LFS request: 406 if the client does not
+        take LFS's media type, 415 unless sent as JSON, 413 past
+        lfs.MAX_DOCUMENT_BYTES, 400 if malformed."""
+        self._check_lfs_accept(request)
+        media_type = request.environ.get("CONTENT_TYPE", "").partition(";")[0]
+        if media_type.strip(http11.WHITESPACE).lower() not in (lfs.MEDIA_TYPE, "application/json"):
+            raise lfs.LFSError(415, "send the request as %s" % lfs.MEDIA_TYPE)
+        if (request.body.length or 0) > lfs.MAX_DOCUMENT_BYTES:
+            raise lfs.LFSError(413, "request larger than %d bytes" % lfs.MAX_DOCUMENT_BYTES)
+        request.body.limit = lfs.MAX_DOCUMENT_BYTES + 1   # not --max-object-size: the check is here
+        data = bytearray()
+        block = bytearray(64 * 1024)
+        for count in iter(lambda: request.body.readinto(block), 0):
+            data += memoryview(block)[:count]
+            if len(data) > lfs.MAX_DOCUMENT_BYTES:
+                raise lfs.LFSError(413, "request larger than %d bytes" % lfs.MAX_DOCUMENT_BYTES)
+        try:
+            return json.loads(data)
+        except ValueError as error:   # not UTF-8 or not JSON
+            raise lfs.LFSError(400, "malformed JSON: %s" % error) from None
+
+    @staticmethod
+    def _check_lfs_accept(request):
+        accept = request.environ.get("HTTP_ACCEPT")
+        if accept is None:
+            return
+        media_types = {item.partition(";")[0].strip(http11.WHITESPACE).lower()
+                       for item in accept.split(",")}
+        if not media_types & {lfs.MEDIA_TYPE, "application/json", "application/*", "*/*"}:
+            raise lfs.LFSError(406, "this API answers in %s" % lfs.MEDIA_TYPE)
+
+    def _base_url(self, request):
+        """The service's URL as the client reaches it: ``--public-url``, else
+        the request's scheme and Host (PEP 3333's URL reconstruction)."""
+        if self.public_url is not None:
+            return self.public_url
+        environ = request.environ
+        host = environ.get("HTTP_HOST")
+        if not host:
+            host = environ["SERVER_NAME"]
+            if environ["SERVER_PORT"] != {"https": "443", "http": "80"}[environ["wsgi.url_scheme"]]:
+                host += ":" + environ["SERVER_PORT"]
+        if not HOST_PATTERN.fullmatch(host):
+            raise lfs.LFSError(400, "invalid Host %r" % host[:100])
+        return "%s://%s" % (environ["wsgi.url_scheme"], host)
+
+    def _transfer_header(self, request):
+        """The header fields a transfer must carry: the batch's own credentials,
+        when a token is required."""
+        scheme, credentials = request.credentials
+        if self.auth_token is None or scheme not in ("basic", "bearer"):
+            return {}
+        return {"Authorization": "%s %s" % (scheme.capitalize(), credentials)}
+
+    @staticmethod
+    def _lock_owner(request):
+        """Who holds a lock: the user name of Basic credentials (git's
+        credential helper, or ``http://NAME:TOKEN@host/lfs/R``), else anonymous."""
+        scheme, credentials = request.credentials
+        user = basic_credentials(credentials)[0] if scheme == "basic" else b""
+        return user.decode("utf-8", "replace") or "anonymous"
+
+
+def valid_public_url(url):
+    """True for a URL that actions of Git LFS batches can start with."""
+    parsed = urllib.parse.urlsplit(url)
+    return (parsed.scheme in ("http", "https") and bool(parsed.netloc) and not parsed.query
+            and not parsed.fragment and url.isascii() and url.isprintable() and " " not in url)
+
+
+def lfs_response(status, document, headers=()):
+    """A Git LFS document (errors too: ``{"message": ...}``), in LFS's media type."""
+    return Response(status, [("Content-Type", lfs.MEDIA_TYPE), NO_STORE, *headers],
+                    json.dumps(document).encode())
+
 
 def valid_token(token):
     """True for a token a client can send after ``Bearer `` as it is: printable
@@ -833,7 +1040,8 @@ def _port_number(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Content-addressed object storage over HTTP: PUT or list /data/REPO; "
-                    "GET|HEAD|PUT|DELETE /data/REPO/OID; /healthz, /metrics, /openapi.json.")
+                    "GET|HEAD|PUT|DELETE /data/REPO/OID; a Git LFS server at /lfs/REPO; "
+                    "/healthz, /metrics, /openapi.json.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; "
                              "0.0.0.0 or :: listens on all interfaces)")
@@ -865,6 +1073,9 @@ def parse_args(argv=None):
                         metavar="TOKEN",
                         help="require 'Authorization: Bearer TOKEN' on every request "
                              "(default: $DATA_STORAGE_TOKEN; unset: no authentication)")
+    parser.add_argument("--public-url", metavar="URL",
+                        help="the service's URL as clients reach it (behind a proxy), for the "
+                             "links in Git LFS batches (default: from each request's Host)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="access log: Common Log Format lines, or one JSON object per "
                              "line (default: %(default)s)")
@@ -878,6 +1089,9 @@ def parse_args(argv=None):
     if args.auth_token is not None and not valid_token(args.auth_token):
         parser.error("the token (--auth-token or DATA_STORAGE_TOKEN) must be printable ASCII "
                      "without spaces, and not empty (an empty one would turn authentication off)")
+    if args.public_url is not None and not valid_public_url(args.public_url):
+        parser.error("--public-url must be an http:// or https:// URL without query, "
+                     "e.g. https://storage.example.com")
     if args.workers > 1 and not args.data_dir:
         parser.error("--workers above 1 needs --data-dir: worker processes cannot share "
                      "the in-memory store")
@@ -897,7 +1111,8 @@ def main(argv=None):
 
     def make_application():
         return DataStorageServer(data_dir=args.data_dir, max_object_size=args.max_object_size,
-                                 max_total_size=args.max_total_size, auth_token=args.auth_token)
+                                 max_total_size=args.max_total_size, auth_token=args.auth_token,
+                                 public_url=args.public_url)
 
     try:   # everything is checked before the port is announced
         application = make_application()

@@ -229,11 +229,15 @@ class FramingTest(GatewayTestCase):
         self.assertTrue(second.startswith(b"HTTP/1.1 404 Not Found\r\n"), received)   # no body between
         self.assertTrue(received.endswith(b"\r\n\r\n"), received)
 
-    def test_two_authorization_fields_are_not_a_token(self):
+    def test_two_authorization_fields_count_as_one_only_when_identical(self):
         self.start(auth_token="s3cret")
         response = self.raw(b"GET /data/repo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
                             b"Authorization: Bearer other\r\n\r\n")
-        self.assertJSONError(response, 401)
+        self.assertJSONError(response, 400)
+        self.assertIn("different values", response.json()["error"])
+        response = self.raw(b"GET /data/repo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                            b"Authorization: Bearer s3cret\r\n\r\n")   # as git-lfs may send it
+        self.assertEqual(response.status, 200, response.body)
 
     def test_expect_continue_refused_requests_get_final_status_instead(self):
         self.start(max_object_size=100)

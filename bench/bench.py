@@ -17,6 +17,10 @@ Large objects: a PUT and a GET of one large object (1 GiB by default) over
 loopback to the disk store, against SHA-256 throughput, the data directory's
 write+fsync throughput and loopback sendfile throughput; the server's peak RSS
 growth (VmHWM); and the in-memory store's peak RSS growth for the same PUT.
+
+Git LFS: ``git lfs push`` of the same size of object against ``curl -T`` of
+the file to the plain API, each into a fresh disk store (needs git, git-lfs
+and curl; left out with a note without them).
 """
 
 import argparse
@@ -355,6 +359,63 @@ def bench_large_objects(options, report, data_root):
 
 # Report -------------------------------------------------------------------------
 
+def bench_lfs_push(options, report, data_root):
+    """``git lfs push`` of one large object against ``curl -T`` of the same file,
+    each to a fresh server on the disk store, timed from outside (so the
+    push's batch and verify calls count against it)."""
+    missing = [tool for tool in ("git", "git-lfs", "curl") if not shutil.which(tool)]
+    if missing:
+        print("git lfs push: skipped, %s not installed" % " and ".join(missing), file=sys.stderr)
+        return
+    size = options.large_size
+    work = tempfile.mkdtemp(dir=data_root)
+    environment = {**os.environ, "HOME": work, "GIT_CONFIG_NOSYSTEM": "1",
+                   "GIT_TERMINAL_PROMPT": "0"}
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=os.path.join(work, "repo"), env=environment, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    try:
+        os.mkdir(os.path.join(work, "repo"))
+        git("init", "-q")
+        git("config", "user.name", "bench")
+        git("config", "user.email", "bench@example.com")
+        git("lfs", "install", "--local")
+        git("lfs", "track", "*.bin")
+        path = make_large_file(os.path.join(work, "repo"), size)
+        os.rename(path, os.path.join(work, "repo", "large.bin"))
+        git("add", ".")
+        git("commit", "-q", "-m", "large")   # the clean filter hashes it into .git/lfs
+        path = os.path.join(work, "repo", "large.bin")
+        _, oid = sha256_throughput(path)
+
+        server = our_server("--data-dir", os.path.join(work, "curl-store"),
+                            "--max-object-size", str(size))
+        try:
+            started = time.perf_counter()
+            subprocess.run(["curl", "-sSf", "-o", os.devnull, "-T", path,
+                            "http://127.0.0.1:%d/data/lfs/%s" % (server.port, oid)], check=True)
+            curl_rate = size / (time.perf_counter() - started)
+        finally:
+            server.stop()
+        server = our_server("--data-dir", os.path.join(work, "lfs-store"),
+                            "--max-object-size", str(size))
+        try:
+            git("config", "lfs.url", "http://127.0.0.1:%d/lfs/lfs" % server.port)
+            git("remote", "add", "origin", os.path.join(work, "unused-remote"))
+            started = time.perf_counter()
+            git("lfs", "push", "--object-id", "origin", oid)
+            push_rate = size / (time.perf_counter() - started)
+            assert b'"%s"' % oid.encode() in request(server.port, "GET", "/data/lfs")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.add("%d MiB git lfs push MB/s (disk store)" % (size // MIB), push_rate / 1e6,
+               curl_rate / 1e6, "curl -T PUT", target=0.7, unit="MB/s")
+
+
 class Report:
     def __init__(self):
         self.rows = []
@@ -404,7 +465,7 @@ def main():
                         default="wrk" if shutil.which("wrk") else "python",
                         help="load generator (default: wrk if installed)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=("small", "workers", "large"), help="leave out a part")
+                        choices=("small", "workers", "large", "lfs"), help="leave out a part")
     options = parser.parse_args()
     if options.quick:
         options.duration, options.rounds, options.large_size = 1, 1, 256 * MIB
@@ -417,6 +478,8 @@ def main():
         bench_workers(options, report, options.data_dir)
     if "large" not in options.skip:
         bench_large_objects(options, report, options.data_dir)
+    if "lfs" not in options.skip:
+        bench_lfs_push(options, report, options.data_dir)
     context = {"date": datetime.date.today().isoformat(), "client": options.client,
                "connections": options.connections, "duration_s": options.duration,
                "rounds": options.rounds, "python": platform.python_version(),
