@@ -6,6 +6,7 @@ both in a throwaway virtual environment, so CI always runs these.
 """
 
 import hashlib
+import json
 import importlib.util
 import os
 import re
@@ -82,6 +83,23 @@ class GunicornTest(unittest.TestCase):
         self.assertEqual(self.server.request("DELETE", path).status, 200)
         self.get_until_every_worker_answered(path, 404)
         self.assertEqual(os.listdir(os.path.join(self.root, "repo", oid[:2])), [oid])
+
+
+    def test_git_lfs_routes(self):
+        """A batch builds its links from the Host gunicorn passes on, and a lock
+        taken through one worker holds in the other (one lock file, under flock)."""
+        lfs_type = {"Content-Type": "application/vnd.git-lfs+json",
+                    "Accept": "application/vnd.git-lfs+json"}
+        oid = sha256(b"pushed")
+        batch = self.server.request("POST", "/lfs/repo/objects/batch", json.dumps(
+            {"operation": "upload", "objects": [{"oid": oid, "size": 6}]}).encode(), lfs_type)
+        self.assertEqual(batch.status, 200, batch.body)
+        href = batch.json()["objects"][0]["actions"]["upload"]["href"]
+        self.assertEqual(href, "http://127.0.0.1:%d/data/repo/%s" % (self.server.port, oid))
+        self.assertEqual(self.server.request("PUT", "/data/repo/" + oid, b"pushed").status, 201)
+        statuses = [self.server.request("POST", "/lfs/repo/locks", b'{"path": "a.bin"}',
+                                        lfs_type).status for _ in range(6)]   # new connections
+        self.assertEqual(statuses, [201] + [409] * 5)
 
 
 @unittest.skipUnless(installed("waitress"), "waitress is not installed (pip install waitress); "
