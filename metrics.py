@@ -61,8 +61,10 @@ class Metrics:
                 self._bucket_counts[bucket] += 1
                 self._duration_sum += seconds
 
-    def render(self, objects, stored_bytes):
-        """The exposition text, with the store's current ``objects`` and ``stored_bytes``."""
+    def render(self, objects, stored_bytes, store_calls=None):
+        """The exposition text, with the store's current ``objects`` and
+        ``stored_bytes`` (None: not counted), and ``store_calls``, an
+        ``{operation: [calls, errors, seconds]}`` of the storage engine's calls."""
         with self._lock:
             requests = sorted(self._requests.items())
             buckets = list(self._bucket_counts)
@@ -92,6 +94,16 @@ class Metrics:
                 ("datastore_received_bytes_total", "counter", received,
                  "Request body bytes received."),
                 ("datastore_sent_bytes_total", "counter", sent, "Response body bytes sent.")):
-            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind),
-                      "%s %d" % (name, value)]
+            if value is not None:   # a store that does not count its objects gives None
+                lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind),
+                          "%s %d" % (name, value)]
+        for name, column, text in (
+                ("datastore_store_calls_total", 0, "Calls to the storage engine, by operation."),
+                ("datastore_store_errors_total", 1,
+                 "Calls to the storage engine that failed, by operation."),
+                ("datastore_store_call_seconds_total", 2,
+                 "Time spent in calls to the storage engine, by operation.")) if store_calls else ():
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s counter" % name]
+            lines += ['%s{operation="%s"} %s' % (name, operation, counts[column])
+                      for operation, counts in sorted(store_calls.items())]
         return "\n".join(lines) + "\n"

@@ -36,6 +36,7 @@ import http11
 import lfs
 import logs
 import metrics
+import s3
 import storage
 import workers
 
@@ -76,7 +77,9 @@ STORE_ERROR_STATUS = {
     storage.InsufficientStorage: 507,
     storage.StoreNotWritable: 503,
     storage.StoreBusy: 503,
+    storage.StoreUnavailable: 503,
 }
+RETRY_LATER = ("Retry-After", "1")   # with a 503 from the store: it is a passing condition
 
 
 class HTTPError(Exception):
@@ -463,6 +466,42 @@ class CheckedObject(FileSlice):
             checker.stop()
 
 
+class CheckedStream(FileSlice):
+    """A whole stored object read once from a stream (the S3 store's), hashed
+    as it is read: its last block is yielded only once the digest of the whole
+    matches the oid; otherwise the response is cut short and ``on_damage()``
+    is called."""
+
+    def __init__(self, stored, oid, on_damage):
+        super().__init__(stored, 0, stored.size)
+        self._oid = oid
+        self._on_damage = on_damage
+
+    def __iter__(self):
+        digest = hashlib.sha256()
+        previous = None
+        for block in super().__iter__():
+            digest.update(block)
+            if previous is not None:
+                yield previous
+            previous = block
+        if digest.hexdigest() != self._oid:
+            self._on_damage()
+            raise OSError("object %s failed its integrity check; the response was cut short"
+                          % self._oid)
+        if previous is not None:
+            yield previous
+
+
+def has_descriptor(file):
+    """True if ``file`` is an operating system file (sendfile and pread work on it)."""
+    try:
+        file.fileno()
+    except (AttributeError, OSError):   # io.UnsupportedOperation is an OSError
+        return False
+    return True
+
+
 def intact(data, oid, recorded):
     """True if ``data``, a whole object, matches its ``recorded`` checksums (or
     its oid, without them)."""
@@ -580,7 +619,11 @@ class DataStorageServer:
     public_routes = frozenset({"health"})   # answered without a token, for load balancers
 
     def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
-                 max_total_size=None, auth_token=None, public_url=None):
+                 max_total_size=None, auth_token=None, public_url=None, s3_endpoint=None,
+                 spool_dir=None):
+        if isinstance(store, str):   # "memory", or "s3://BUCKET[/PREFIX]"
+            store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir)
+            data_dir = max_total_size = None
         if store is not None and (data_dir is not None or max_total_size is not None):
             raise ValueError("data_dir and max_total_size open a store: pass them or a store")
         if auth_token is not None and not valid_token(auth_token):
@@ -633,7 +676,8 @@ class DataStorageServer:
         except HTTPError as error:
             response = Response.error(error.status, str(error), error.headers)
         except storage.StoreError as error:
-            response = Response.error(STORE_ERROR_STATUS.get(type(error), 500), str(error))
+            status = STORE_ERROR_STATUS.get(type(error), 500)
+            response = Response.error(status, str(error), [RETRY_LATER] if status == 503 else [])
             if response.status >= 500:   # the storage's condition, for the operator to see
                 environ["wsgi.errors"].write("store error in %s %r: %s" % (
                     environ["REQUEST_METHOD"], request_target(environ)[:200], error))
@@ -658,6 +702,8 @@ class DataStorageServer:
             if isinstance(body, FileSlice):
                 body.close()
             body = b""
+        elif isinstance(body, CheckedStream):
+            pass   # read here, as it is checked: never a file for the server to send itself
         elif isinstance(body, CheckedObject):
             if environ.get(gateway.CHECKED_SPANS_KEY) and "wsgi.file_wrapper" in environ:
                 body = environ["wsgi.file_wrapper"](body, BODY_BLOCK_BYTES)   # sent by spans
@@ -762,9 +808,11 @@ class DataStorageServer:
         if checked and stored.checksums and stored.checksums.size != size:
             self._failed_check(request, repository, oid, stored)   # truncated, or grown
         if count > INLINE_BODY_BYTES and request.method == "GET":
-            if checked and (stored.checksums or count == size):
-                damaged = functools.partial(self._damaged, request.environ, repository, oid,
-                                            stored.file)
+            damaged = functools.partial(self._damaged, request.environ, repository, oid,
+                                        stored.file)
+            if checked and not has_descriptor(stored.file) and count == size:
+                return Response(status, headers, CheckedStream(stored, oid, damaged), length=count)
+            if checked and has_descriptor(stored.file) and (stored.checksums or count == size):
                 return Response(status, headers, CheckedObject(stored, first, count, oid, damaged),
                                 length=count)
             return Response(status, headers, FileSlice(stored, first, count), length=count)
@@ -841,7 +889,9 @@ class DataStorageServer:
 
     def get_metrics(self, request):
         """Prometheus text exposition of the request metrics and the store's usage."""
-        text = self.metrics.render(*self.store.usage())
+        client = getattr(self.store, "client", None)   # the S3 store's engine
+        text = self.metrics.render(*(self.store.usage() or (None, None)),
+                                   store_calls=client.call_counts() if client else None)
         return Response(200, [("Content-Type", metrics.CONTENT_TYPE), NO_STORE], text.encode())
 
     def get_openapi(self, request):
@@ -997,8 +1047,23 @@ def valid_token(token):
     return bool(token) and token.isascii() and token.isprintable() and " " not in token
 
 
-def open_store(data_dir=None, max_total_size=None):
-    """The disk store in ``data_dir``, or a new in-memory store without one."""
+def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None):
+    """The store to serve: the S3 store for ``url`` ``s3://BUCKET[/PREFIX]``
+    (checked: StoreUnavailable if the bucket cannot be used), the disk store
+    in ``data_dir``, or a new in-memory store. ValueError for a combination
+    that makes no sense."""
+    if url not in (None, "memory"):
+        if data_dir is not None:
+            raise ValueError("--data-dir and an S3 store are two stores: choose one")
+        if max_total_size is not None:
+            raise ValueError("--max-total-size cannot be kept for an S3 bucket: each process "
+                             "would count only its own uploads")
+        bucket, prefix = s3.parse_store_url(url)
+        credentials, region = s3.credentials_from_environment()
+        endpoint = s3_endpoint or "https://s3.%s.amazonaws.com" % region
+        store = s3.S3Store(bucket, prefix, s3.Client(endpoint, region, credentials), spool_dir)
+        store.check()
+        return store
     if data_dir is not None:
         return storage.DiskStore(data_dir, max_total_size=max_total_size)
     return storage.MemoryStore(max_total_size=max_total_size)
@@ -1054,6 +1119,18 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", metavar="DIR",
                         help="keep objects durably in files under DIR (created if missing); "
                              "without it, objects live in memory and vanish on exit")
+    parser.add_argument("--store", nargs="?", const="memory", metavar="URL",
+                        help="where objects live: s3://BUCKET[/PREFIX] for an S3 bucket "
+                             "(credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                             "AWS_SESSION_TOKEN, AWS_REGION), or memory (also when given "
+                             "without a value); --data-dir chooses the disk store")
+    parser.add_argument("--s3-endpoint", metavar="URL",
+                        help="the S3 engine's URL, e.g. http://127.0.0.1:8333 (default: AWS "
+                             "in the region)")
+    parser.add_argument("--spool-dir", metavar="DIR",
+                        help="with an S3 store, where uploads whose oid is not known yet are "
+                             "held while they are hashed (default: the system's temporary "
+                             "directory)")
     parser.add_argument("--max-total-size", type=_byte_count, metavar="BYTES",
                         help="quota on the bytes stored; uploads beyond it get 507 "
                              "(default: no quota)")
@@ -1092,7 +1169,13 @@ def parse_args(argv=None):
     if args.public_url is not None and not valid_public_url(args.public_url):
         parser.error("--public-url must be an http:// or https:// URL without query, "
                      "e.g. https://storage.example.com")
-    if args.workers > 1 and not args.data_dir:
+    s3_store = args.store not in (None, "memory")
+    if s3_store and args.data_dir:
+        parser.error("--data-dir and --store s3://... are two stores: choose one")
+    if s3_store and args.max_total_size is not None:
+        parser.error("--max-total-size cannot be kept for an S3 bucket: each process would "
+                     "count only its own uploads")
+    if args.workers > 1 and not (args.data_dir or s3_store):
         parser.error("--workers above 1 needs --data-dir: worker processes cannot share "
                      "the in-memory store")
     if args.workers > 1 and not hasattr(os, "fork"):
@@ -1110,14 +1193,18 @@ def main(argv=None):
     workers.block_stop_signals()
 
     def make_application():
-        return DataStorageServer(data_dir=args.data_dir, max_object_size=args.max_object_size,
+        return DataStorageServer(args.store, data_dir=args.data_dir,
+                                 max_object_size=args.max_object_size,
                                  max_total_size=args.max_total_size, auth_token=args.auth_token,
-                                 public_url=args.public_url)
+                                 public_url=args.public_url, s3_endpoint=args.s3_endpoint,
+                                 spool_dir=args.spool_dir)
 
     try:   # everything is checked before the port is announced
         application = make_application()
-    except (OSError, storage.StoreError) as error:
-        return cannot_start("cannot use --data-dir %s: %s" % (args.data_dir, error))
+    except (OSError, storage.StoreError, ValueError) as error:
+        if args.data_dir:
+            return cannot_start("cannot use --data-dir %s: %s" % (args.data_dir, error))
+        return cannot_start("cannot use the store %s: %s" % (args.store, error))
     log = logs.Log(log_format=args.log_format, level=args.log_level)
     max_connections, descriptors = gateway.fit_descriptors(args.max_connections)
     try:
@@ -1131,7 +1218,8 @@ def main(argv=None):
     host, port = server.server_address[:2]
     print("data storage service listening on http://%s:%d (%s%s%s)" % (
         "[%s]" % host if ":" in host else host, port,
-        "disk store in %s" % args.data_dir if args.data_dir else "in-memory store",
+        "disk store in %s" % args.data_dir if args.data_dir else
+        "S3 store %s" % args.store if args.store not in (None, "memory") else "in-memory store",
         ", %d workers" % args.workers if args.workers > 1 else "",
         ", bearer token required" if args.auth_token else ""), flush=True)
     if descriptors:

@@ -87,6 +87,11 @@ class StoreBusy(StoreError):
     """The process has no file descriptor left for the store now; nothing changed."""
 
 
+class StoreUnavailable(StoreError):
+    """The storage behind the store (an S3 engine) cannot be reached now, or
+    refused the call; a retry later may succeed."""
+
+
 class ForeignEntry(StoreError):
     """Where the disk store needs a directory of its own, the data directory holds
     something else (a symlink, a file, a special file), which it will not write through."""
