@@ -28,12 +28,14 @@ try:
 except ImportError:   # no disk store there either
     fcntl = None
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 MEDIA_TYPE = "application/vnd.git-lfs+json"
 MAX_BATCH_OBJECTS = 1000
 MAX_DOCUMENT_BYTES = 1 << 20   # a batch of 1000 objects takes about 120 KB
 DEFAULT_LOCK_LIMIT = 100
 MAX_LOCK_LIMIT = 1000
-MAX_LOCK_PATH = 4096
+MAX_LOCK_PATH = 1024
+MAX_LOCKS = 10000   # per repository: each change rewrites the repository's locks
 
 
 class LFSError(Exception):
@@ -103,13 +105,12 @@ def _batch_object(store, operation, item, links, max_object_size):
     problem = _object_problem(oid, size)
     if problem:
         return _object_error(oid, size, 422, problem)
-    oid = oid.lower()
-    stored_size = _stored_size(store, links.repository, oid)
+    stored_size = _stored_size(store, links.repository, oid.lower())   # answered as asked
     if operation == "download":
         if stored_size is None:
             return _object_error(oid, size, 404, "object does not exist")
         return {"oid": oid, "size": stored_size, "authenticated": True,
-                "actions": {"download": links.object(oid)}}
+                "actions": {"download": links.object(oid.lower())}}
     if stored_size is not None:
         if stored_size != size:
             return _object_error(oid, size, 422, "object is stored with size %d" % stored_size)
@@ -118,7 +119,7 @@ def _batch_object(store, operation, item, links, max_object_size):
         return _object_error(oid, size, 413, "object larger than the %d-byte limit"
                              % max_object_size)
     return {"oid": oid, "size": size, "authenticated": True,
-            "actions": {"upload": links.object(oid), "verify": links.verify()}}
+            "actions": {"upload": links.object(oid.lower()), "verify": links.verify()}}
 
 
 def verify(store, repository, document):
@@ -148,7 +149,11 @@ def _object_problem(oid, size):
 
 
 def _object_error(oid, size, code, message):
-    return {"oid": oid, "size": size, "error": {"code": code, "message": message}}
+    """A per-object error; the oid and size as given when they are a string
+    and a whole number (anything else is not echoed)."""
+    return {"oid": oid if isinstance(oid, str) else "",
+            "size": size if isinstance(size, int) and not isinstance(size, bool) else 0,
+            "error": {"code": code, "message": message}}
 
 
 def _stored_size(store, repository, oid):
@@ -164,10 +169,19 @@ def _stored_size(store, repository, oid):
 def lock_path(document):
     """The path a create-lock request names; LFSError 422 unless it is one."""
     path = document.get("path") if isinstance(document, dict) else None
-    if not isinstance(path, str) or not path or len(path) > MAX_LOCK_PATH or "\0" in path:
+    if (not isinstance(path, str) or not path or len(path) > MAX_LOCK_PATH or "\0" in path
+            or not _utf8(path)):
         raise LFSError(422, "path must be a file's path in the repository, up to %d characters"
                        % MAX_LOCK_PATH)
     return path
+
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate from a JSON escape
+        return False
+    return True
 
 
 def lock_limit(value):
@@ -193,6 +207,9 @@ class Locks:
         def change(locks):
             if path in locks:
                 return locks[path], False
+            if len(locks) >= MAX_LOCKS:
+                raise LFSError(507, "repository %s holds %d locks, the most it may" % (
+                    repository, MAX_LOCKS))
             locks[path] = {"id": secrets.token_hex(16), "path": path, "owner": {"name": owner},
                            "locked_at": datetime.datetime.now(datetime.timezone.utc).strftime(
                                "%Y-%m-%dT%H:%M:%SZ")}
@@ -245,8 +262,10 @@ class DiskLocks(Locks):
     """Locks in ``root/@locks/<repository>.json``, durable: each change writes
     the repository's whole file anew (fsynced) and renames it into place (the
     directory fsynced), so a reader sees the locks before or after it, never
-    half. Changes take turns under an exclusive ``flock`` on
-    ``root/@locks/@flock``: two processes on one root create one lock per path."""
+    half. Changes to a repository's locks take turns under an exclusive
+    ``flock`` on ``root/@locks/<repository>.flock``: two processes on one root
+    create one lock per path. No symlink is followed; a full or read-only disk
+    raises the store's errors (507, 503), and leaves no temporary file."""
 
     DIRECTORY = "@locks"
 
@@ -257,35 +276,48 @@ class DiskLocks(Locks):
         except FileExistsError:
             pass
 
-    def _path(self, repository):
+    def _path(self, repository, suffix):
         storage.check_repository(repository)
-        return os.path.join(self._directory, repository + ".json")
+        return os.path.join(self._directory, repository + suffix)
 
     def _read(self, repository):
         try:
-            with open(self._path(repository), "rb") as file:
-                return json.loads(file.read())
+            fd = os.open(self._path(repository, ".json"), os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
             return {}
+        with open(fd, "rb") as file:
+            return json.loads(file.read())
 
     def _change(self, repository, change):
-        path = self._path(repository)
-        with open(os.path.join(self._directory, "@flock"), "ab") as turn:
-            fcntl.flock(turn, fcntl.LOCK_EX)   # released when the file closes
-            locks = self._read(repository)
-            before = dict(locks)
-            result = change(locks)
-            if locks != before:
-                self._write(path, locks)
-            return result
+        with storage.write_errors_as_store_errors():
+            turn = os.open(self._path(repository, ".flock"),
+                           os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(turn, fcntl.LOCK_EX)   # released when it is closed
+                locks = self._read(repository)
+                before = dict(locks)
+                result = change(locks)
+                if locks != before:
+                    self._write(repository, locks)
+                return result
+            finally:
+                os.close(turn)
 
-    def _write(self, path, locks):
-        temporary = path + ".@tmp"   # one per repository: changes take turns
-        with open(temporary, "wb") as file:
-            file.write(json.dumps(locks).encode())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+    def _write(self, repository, locks):
+        temporary = self._path(repository, ".json.@tmp")   # one per repository: changes take turns
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o644)
+            with open(fd, "wb") as file:
+                file.write(json.dumps(locks).encode())
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self._path(repository, ".json"))
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except FileNotFoundError:
+                pass
+            raise
         directory = os.open(self._directory, os.O_RDONLY)
         try:
             os.fsync(directory)

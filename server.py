@@ -215,26 +215,35 @@ class Request:
         self.method = environ["REQUEST_METHOD"]
         self.target = request_target(environ)
         self.query = ""   # set by routing
-        self.lfs = False   # set by routing: a Git LFS route, whose errors git-lfs reads
+        self.lfs = is_lfs_target(self.target)   # git-lfs reads its errors: LFS error bodies
         self.body = BodySource(environ, max_object_size)
-        self.credentials = ("", "")   # set by routing, from the Authorization field
 
+
+
+REPEATED_CREDENTIALS = re.compile(r",[ \t]*(?=(?:basic|bearer)[ \t])", re.IGNORECASE)
 
 
 def authorization(environ):
     """``(scheme in lowercase, credentials)`` from the Authorization field,
     ``("", "")`` without one. A client may send the field twice (git-lfs sends
-    an action's header and a configured ``http.extraHeader`` both): identical
-    values count as one, different ones are a 400."""
-    value = environ.get("HTTP_AUTHORIZATION", "").strip(http11.WHITESPACE)
-    values = {part.strip(http11.WHITESPACE) for part in value.split(",")}
-    if len(values) > 1 and all(part.partition(" ")[0].lower() in ("basic", "bearer")
-                               for part in values):
+    an action's header and a configured ``http.extraHeader`` both), which a
+    server joins with a comma: identical values count as one, different ones
+    are a 400. Only a comma before a scheme separates values (a token may hold
+    commas, never spaces)."""
+    values = set()
+    for value in REPEATED_CREDENTIALS.split(environ.get("HTTP_AUTHORIZATION", "")):
+        scheme, _, credentials = value.strip(http11.WHITESPACE).partition(" ")
+        values.add((scheme.lower(), credentials.strip(http11.WHITESPACE)))
+    if len(values) > 1:
         raise HTTPError(400, "the Authorization field is given twice, with different values")
-    if len(values) == 1:
-        value = values.pop()   # the same value, repeated (the server joined them with commas)
-    scheme, _, credentials = value.partition(" ")
-    return scheme.lower(), credentials.strip(http11.WHITESPACE)
+    return values.pop()
+
+
+def is_lfs_target(target):
+    """True for a request target under ``/lfs/`` (origin or absolute form)."""
+    if not target.startswith("/"):
+        target = "/" + target.partition("://")[2].partition("/")[2]
+    return target.startswith("/lfs/")
 
 
 def basic_credentials(encoded):
@@ -668,6 +677,7 @@ class DataStorageServer:
         """``(response, request)``, the request None if it could not be read;
         every exception but the input's own becomes a JSON error."""
         request = None
+        lfs_errors = is_lfs_target(request_target(environ))   # also for a request not read
         try:
             request = Request(environ, self.max_object_size)
             return self._route(request), request
@@ -687,7 +697,7 @@ class DataStorageServer:
             environ["wsgi.errors"].write("unexpected error in %s %r:\n%s" % (
                 environ["REQUEST_METHOD"], request_target(environ)[:200], traceback.format_exc()))
             response = Response.error(500, "internal server error")
-        if request is not None and request.lfs:   # the same error, as git-lfs reads errors
+        if lfs_errors:   # the same error, as git-lfs reads errors
             response = lfs_response(response.status, {"message": json.loads(response.body)["error"]},
                                     [field for field in response.headers if field[0] not in (
                                         "Content-Type", "Cache-Control")])
@@ -717,8 +727,6 @@ class DataStorageServer:
 
     def _route(self, request):
         route, arguments, request.query = parse_target(request.target)
-        request.lfs = route is not None and route.startswith("lfs-")
-        request.credentials = authorization(request.environ)
         if (self.auth_token is not None and route not in self.public_routes
                 and not self._authorized(request)):
             raise HTTPError(401, "missing or wrong token (Bearer, or the password of Basic)", [
@@ -740,7 +748,7 @@ class DataStorageServer:
         """Check the token in constant time: ``Authorization: Bearer <token>``
         (RFC 6750 §2.1), or the password of Basic credentials with any user
         name (RFC 7617), for git's credential helpers and git-lfs."""
-        scheme, secret = request.credentials
+        scheme, secret = authorization(request.environ)
         if scheme == "basic":
             secret = basic_credentials(secret)[1]
         elif scheme == "bearer":
@@ -943,12 +951,12 @@ class DataStorageServer:
 
     def lfs_verify_locks(self, request, repository):
         """The locks that bear on a push, split into the caller's and others'."""
-        document = self._lfs_document(request)
-        cursor = document.get("cursor") if isinstance(document, dict) else None
+        document = self._lfs_object(request)
+        cursor = document.get("cursor")
         if cursor is not None and not isinstance(cursor, str):
             raise lfs.LFSError(422, "cursor must be a string")
-        locks, next_cursor = self.locks.find(repository, cursor=cursor or None, limit=lfs.lock_limit(
-            document.get("limit") if isinstance(document, dict) else None))
+        locks, next_cursor = self.locks.find(repository, cursor=cursor or None,
+                                             limit=lfs.lock_limit(document.get("limit")))
         owner = self._lock_owner(request)
         return lfs_response(200, {
             "ours": [lock for lock in locks if lock["owner"]["name"] == owner],
@@ -957,9 +965,8 @@ class DataStorageServer:
 
     def lfs_unlock(self, request, repository, lock_id):
         """Remove a lock: the caller's own, or anyone's with ``"force": true``."""
-        document = self._lfs_document(request)
-        force = document.get("force") if isinstance(document, dict) else None
-        if force not in (None, True, False):
+        force = self._lfs_object(request).get("force")
+        if force is not None and not isinstance(force, bool):
             raise lfs.LFSError(422, "force must be true or false")
         lock = self.locks.unlock(repository, lock_id, self._lock_owner(request), bool(force))
         return lfs_response(200, {"lock": lock})
@@ -982,9 +989,16 @@ class DataStorageServer:
             if len(data) > lfs.MAX_DOCUMENT_BYTES:
                 raise lfs.LFSError(413, "request larger than %d bytes" % lfs.MAX_DOCUMENT_BYTES)
         try:
-            return json.loads(data)
-        except ValueError as error:   # not UTF-8 or not JSON
-            raise lfs.LFSError(400, "malformed JSON: %s" % error) from None
+            return json.loads(data, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as error:   # not UTF-8, not JSON, nested too deep
+            raise lfs.LFSError(400, "malformed JSON: %s" % str(error)[:200]) from None
+
+    def _lfs_object(self, request):
+        """The request's JSON document, which must be an object (422 if not)."""
+        document = self._lfs_document(request)
+        if not isinstance(document, dict):
+            raise lfs.LFSError(422, "the request must be a JSON object")
+        return document
 
     @staticmethod
     def _check_lfs_accept(request):
@@ -1002,20 +1016,30 @@ class DataStorageServer:
         if self.public_url is not None:
             return self.public_url
         environ = request.environ
+        scheme, _, rest = request.target.partition("://")
+        if not request.target.startswith("/") and rest:   # absolute form: its authority wins
+            return self._checked_base(scheme.lower(), rest.partition("/")[0])
         host = environ.get("HTTP_HOST")
         if not host:
-            host = environ["SERVER_NAME"]
+            name = environ["SERVER_NAME"]
+            host = "[%s]" % name if ":" in name else name
             if environ["SERVER_PORT"] != {"https": "443", "http": "80"}[environ["wsgi.url_scheme"]]:
                 host += ":" + environ["SERVER_PORT"]
+        return self._checked_base(environ["wsgi.url_scheme"], host)
+
+    @staticmethod
+    def _checked_base(scheme, host):
         if not HOST_PATTERN.fullmatch(host):
             raise lfs.LFSError(400, "invalid Host %r" % host[:100])
-        return "%s://%s" % (environ["wsgi.url_scheme"], host)
+        return "%s://%s" % (scheme, host)
 
     def _transfer_header(self, request):
         """The header fields a transfer must carry: the batch's own credentials,
         when a token is required."""
-        scheme, credentials = request.credentials
-        if self.auth_token is None or scheme not in ("basic", "bearer"):
+        if self.auth_token is None:
+            return {}
+        scheme, credentials = authorization(request.environ)
+        if scheme not in ("basic", "bearer"):
             return {}
         return {"Authorization": "%s %s" % (scheme.capitalize(), credentials)}
 
@@ -1023,22 +1047,32 @@ class DataStorageServer:
     def _lock_owner(request):
         """Who holds a lock: the user name of Basic credentials (git's
         credential helper, or ``http://NAME:TOKEN@host/lfs/R``), else anonymous."""
-        scheme, credentials = request.credentials
+        scheme, credentials = authorization(request.environ)
         user = basic_credentials(credentials)[0] if scheme == "basic" else b""
         return user.decode("utf-8", "replace") or "anonymous"
 
 
 def valid_public_url(url):
-    """True for a URL that actions of Git LFS batches can start with."""
+    """True for a URL that actions of Git LFS batches can start with: http or
+    https, a host, a port if any in range, a path if any, nothing else."""
+    if not (url.isascii() and url.isprintable()) or any(c in url for c in " ?#"):
+        return False
     parsed = urllib.parse.urlsplit(url)
-    return (parsed.scheme in ("http", "https") and bool(parsed.netloc) and not parsed.query
-            and not parsed.fragment and url.isascii() and url.isprintable() and " " not in url)
+    try:
+        parsed.port   # ValueError when out of range or not a number
+    except ValueError:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.hostname) and "@" not in parsed.netloc
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not JSON" % name)
 
 
 def lfs_response(status, document, headers=()):
     """A Git LFS document (errors too: ``{"message": ...}``), in LFS's media type."""
     return Response(status, [("Content-Type", lfs.MEDIA_TYPE), NO_STORE, *headers],
-                    json.dumps(document).encode())
+                    json.dumps(document, allow_nan=False).encode())
 
 
 def valid_token(token):

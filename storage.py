@@ -570,7 +570,7 @@ class DiskStore:
         return True
 
     def _put(self, repository, source, expected_oid, held, length):
-        with _write_errors_as_store_errors():
+        with write_errors_as_store_errors():
             fd, temporary_path = tempfile.mkstemp(dir=self._temporary_dir)
             try:
                 with open(fd, "wb", buffering=0) as file:
@@ -714,7 +714,7 @@ class DiskStore:
         """Return the object as a StoredObject over an open file, or raise
         ObjectNotFound. Only a regular file is an object; nothing it opens can block."""
         oid = self._canonical_oid(repository, oid)
-        with _write_errors_as_store_errors():   # out of descriptors: StoreBusy
+        with write_errors_as_store_errors():   # out of descriptors: StoreBusy
             shard_fd = self._open_shard_directory(repository, oid)
             try:
                 fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
@@ -738,7 +738,7 @@ class DiskStore:
         oid = self._canonical_oid(repository, oid)
         shard_fd = self._open_shard_directory(repository, oid)
         try:
-            with self._lock, _write_errors_as_store_errors(), \
+            with self._lock, write_errors_as_store_errors(), \
                     self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
                 size = _regular_file_size(oid, shard_fd)
                 if size is None:
@@ -749,7 +749,7 @@ class DiskStore:
             raise not_found(repository, oid) from None   # deleted meanwhile by another process
         finally:
             os.close(shard_fd)
-        with _write_errors_as_store_errors():
+        with write_errors_as_store_errors():
             self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))
 
     def quarantine(self, repository, oid, file):
@@ -762,7 +762,7 @@ class DiskStore:
         read = os.fstat(file.fileno())
         shard_fd = self._open_shard_directory(repository, oid)
         try:
-            with self._lock, _write_errors_as_store_errors(), \
+            with self._lock, write_errors_as_store_errors(), \
                     self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
                 try:
                     present = os.stat(oid, dir_fd=shard_fd, follow_symlinks=False)
@@ -1103,7 +1103,7 @@ def _parse_ledger(data):
 
 
 @contextlib.contextmanager
-def _write_errors_as_store_errors():
+def write_errors_as_store_errors():
     """A full disk is InsufficientStorage, a read-only one StoreNotWritable, no
     descriptor left StoreBusy: conditions of the storage or the process, not
     faults of the request or of the code."""

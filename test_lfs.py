@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import unittest
+import unittest.mock
 
 import lfs
 import server
 from fixtures import (ServerProcess, WSGIClientMixin, metric_samples, open_disk_store,
-                      run_concurrently, sha256, temporary_directory)
+                      run_concurrently, sha256, small_filesystem, temporary_directory)
 
 LFS_TYPE = "application/vnd.git-lfs+json"
 LFS_HEADERS = {"Accept": LFS_TYPE, "Content-Type": LFS_TYPE + "; charset=utf-8"}
@@ -97,7 +97,9 @@ class LFSContract(WSGIClientMixin):
         self.assertEqual([answer.get("error", {}).get("code") for answer in answers],
                          [422, 422, 422, 422, 422, 422, None])
         self.assertIn("stored with size 6", answers[5]["error"]["message"])
-        self.assertEqual(answers[6]["oid"], good)   # lowercase, as the store names it
+        self.assertEqual(answers[6]["oid"], good.upper())   # answered as asked
+        self.assertTrue(answers[6]["actions"]["upload"]["href"].endswith("/data/repo/" + good))
+        self.assertEqual(answers[4], {"oid": "", "size": 0, "error": answers[4]["error"]})
 
     def test_an_object_over_the_size_limit_is_refused_in_the_batch(self):
         self.app.max_object_size = 10
@@ -122,6 +124,38 @@ class LFSContract(WSGIClientMixin):
         self.assertLFSError(self.lfs("/lfs/bad!name/objects/batch",
                                      {"operation": "upload", "objects": []}), 400)
         self.assertEqual(self.request("GET", "/data/repo").json()["objects"], [])
+
+    def test_hostile_json_is_a_400_not_a_500(self):
+        for raw in (b"[" * 100000, b'{"a":' * 100000, b'{"operation": "upload", "objects": '
+                    b'[{"oid": "x", "size": NaN}]}', b'{"size": Infinity}'):
+            for path in ("/lfs/repo/objects/batch", "/lfs/repo/verify", "/lfs/repo/locks",
+                         "/lfs/repo/locks/verify", "/lfs/repo/locks/x/unlock"):
+                with self.subTest(raw=raw[:20], path=path):
+                    self.assertLFSError(self.lfs(path, raw=raw), 400)
+        for path in ("/lfs/repo/locks/verify", "/lfs/repo/locks/x/unlock"):
+            self.assertLFSError(self.lfs(path, raw=b"[]"), 422)
+
+    def test_every_error_under_lfs_is_an_lfs_error(self):
+        for method, path, status in (("POST", "/lfs/%ff/objects/batch", 400),
+                                     ("POST", "/lfs/repo/locks/%ff/unlock", 400),
+                                     ("GET", "/lfs/repo", 404), ("GET", "/lfs/repo/locks/", 404),
+                                     ("POST", "/lfs/repo/objects/batch/", 404)):
+            with self.subTest(path=path):
+                self.assertLFSError(self.lfs(path, {}, method=method), status)
+        environ = self.environ("POST", "/lfs/repo/objects/batch", b"{}", LFS_HEADERS)
+        environ["CONTENT_TYPE"] = environ.pop("HTTP_CONTENT_TYPE")
+        environ["CONTENT_LENGTH"] = "+2"   # as a server may pass it on
+        response = self.call(environ)
+        self.assertEqual((response.status, response.headers["Content-Type"]), (400, LFS_TYPE))
+
+    def test_too_many_locks_in_one_repository(self):
+        with unittest.mock.patch.object(lfs, "MAX_LOCKS", 3):
+            for n in range(3):
+                self.assertEqual(self.lock("%d.bin" % n).status, 201)
+            self.assertLFSError(self.lock("3.bin"), 507)
+        for path in ("x" * 1025, "\udc80x"):
+            self.assertLFSError(self.lfs("/lfs/repo/locks", raw=json.dumps({"path": path})
+                                         .encode()), 422)
 
     def test_links_use_the_public_url_behind_a_proxy(self):
         self.app.public_url = "https://storage.example.com/prefix"
@@ -168,6 +202,13 @@ class LFSContract(WSGIClientMixin):
                          200)
         different = "Bearer s3cret, %s" % basic("x", "s3cret")
         self.assertLFSError(self.batch("upload", [], headers={"Authorization": different}), 400)
+        for token, value in ((b"ab,cd", "Bearer ab,cd"),   # a token may hold commas
+                             (b"ab,cd", "Bearer ab,cd, bearer ab,cd"),
+                             (b"ab,cd", "Bearer ab,cd,Bearer ab,cd"),
+                             (b"ab,bearer", "Bearer ab,bearer")):
+            self.app.auth_token = token
+            self.assertEqual(self.batch("upload", [], headers={"Authorization": value}).status,
+                             200, value)
 
     # Locks ------------------------------------------------------------------------
 
@@ -225,7 +266,8 @@ class LFSContract(WSGIClientMixin):
         self.assertEqual((forced.status, forced.json()["lock"]["id"]), (200, lock_id))
         self.assertLFSError(self.lfs(unlock, {}), 404)
         self.assertEqual(self.lock("a.bin", user="bob").status, 201)   # free again
-        self.assertLFSError(self.lfs(unlock, {"force": "yes"}), 422)
+        for force in ("yes", 1, 0):
+            self.assertLFSError(self.lfs(unlock, {"force": force}), 422)
 
 
 class MemoryLFSTest(LFSContract, unittest.TestCase):
@@ -243,7 +285,22 @@ class DiskLFSTest(LFSContract, unittest.TestCase):
         self.app = server.DataStorageServer(open_disk_store(self, self.root))
         self.assertEqual(self.lfs("/lfs/repo/locks", method="GET").json()["locks"], [lock])
         self.assertEqual(sorted(os.listdir(os.path.join(self.root, "@locks"))),
-                         ["@flock", "repo.json"])   # no temporary file left behind
+                         ["repo.flock", "repo.json"])   # no temporary file left behind
+
+    def test_a_full_or_read_only_disk_is_an_lfs_error_and_leaves_nothing_behind(self):
+        with small_filesystem(self, size="64k") as mount_point:
+            self.app = server.DataStorageServer(open_disk_store(self, mount_point))
+            self.assertEqual(self.lock("first.bin").status, 201)
+            refused = [self.lock("%04d" % n + "x" * 1000).status for n in range(80)]
+            self.assertIn(507, refused)
+            self.assertNotIn(500, refused)
+            subprocess.run(["mount", "-o", "remount,ro", mount_point], check=True)
+            self.assertLFSError(self.lock("other.bin"), 503)
+            subprocess.run(["mount", "-o", "remount,rw", mount_point], check=True)
+            self.assertEqual([name for name in os.listdir(os.path.join(mount_point, "@locks"))
+                              if "tmp" in name], [])
+            self.assertEqual(self.lfs("/lfs/repo/locks?path=first.bin", method="GET")
+                             .json()["locks"][0]["path"], "first.bin")
 
     def test_concurrent_creates_of_one_path_make_one_lock(self):
         # Two applications on one directory stand for two worker processes.

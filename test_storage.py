@@ -156,6 +156,63 @@ class StoreContract:
                 with self.subTest(name=name), self.assertRaises(storage.InvalidRepository):
                     call()
 
+    def test_listing_is_sorted_and_paged(self):
+        expected = sorted((self.put("repo", b"object %d" % n)[0], len(b"object %d" % n))
+                          for n in range(25))
+        self.put("other", b"not listed")
+        pages, after = [], None
+        while True:
+            page = self.store.list_objects("repo", after=after, limit=10)
+            if not page:
+                break
+            pages.append(page)
+            after = page[-1][0]
+        self.assertEqual([len(page) for page in pages], [10, 10, 5])
+        self.assertEqual([entry for page in pages for entry in page], expected)
+        between = expected[3][0][:-1] + ("0" if expected[3][0][-1] != "0" else "1")
+        self.assertEqual(self.store.list_objects("repo", after=between, limit=1000),
+                         [entry for entry in expected if entry[0] > between])
+        self.assertEqual(self.store.list_objects("never-used"), [])
+        self.store.delete("repo", expected[0][0])
+        self.assertEqual(self.store.list_objects("repo", limit=1), [expected[1]])
+
+    def test_open_object_survives_delete(self):
+        data = b"still readable" * 10000
+        oid, _ = self.put("repo", data)
+        with self.store.open("repo", oid) as stored:
+            self.store.delete("repo", oid)
+            self.assertEqual(stored.file.read(), data)
+
+    def test_concurrent_puts_and_deletes_never_expose_partial_objects(self):
+        data = bytes(range(256)) * 4096
+        oid = sha256(data)
+        errors = []
+
+        def writer():
+            for _ in range(20):
+                self.put("race", data)
+                try:
+                    self.store.delete("race", oid)
+                except storage.ObjectNotFound:
+                    pass
+
+        def reader():
+            for _ in range(40):
+                try:
+                    got = self.read("race", oid)
+                except storage.ObjectNotFound:
+                    continue
+                if got != data:
+                    errors.append(len(got))
+
+        run_concurrently([writer, writer, reader, reader])
+        self.assertEqual(errors, [])
+
+
+class AccountingContract:
+    """Tests of the stores that keep an account of what they hold (memory,
+    disk): usage and the quota. ``make_store(max_total_size=...)``."""
+
     def test_usage_counts_objects_and_bytes(self):
         self.assertEqual(self.store.usage(), (0, 0))
         oid, _ = self.put("one", b"12345")
@@ -225,60 +282,8 @@ class StoreContract:
         run_concurrently([functools.partial(upload, n) for n in range(30)])
         self.assertEqual((len(refused), self.store.usage()), (20, (10, 100)))
 
-    def test_listing_is_sorted_and_paged(self):
-        expected = sorted((self.put("repo", b"object %d" % n)[0], len(b"object %d" % n))
-                          for n in range(25))
-        self.put("other", b"not listed")
-        pages, after = [], None
-        while True:
-            page = self.store.list_objects("repo", after=after, limit=10)
-            if not page:
-                break
-            pages.append(page)
-            after = page[-1][0]
-        self.assertEqual([len(page) for page in pages], [10, 10, 5])
-        self.assertEqual([entry for page in pages for entry in page], expected)
-        between = expected[3][0][:-1] + ("0" if expected[3][0][-1] != "0" else "1")
-        self.assertEqual(self.store.list_objects("repo", after=between, limit=1000),
-                         [entry for entry in expected if entry[0] > between])
-        self.assertEqual(self.store.list_objects("never-used"), [])
-        self.store.delete("repo", expected[0][0])
-        self.assertEqual(self.store.list_objects("repo", limit=1), [expected[1]])
 
-    def test_open_object_survives_delete(self):
-        data = b"still readable" * 10000
-        oid, _ = self.put("repo", data)
-        with self.store.open("repo", oid) as stored:
-            self.store.delete("repo", oid)
-            self.assertEqual(stored.file.read(), data)
-
-    def test_concurrent_puts_and_deletes_never_expose_partial_objects(self):
-        data = bytes(range(256)) * 4096
-        oid = sha256(data)
-        errors = []
-
-        def writer():
-            for _ in range(20):
-                self.put("race", data)
-                try:
-                    self.store.delete("race", oid)
-                except storage.ObjectNotFound:
-                    pass
-
-        def reader():
-            for _ in range(40):
-                try:
-                    got = self.read("race", oid)
-                except storage.ObjectNotFound:
-                    continue
-                if got != data:
-                    errors.append(len(got))
-
-        run_concurrently([writer, writer, reader, reader])
-        self.assertEqual(errors, [])
-
-
-class MemoryStoreTest(StoreContract, unittest.TestCase):
+class MemoryStoreTest(StoreContract, AccountingContract, unittest.TestCase):
     def make_store(self, **options):
         return storage.MemoryStore(**options)
 
@@ -313,7 +318,7 @@ def make_socket_file(path):
 SPECIAL_FILE_MAKERS = {"FIFO": os.mkfifo, "socket": make_socket_file}
 
 
-class DiskStoreTest(StoreContract, unittest.TestCase):
+class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
     def make_store(self, **options):
         self.root = temporary_directory(self)
         return open_disk_store(self, self.root, **options)
