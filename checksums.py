@@ -25,7 +25,6 @@ import zlib
 ATTRIBUTE = "user.data_storage.blocks"
 MIN_BLOCK_BYTES = 1 << 20
 MAX_BLOCKS = 512   # 2 KiB of CRCs: within the 4 KiB that ext4 gives all of a file's attributes
-UNKNOWN_LENGTH_BOUND = 64 << 30   # sizes the blocks of a body sent without its length
 
 _MAGIC = b"DSB1"
 _HEAD = struct.Struct(">4sBQ")   # magic, log2 of the block size, object size
@@ -33,13 +32,47 @@ _CRC = struct.Struct(">I")
 
 
 def block_size_for(length):
-    """The block size for an object of ``length`` bytes (None: not known yet):
-    the smallest power of two from 1 MiB that needs at most MAX_BLOCKS blocks."""
-    bound = UNKNOWN_LENGTH_BOUND if length is None else length
+    """The block size for an object of ``length`` bytes: the smallest power
+    of two from 1 MiB that needs at most MAX_BLOCKS blocks."""
     size = MIN_BLOCK_BYTES
-    while size * MAX_BLOCKS < bound:
+    while size * MAX_BLOCKS < length:
         size *= 2
     return size
+
+
+# CRC-32 of a concatenation from the CRCs of its parts (zlib's crc32_combine,
+# which Python does not expose): crc(A + B) = crc(A) * x^(8 len(B)) + crc(B),
+# in GF(2) polynomials modulo the CRC's, bit-reflected.
+_POLYNOMIAL = 0xEDB88320
+
+
+def _multiply(a, b):
+    """``a * b`` modulo the polynomial (both reflected)."""
+    product = 0
+    bit = 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _POLYNOMIAL if b & 1 else b >> 1
+    return product
+
+
+def _shift_for(length):
+    """x^(8 length) modulo the polynomial: what moves a CRC past ``length`` bytes."""
+    power, square = 1 << 31, 1 << 23   # x^0, and x^8 (one byte): x^k is bit 31 - k
+    while length:
+        if length & 1:
+            power = _multiply(square, power)
+        square = _multiply(square, square)
+        length >>= 1
+    return power
+
+
+def combine(crc1, crc2, length2):
+    """The CRC-32 of A + B, from ``crc1`` of A, ``crc2`` of B and B's length."""
+    return _multiply(_shift_for(length2), crc1) ^ crc2
 
 
 class BlockChecksums:
@@ -84,10 +117,12 @@ class BlockChecksums:
 
 class Recorder:
     """Computes the BlockChecksums of bytes given to ``update`` in order, in
-    blocks of ``block_size`` (by default, ``block_size_for(length)``)."""
+    blocks of ``block_size`` (by default, ``block_size_for(length)``). Without
+    a length it starts with 1 MiB blocks and, when they outnumber
+    MAX_BLOCKS, makes them twice as large (combining each pair's CRCs)."""
 
     def __init__(self, length=None, block_size=None):
-        self._block_size = block_size or block_size_for(length)
+        self._block_size = block_size or block_size_for(length or 0)
         self._crcs = []
         self._crc = 0
         self._filled = 0   # bytes of the current block seen so far
@@ -104,11 +139,16 @@ class Recorder:
             if self._filled == self._block_size:
                 self._crcs.append(self._crc)
                 self._crc, self._filled = 0, 0
+                if len(self._crcs) == MAX_BLOCKS:
+                    self._double_blocks()
+
+    def _double_blocks(self):
+        shift = _shift_for(self._block_size)   # the same for every pair: computed once
+        self._crcs = [_multiply(shift, first) ^ second
+                      for first, second in zip(self._crcs[::2], self._crcs[1::2])]
+        self._block_size *= 2
 
     def finish(self):
-        """The checksums, or None if the object outgrew MAX_BLOCKS (a body sent
-        without its length, larger than UNKNOWN_LENGTH_BOUND)."""
-        crcs = self._crcs + ([self._crc] if self._filled else [])
-        if len(crcs) > MAX_BLOCKS:
-            return None
-        return BlockChecksums(self._block_size, self._size, crcs)
+        """The checksums of everything given so far."""
+        return BlockChecksums(self._block_size, self._size,
+                              self._crcs + ([self._crc] if self._filled else []))

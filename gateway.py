@@ -40,7 +40,8 @@ SERVER_SOFTWARE = "data-storage/1.0"
 DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 256
 POLL_INTERVAL = 0.1   # serve_forever's wake-up: how long an access-log line may wait
-DESCRIPTOR_MARGIN = 64   # file descriptors beyond one per connection: store files, logs, ...
+DESCRIPTOR_MARGIN = 64   # file descriptors beyond the connections': the store's, logs, ...
+DESCRIPTORS_PER_CONNECTION = 3   # its socket; the object it sends, and the checker's copy of it
 OUT_OF_DESCRIPTORS_PAUSE = 0.1   # seconds accept() rests when the process has no descriptor left
 DRAINING_KEY = "data_storage.draining"   # environ: true once the server is shutting down
 # environ: true because this server honours a file_wrapper file's ``checked_spans``
@@ -57,15 +58,15 @@ JSON_ERROR_HEADERS = [("Content-Type", "application/json")]
 
 def fit_descriptors(connections):
     """``(connections, warning)``: raise this process's soft limit on open files
-    to what ``connections`` need (plus DESCRIPTOR_MARGIN for the store, logs
-    and listener) if the hard limit allows; where it does not, fewer
+    to what ``connections`` need (DESCRIPTORS_PER_CONNECTION each, plus
+    DESCRIPTOR_MARGIN for the store, logs and listener) if the hard limit allows; where it does not, fewer
     connections, so that the store always has descriptors left, and a warning
     saying so (else None). No limit to fit where ``resource`` is missing."""
     try:
         import resource
     except ImportError:
         return connections, None
-    needed = connections + DESCRIPTOR_MARGIN
+    needed = connections * DESCRIPTORS_PER_CONNECTION + DESCRIPTOR_MARGIN
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return connections, None
@@ -77,10 +78,10 @@ def fit_descriptors(connections):
         pass
     if soft >= needed:
         return connections, None
-    fitted = max(1, soft - DESCRIPTOR_MARGIN)
-    return fitted, ("the limit on open files (%d) is below --max-connections + %d (%d): serving "
+    fitted = max(1, (soft - DESCRIPTOR_MARGIN) // DESCRIPTORS_PER_CONNECTION)
+    return fitted, ("the limit on open files (%d) is below %d per connection + %d (%d): serving "
                     "at most %d connections at once; raise it (ulimit -n)"
-                    % (soft, DESCRIPTOR_MARGIN, needed, fitted))
+                    % (soft, DESCRIPTORS_PER_CONNECTION, DESCRIPTOR_MARGIN, needed, fitted))
 
 
 def json_error(message):

@@ -447,8 +447,9 @@ class CheckedObject(FileSlice):
 
     def checked_spans(self):
         """``(offset, count)`` spans of the file, in order, that together make
-        the body; each may go out once yielded. Raises OSError, once
-        ``on_damage()`` has been called, where the bytes fail their check."""
+        the body; each may go out once yielded. Raises OSError where the bytes
+        fail their check (once ``on_damage()`` has been called), or cannot be
+        checked."""
         checker = _Checker(self.file.fileno(), self._first, self.end, self._oid, self._checksums)
         if self._checksums:
             one_step = sum(1 for _ in self._checksums.blocks(self._first, self.end)) == 1
@@ -466,6 +467,9 @@ class CheckedObject(FileSlice):
             while sent < self.end:
                 checked = checker.wait_beyond(sent)
                 if checked is None:
+                    if checker.failure is not None:
+                        raise OSError("object %s could not be checked: %r" % (
+                            self._oid, checker.failure))
                     self._on_damage()
                     raise OSError("object %s failed its integrity check; the response was cut "
                                   "short" % self._oid)
@@ -473,6 +477,115 @@ class CheckedObject(FileSlice):
                 sent = checked
         finally:
             checker.stop()
+
+
+class _Checker(threading.Thread):
+    """Checks bytes ``first:end`` of a file: each block against its recorded
+    CRC (``recorded``, checksums.BlockChecksums), at most READ_AHEAD_BLOCKS
+    ahead of what has been sent (the window between a block's check and its
+    sending stays short), or, without them, the whole file against ``oid``;
+    ``wait_beyond`` says how far it has got. It reads with pread from a
+    descriptor of its own (the file's position belongs to the sender, and the
+    sender may close the file before this ends); zlib, hashlib and reads
+    release the GIL, so it runs beside sendfile. A mismatch or a read error
+    is damage; any other failure (``failure``) only stops the check."""
+
+    READ_BYTES = 1 << 20
+    READ_AHEAD_BLOCKS = 4
+
+    def __init__(self, fd, first, end, oid, recorded):
+        super().__init__(daemon=True)
+        self._fd = os.dup(fd)
+        self._first, self._end = first, end
+        self._oid = oid
+        self._recorded = recorded
+        self._progress = threading.Condition()
+        self._checked = first   # bytes up to here are known good
+        self._sent = first      # and up to here have been sent
+        self._finished = False
+        self._stopping = False
+        self.failure = None
+
+    def start(self):
+        try:
+            super().start()
+        except BaseException:   # no thread to be had: nothing will close the descriptor
+            os.close(self._fd)
+            raise
+
+    def run(self):
+        try:
+            if self._recorded:
+                self._check_blocks()
+            else:
+                self._check_digest()
+        except OSError:
+            pass   # unreadable: damage
+        except BaseException as error:
+            self.failure = error
+        finally:
+            os.close(self._fd)
+            with self._progress:
+                self._finished = True
+                self._progress.notify_all()
+
+    def wait_beyond(self, offset):
+        """Say that the bytes up to ``offset`` have been sent, and wait until
+        those known good reach past it: return how far they reach, or None if
+        the check ended first (damage, or ``failure``)."""
+        with self._progress:
+            self._sent = offset
+            self._progress.notify_all()
+            self._progress.wait_for(lambda: self._checked > offset or self._finished)
+            return self._checked if self._checked > offset else None
+
+    def stop(self):
+        """Stop reading soon: nobody waits for the rest."""
+        with self._progress:
+            self._stopping = True
+            self._progress.notify_all()
+
+    def _check_blocks(self):
+        ahead = self.READ_AHEAD_BLOCKS * self._recorded.block_size
+        for offset, count, crc in self._recorded.blocks(self._first, self._end):
+            with self._progress:
+                self._progress.wait_for(lambda: offset < self._sent + ahead or self._stopping)
+            if self._stopping or self._read(offset, count, zlib.crc32, 0) != crc:
+                return
+            with self._progress:
+                self._checked = min(offset + count, self._end)
+                self._progress.notify_all()
+
+    def _check_digest(self):
+        digest = hashlib.sha256()
+        self._read(0, self._end, lambda data, digest: digest.update(data) or digest, digest)
+        if not self._stopping and digest.hexdigest() == self._oid:
+            with self._progress:
+                self._checked = self._end
+                self._progress.notify_all()
+
+    def _read(self, offset, count, fold, value):
+        """``value`` folded with ``fold(data, value)`` over the bytes
+        ``offset:offset + count``, read a block at a time."""
+        buffer = bytearray(min(self.READ_BYTES, count))
+        view = memoryview(buffer)
+        end = offset + count
+        while offset < end and not self._stopping:
+            got = _pread_into(self._fd, view[:min(len(buffer), end - offset)], offset)
+            if not got:
+                raise OSError("stored object shorter than its recorded size")
+            value = fold(view[:got], value)
+            offset += got
+        return value
+
+
+def _pread_into(fd, view, offset):
+    """Read into ``view`` at ``offset``: preadv where there is one (no copy), else pread."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
 
 
 class CheckedStream(FileSlice):
@@ -509,90 +622,6 @@ def has_descriptor(file):
     except (AttributeError, OSError):   # io.UnsupportedOperation is an OSError
         return False
     return True
-
-
-def intact(data, oid, recorded):
-    """True if ``data``, a whole object, matches its ``recorded`` checksums (or
-    its oid, without them)."""
-    return recorded.match(data) if recorded else hashlib.sha256(data).hexdigest() == oid
-
-
-class _Checker(threading.Thread):
-    """Checks bytes ``first:end`` of a file: each block against its recorded
-    CRC (``recorded``, checksums.BlockChecksums), or, without them, the whole
-    file against ``oid``; ``wait_beyond`` says how far it has got. It reads
-    with pread from a descriptor of its own (the file's position belongs to
-    the sender, and the sender may close the file before this ends); zlib,
-    hashlib and reads release the GIL, so it runs beside sendfile. A read error
-    counts as damage."""
-
-    READ_BYTES = 1 << 20
-
-    def __init__(self, fd, first, end, oid, recorded):
-        super().__init__(daemon=True)
-        self._fd = os.dup(fd)
-        self._first, self._end = first, end
-        self._oid = oid
-        self._recorded = recorded
-        self._progress = threading.Condition()
-        self._checked = first   # bytes up to here are known good
-        self._finished = False
-        self._stopping = False
-
-    def run(self):
-        try:
-            if self._recorded:
-                self._check_blocks()
-            else:
-                self._check_digest()
-        except OSError:
-            pass
-        finally:
-            os.close(self._fd)
-            with self._progress:
-                self._finished = True
-                self._progress.notify_all()
-
-    def wait_beyond(self, offset):
-        """How far the bytes are known good once that is past ``offset``; None
-        if they failed their check first."""
-        with self._progress:
-            self._progress.wait_for(lambda: self._checked > offset or self._finished)
-            return self._checked if self._checked > offset else None
-
-    def stop(self):
-        """Stop reading soon: nobody waits for the rest."""
-        self._stopping = True
-
-    def _check_blocks(self):
-        for offset, count, crc in self._recorded.blocks(self._first, self._end):
-            if self._stopping or self._read(offset, count, zlib.crc32, 0) != crc:
-                return
-            with self._progress:
-                self._checked = min(offset + count, self._end)
-                self._progress.notify_all()
-
-    def _check_digest(self):
-        digest = hashlib.sha256()
-        self._read(0, self._end, lambda data, digest: digest.update(data) or digest, digest)
-        if not self._stopping and digest.hexdigest() == self._oid:
-            with self._progress:
-                self._checked = self._end
-                self._progress.notify_all()
-
-    def _read(self, offset, count, fold, value):
-        """``value`` folded with ``fold(data, value)`` over the bytes
-        ``offset:offset + count``, read a block at a time."""
-        buffer = bytearray(min(self.READ_BYTES, count))
-        view = memoryview(buffer)
-        end = offset + count
-        while offset < end and not self._stopping:
-            got = os.preadv(self._fd, [view[:min(len(buffer), end - offset)]], offset)
-            if not got:
-                raise OSError("stored object shorter than its recorded size")
-            value = fold(view[:got], value)
-            offset += got
-        return value
 
 
 # The application ---------------------------------------------------------------------
@@ -787,9 +816,11 @@ class DataStorageServer:
         """The response for an open object: its bytes when small (and the
         object closed), else a FileSlice that closes it when done. Bytes that
         may have changed at rest are checked before they go out: a small
-        object here, a large one as it is sent (CheckedObject). A range of a
-        large object is checked if it has recorded checksums; one without
-        them is checked against its oid, which takes the whole."""
+        object whole, here, against its oid; a large one as it is sent
+        (CheckedObject, or CheckedStream from a store without files); any
+        range of an object with recorded checksums by the blocks it touches.
+        Ranges of large objects without them are not checked (that would take
+        reading the whole)."""
         size = stored.size
         etag = '"%s"' % oid
         headers = [("ETag", etag), ("Accept-Ranges", "bytes"), self.object_caching]
@@ -815,7 +846,10 @@ class DataStorageServer:
         checked = stored.may_change_at_rest
         if checked and stored.checksums and stored.checksums.size != size:
             self._failed_check(request, repository, oid, stored)   # truncated, or grown
-        if count > INLINE_BODY_BYTES and request.method == "GET":
+            stored.checksums = None   # they were wrong (and are mended): check by the oid
+        whole = checked and size <= INLINE_BODY_BYTES   # read whole, checked here
+        if request.method == "GET" and not whole and (count > INLINE_BODY_BYTES or (
+                checked and stored.checksums and has_descriptor(stored.file))):
             damaged = functools.partial(self._damaged, request.environ, repository, oid,
                                         stored.file)
             if checked and not has_descriptor(stored.file) and count == size:
@@ -827,31 +861,43 @@ class DataStorageServer:
         with stored:
             if request.method == "HEAD":
                 return Response(status, headers, length=count)
-            whole = checked and size <= INLINE_BODY_BYTES
             stored.file.seek(0 if whole else first)
             body = stored.file.read(size if whole else count)
-            if whole and not intact(body, oid, stored.checksums):
+            if whole and hashlib.sha256(body).hexdigest() != oid:
                 self._failed_check(request, repository, oid, stored)
+                raise HTTPError(503, "object %s failed a check and was found sound; retry" % oid,
+                                [RETRY_LATER])   # only if it changed between the two reads
         body = body[first:first + count] if whole else body
         if len(body) != count:
             raise OSError("stored object shorter than its recorded size")
         return Response(status, headers, body)
 
     def _failed_check(self, request, repository, oid, stored):
-        """Take a damaged object out of service, close it, and answer 500."""
-        with stored:
-            self._damaged(request.environ, repository, oid, stored.file)
+        """Take a damaged object out of service, close it, and answer 500;
+        return if the store finds it sound after all."""
+        if not self._damaged(request.environ, repository, oid, stored.file):
+            return
+        stored.close()
         raise HTTPError(500, "object %s failed its integrity check and was taken out of "
                              "service; upload it again" % oid)
 
     def _damaged(self, environ, repository, oid, file):
-        """An object's bytes (``file``) no longer hash to its oid: quarantine it and say so."""
+        """An object's bytes (``file``) failed their check: quarantine the
+        object and say so. True if it was damaged; False if the store found
+        it sound after all (its block checksums were wrong, and are mended)."""
         try:
-            where = "moved to %s" % self.store.quarantine(repository, oid, file)
+            moved_to = self.store.quarantine(repository, oid, file)
         except storage.StoreError as error:
-            where = "could not be moved: %s" % error
+            moved_to, where = "", "could not be moved: %s" % error
+        else:
+            where = "moved to %s" % moved_to
+        if moved_to is None:
+            environ["wsgi.errors"].write("object %s/%s: its block checksums were wrong and have "
+                                         "been recorded anew; the object is sound" % (repository, oid))
+            return False
         environ["wsgi.errors"].write("object %s/%s failed its integrity check; %s"
                                      % (repository, oid, where))
+        return True
 
     def delete_object(self, request, repository, oid):
         """Remove the object; 404 if the repository does not hold it, 412 if

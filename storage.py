@@ -757,9 +757,16 @@ class DiskStore:
         ``root/quarantine/`` (as ``verify`` would) and out of the account.
         ``file`` is the one that was read: if the name holds another file by
         now (uploaded again meanwhile, sound), nothing moves. Returns where it
-        went; ObjectNotFound if it is gone or replaced."""
+        went; ObjectNotFound if it is gone or replaced. A file that still
+        hashes to its oid is not damaged: its block checksums were wrong, so
+        they are recorded anew, the object stays, and this returns None."""
         oid = self._canonical_oid(repository, oid)
         read = os.fstat(file.fileno())
+        recorder = checksums.Recorder(read.st_size)
+        with write_errors_as_store_errors():
+            if _hash_file(_Descriptor(file.fileno()), recorder) == oid:
+                _record_checksums(file.fileno(), recorder.finish())
+                return None
         shard_fd = self._open_shard_directory(repository, oid)
         try:
             with self._lock, write_errors_as_store_errors(), \
@@ -893,7 +900,10 @@ class DiskStore:
         symlink, a FIFO, a socket), is corrupt: it is moved to
         ``root/quarantine/<repository>@<oid>`` and reported. One that cannot be
         checked or moved (an I/O error) is reported, counted corrupt and left
-        in place, and the check carries on. Returns ``(checked, corrupt)``."""
+        in place, and the check carries on. A sound object whose block
+        checksums are missing or wrong gets them recorded anew (not fsynced:
+        they are an aid, and a lost one only costs speed). Returns
+        ``(checked, corrupt)``."""
         checked = corrupt = 0
         for repository, oid, shard_fd in self._all_object_entries():
             try:
@@ -1139,8 +1149,9 @@ def _object_problem(oid, shard_fd):
         os.close(fd)   # before any FileIO: it refuses a directory and leaves the descriptor open
         return "is " + _kind(mode)
     with open(fd, "rb", buffering=0) as file:
-        found = _recorded_checksums(fd)
-        recorder = checksums.Recorder(os.fstat(fd).st_size, found and found.block_size)
+        found, size = _recorded_checksums(fd), os.fstat(fd).st_size
+        recorder = checksums.Recorder(size, found.block_size if found and found.size == size
+                                      else None)
         if _hash_file(file, recorder) != oid:
             return "does not hash to its name"
         recorded = recorder.finish()
@@ -1148,6 +1159,20 @@ def _object_problem(oid, shard_fd):
                 recorded.size, recorded.crcs)):
             _record_checksums(fd, recorded)
         return None
+
+
+class _Descriptor:
+    """``readinto`` from the start of a descriptor, with pread: its position is another's."""
+
+    def __init__(self, fd):
+        self._fd = fd
+        self._offset = 0
+
+    def readinto(self, buffer):
+        data = os.pread(self._fd, len(buffer), self._offset)
+        buffer[:len(data)] = data
+        self._offset += len(data)
+        return len(data)
 
 
 def _hash_file(file, recorder):

@@ -677,6 +677,36 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
         self.assertEqual(self.read_cut_short(touching), data[mib + 7:2 * mib])
         self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
 
+    def test_a_small_range_is_checked_too(self):
+        data = os.urandom(3 * checksums.MIN_BLOCK_BYTES)
+        oid = self.put("repo", data)
+        self.damage(oid, "overwrite", at=100)
+        small = self.environ("GET", "/data/repo/" + oid, headers={"Range": "bytes=0-1000"})
+        self.assertEqual(self.read_cut_short(small), b"")
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)
+
+    def test_wrong_checksums_cut_a_response_but_keep_the_object(self):
+        data = os.urandom(3 * checksums.MIN_BLOCK_BYTES)
+        oid = self.put("repo", data)
+        path = self.object_path(oid)
+        wrong = checksums.BlockChecksums.from_bytes(os.getxattr(path, checksums.ATTRIBUTE))
+        wrong.crcs[1] ^= 1
+        os.setxattr(path, checksums.ATTRIBUTE, wrong.to_bytes())
+        environ = self.environ("GET", "/data/repo/" + oid)
+        environ["wsgi.errors"] = errors = io.StringIO()
+        result = self.app(environ, lambda status, headers, exc_info=None: None)
+        received = bytearray()
+        with self.assertRaises(OSError):
+            for block in result:
+                received += block
+        result.close()
+        self.assertEqual(bytes(received), data[:checksums.MIN_BLOCK_BYTES])
+        self.assertIn("recorded anew", errors.getvalue())
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)   # mended
+        wrong.size -= 1   # now of another size: found before anything is sent
+        os.setxattr(path, checksums.ATTRIBUTE, wrong.to_bytes())
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)
+
     def test_damaged_checksums_fall_back_to_the_oid(self):
         data = os.urandom(3 * checksums.MIN_BLOCK_BYTES)
         oid = self.put("repo", data)

@@ -16,9 +16,13 @@ class BlockSizeTest(unittest.TestCase):
                                  (1 << 30, 2 * MIB), (100 << 30, 256 * MIB)):
             self.assertEqual(checksums.block_size_for(length), expected, length)
 
-    def test_a_body_of_unknown_length_gets_blocks_for_the_bound(self):
-        self.assertEqual(checksums.block_size_for(None),
-                         checksums.block_size_for(checksums.UNKNOWN_LENGTH_BOUND))
+
+class CombineTest(unittest.TestCase):
+    def test_the_crc_of_a_concatenation_from_its_parts(self):
+        for first, second in ((b"", b""), (b"abc", b""), (b"", b"abc"), (b"abc", b"defg"),
+                              (os.urandom(1000), os.urandom(MIB + 7))):
+            self.assertEqual(checksums.combine(zlib.crc32(first), zlib.crc32(second), len(second)),
+                             zlib.crc32(first + second))
 
 
 class RecorderTest(unittest.TestCase):
@@ -47,14 +51,16 @@ class RecorderTest(unittest.TestCase):
         self.assertTrue(recorded.match(b""))
         self.assertFalse(recorded.match(b"x"))
 
-    @unittest.mock.patch.object(checksums, "MAX_BLOCKS", 4)   # 64 GiB would take a while
-    @unittest.mock.patch.object(checksums, "UNKNOWN_LENGTH_BOUND", 4 * MIB)
-    def test_a_body_of_unknown_length_beyond_the_bound_gets_none(self):
+    @unittest.mock.patch.object(checksums, "MAX_BLOCKS", 4)   # 1 GiB would take a while
+    def test_a_body_of_unknown_length_starts_small_and_doubles_its_blocks(self):
+        data = os.urandom(9 * MIB + 3)
         recorder = checksums.Recorder(None)
-        recorder.update(bytes(4 * MIB))
-        self.assertEqual(len(recorder.finish().crcs), 4)
-        recorder.update(b"one byte more")
-        self.assertIsNone(recorder.finish())
+        recorder.update(data[:3 * MIB])
+        self.assertEqual(recorder.finish().block_size, MIB)
+        recorder.update(data[3 * MIB:])   # 4 blocks of 1 MiB, then of 2, then of 4
+        recorded = recorder.finish()
+        self.assertEqual((recorded.block_size, recorded.crcs), (4 * MIB, self.expected(data, 4 * MIB)))
+        self.assertTrue(recorded.match(data))
 
 
 class BlockChecksumsTest(unittest.TestCase):

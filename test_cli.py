@@ -282,9 +282,9 @@ class CommandLineTest(unittest.TestCase):
             resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
 
         process, _ = self.start("--port", "0", preexec_fn=few_descriptors)
-        self.assertIn(b"the limit on open files (100) is below --max-connections + 64 (320): "
-                      b"serving at most 36 connections", read_line(process.stderr))
-        self.assertIn(b"max connections 36,", read_line(process.stderr))
+        self.assertIn(b"the limit on open files (100) is below 3 per connection + 64 (832): "
+                      b"serving at most 12 connections", read_line(process.stderr))
+        self.assertIn(b"max connections 12,", read_line(process.stderr))
 
     def test_out_of_file_descriptors_it_reclaims_idle_connections_without_spinning(self):
         process, port = self.start("--port", "0")

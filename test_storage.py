@@ -544,12 +544,12 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
 
     def test_block_checksums_are_recorded_with_each_object(self):
         data = os.urandom(2 * storage.DiskStore.BLOCK_BYTES + 3)
-        for length in (len(data), None):   # sized for the length, or for the unknown-length bound
+        for length in (len(data), None):   # sized for the length, or from 1 MiB up
             with self.subTest(length=length):
                 oid, _ = self.store.put("repo", io.BytesIO(data), length=length)
                 with self.store.open("repo", oid) as stored:
                     recorded = stored.checksums
-                self.assertEqual(recorded.block_size, checksums.block_size_for(length))
+                self.assertEqual(recorded.block_size, checksums.block_size_for(length or 0))
                 self.assertTrue(recorded.match(data))
                 self.store.delete("repo", oid)
         small, _ = self.put("repo", b"small")
@@ -589,8 +589,10 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         recorded = os.getxattr(path, checksums.ATTRIBUTE)
         wrong = checksums.BlockChecksums.from_bytes(recorded)
         wrong.crcs[0] ^= 1   # intact as bytes, wrong for the object
+        stale = checksums.BlockChecksums(4096, 10, [0]).to_bytes()   # of another size
         for damage in (lambda: os.removexattr(path, checksums.ATTRIBUTE),
-                       lambda: os.setxattr(path, checksums.ATTRIBUTE, wrong.to_bytes())):
+                       lambda: os.setxattr(path, checksums.ATTRIBUTE, wrong.to_bytes()),
+                       lambda: os.setxattr(path, checksums.ATTRIBUTE, stale)):
             damage()
             self.assertEqual(self.store.verify(report=lambda line: None), (1, 0))
             self.assertTrue(checksums.BlockChecksums.from_bytes(
@@ -649,11 +651,26 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
     def test_quarantine_moves_only_the_file_that_was_read(self):
         oid, _ = self.put("repo", b"read, then uploaded again")
         with self.store.open("repo", oid) as read:
+            with open("/proc/self/fd/%d" % read.file.fileno(), "r+b") as damaged:
+                damaged.write(b"R")   # the file that was read, damaged
             self.put("repo", b"read, then uploaded again")   # a new file under the same name
             with self.assertRaises(storage.ObjectNotFound):
                 self.store.quarantine("repo", oid, read.file)
         self.assertEqual(self.read("repo", oid), b"read, then uploaded again")
         self.assertEqual(self.store.usage(), (1, 25))
+
+    def test_quarantine_keeps_a_sound_object_and_mends_its_checksums(self):
+        data = os.urandom(3 * checksums.MIN_BLOCK_BYTES)
+        oid, _ = self.put("repo", data)
+        path = storage.object_path(self.root, "repo", oid)
+        wrong = checksums.BlockChecksums.from_bytes(os.getxattr(path, checksums.ATTRIBUTE))
+        wrong.crcs[0] ^= 1
+        os.setxattr(path, checksums.ATTRIBUTE, wrong.to_bytes())
+        with self.store.open("repo", oid) as read:
+            self.assertIsNone(self.store.quarantine("repo", oid, read.file))
+        with self.store.open("repo", oid) as stored:
+            self.assertTrue(stored.checksums.match(data))
+        self.assertEqual(self.store.usage(), (1, len(data)))
 
     def test_start_up_reads_the_account_instead_of_walking_the_tree(self):
         self.put("repo", b"counted")
