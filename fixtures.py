@@ -21,12 +21,16 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 import urllib.parse
+import uuid
 import wsgiref.util
 import wsgiref.validate
 
 import gateway
 import logs
+import s3
+import sigv4
 import storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,6 +100,35 @@ def small_filesystem(test, size="1m", inodes=None, read_only=False):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", mount_point], check=True)
+
+
+S3_ENGINES = {"seaweedfs": "SeaweedFS", "ceph-rgw": "Ceph RGW"}
+
+
+def s3_engine(engine):
+    """The running S3 engine ``engine`` (a key of S3_ENGINES) as a dict with
+    ``endpoint``, ``access_key``, ``secret_key`` and ``region``, from the
+    variable DATA_STORAGE_TEST_<ENGINE>, which holds the line that
+    ``tools/s3engines/<engine>.sh start DIR`` prints; SkipTest without it."""
+    variable = "DATA_STORAGE_TEST_" + engine.upper().replace("-", "_")
+    line = os.environ.get(variable)
+    if not line:
+        raise unittest.SkipTest("no %s engine: run tools/s3engines/%s.sh start DIR and set %s "
+                                "to the line it prints (.ci/run does)"
+                                % (S3_ENGINES[engine], engine, variable))
+    return dict(field.split("=", 1) for field in line.split())
+
+
+def new_bucket(test, engine, endpoint=None):
+    """``(client, bucket)``: an S3 client of ``engine`` (from s3_engine) and a
+    new, empty bucket of its own, left behind (the engines are throwaway)."""
+    client = s3.Client(endpoint or engine["endpoint"], engine["region"],
+                       sigv4.Credentials(engine["access_key"], engine["secret_key"]))
+    test.addCleanup(client.close)
+    bucket = "test-" + uuid.uuid4().hex[:20]
+    status, _, body = client.request("CreateBucket", "PUT", "/" + bucket)
+    test.assertEqual(status, 200, body)
+    return client, bucket
 
 
 def files_under(root):
@@ -307,10 +340,10 @@ class ServerProcess:
     group 1 is the port) matches. Stopped when the test ends, if still running."""
 
     def __init__(self, test, *args, command=None, listening=r"listening on http://127\.0\.0\.1:(\d+)",
-                 stream="stdout"):
+                 stream="stdout", env=None):
         command = command or [sys.executable, SERVER_SCRIPT, "--port", "0", *args]
         pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: subprocess.PIPE}
-        self.process = subprocess.Popen(command, cwd=HERE, bufsize=0, **pipes)
+        self.process = subprocess.Popen(command, cwd=HERE, bufsize=0, env=env, **pipes)
         self.output = getattr(self.process, stream)
         test.addCleanup(self.stop)
         while True:

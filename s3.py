@@ -127,7 +127,7 @@ class Client:
             raise storage.StoreUnavailable("the S3 engine at %s is unavailable (%s); retry later"
                                            % (self.host, problem))
         finally:
-            self._count(operation, failed, time.monotonic() - started)
+            self.count(operation, failed, time.monotonic() - started)
 
     def open(self, method, path, query=(), headers=None, body=None,
              payload_hash=sigv4.EMPTY_PAYLOAD):
@@ -180,7 +180,8 @@ class Client:
                 return self._idle.pop()
         return self._connection_class(self.host, timeout=self.timeout, blocksize=BLOCK_BYTES)
 
-    def _count(self, operation, failed, seconds):
+    def count(self, operation, failed, seconds):
+        """Count a call made with ``open``."""
         with self._lock:
             counts = self.calls.setdefault(operation, [0, 0, 0.0])
             counts[0] += 1
@@ -274,26 +275,30 @@ class S3Store:
         _raise_for(status, data, "PUT")
 
     def open(self, repository, oid):
-        """The object as a StoredObject whose file reads from the engine."""
+        """The object as a StoredObject whose file streams it from the engine:
+        its GET is under way already (so a download survives a DELETE that
+        comes after it), and a seek elsewhere starts a ranged one."""
         storage.check_repository(repository)
         canonical = storage.canonical_oid(oid)
         if canonical is None:
             raise storage.not_found(repository, oid)
-        path = self._path(repository, canonical)
-        status, headers, data = self.client.request("HeadObject", "HEAD", path)
-        if status == 404:
+        reader = _ObjectReader(self.client, self._path(repository, canonical))
+        if reader.size is None:
             raise storage.not_found(repository, oid)
-        _raise_for(status, data, "HEAD")
-        size = int(headers["Content-Length"])
-        return storage.StoredObject(_ObjectReader(self.client, path, size), size,
-                                    may_change_at_rest=True)
+        return storage.StoredObject(reader, reader.size, may_change_at_rest=True)
 
     def delete(self, repository, oid):
         """Remove the object; ObjectNotFound if the repository lacks it (a
         HeadObject first: S3's DELETE succeeds either way)."""
-        self.open(repository, oid).close()
-        status, _, data = self.client.request("DeleteObject", "DELETE",
-                                              self._path(repository, oid.lower()))
+        storage.check_repository(repository)
+        canonical = storage.canonical_oid(oid)
+        path = self._path(repository, canonical or "")
+        status, _, data = self.client.request("HeadObject", "HEAD", path) if canonical else (
+            404, None, b"")
+        if status == 404:
+            raise storage.not_found(repository, oid)
+        _raise_for(status, data, "HEAD")
+        status, _, data = self.client.request("DeleteObject", "DELETE", path)
         if status != 404:
             _raise_for(status, data, "DELETE")
 
@@ -406,16 +411,46 @@ class _HeldBackBody(io.RawIOBase):
 
 
 class _ObjectReader(io.RawIOBase):
-    """An object's bytes from the engine, read from the current position with
-    one ranged GET (issued at the first read after a seek); bounded memory."""
+    """An object's bytes from the engine, streamed in bounded memory by a GET
+    that starts at once (``size`` is None if there is no such object); a seek
+    elsewhere drops it, and the next read starts a ranged GET there. A GET
+    that fails after retries raises StoreUnavailable."""
 
-    def __init__(self, client, path, size):
+    def __init__(self, client, path):
         self._client = client
         self._path = path
-        self._size = size
         self._position = 0
-        self._response = None
-        self._connection = None
+        self._response = self._connection = None
+        self.size = self._get("GetObject", {})
+        self._size = self.size or 0
+
+    def _get(self, operation, headers):
+        """Start a GET; the object's size, or None if it is not there."""
+        started = time.monotonic()
+        for attempt in range(RETRIES + 1):
+            if attempt:
+                time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+            try:
+                response, connection = self._client.open("GET", self._path, headers=headers)
+            except (OSError, http.client.HTTPException) as error:
+                problem = error
+                continue
+            if response.status in (200, 206):
+                self._response, self._connection = response, connection
+                self._client.count(operation, False, time.monotonic() - started)
+                length = response.getheader("Content-Range", "").rpartition("/")[2]
+                return int(length or response.getheader("Content-Length"))
+            data = response.read()
+            self._client.release(connection, response)
+            if response.status == 404:
+                self._client.count(operation, False, time.monotonic() - started)
+                return None
+            problem = EngineError(response.status, _error_code(data), "")
+            if response.status not in RETRY_STATUSES:
+                break
+        self._client.count(operation, True, time.monotonic() - started)
+        raise storage.StoreUnavailable("the S3 engine at %s is unavailable (%s); retry later"
+                                       % (self._client.host, problem))
 
     def readable(self):
         return True
@@ -436,13 +471,9 @@ class _ObjectReader(io.RawIOBase):
     def readinto(self, buffer):
         if self._position >= self._size:
             return 0
-        if self._response is None:
-            self._response, self._connection = self._client.open(
-                "GET", self._path, headers={"range": "bytes=%d-" % self._position})
-            if self._response.status not in (200, 206):
-                status = self._response.status
-                self._drop()
-                raise OSError("the S3 engine answered %d to a GET" % status)
+        if self._response is None and self._get(
+                "GetObject", {"range": "bytes=%d-" % self._position}) is None:
+            raise OSError("the object was deleted while it was read")
         count = self._response.readinto(buffer)
         if not count:
             raise OSError("the S3 engine ended the object early")

@@ -15,9 +15,10 @@ import threading
 import unittest
 
 import checksums
+import s3
 import storage
-from fixtures import (HERE, files_under, open_disk_store, run_concurrently, sha256,
-                      small_filesystem, temporary_directory)
+from fixtures import (HERE, files_under, new_bucket, open_disk_store, run_concurrently, s3_engine,
+                      sha256, small_filesystem, temporary_directory)
 
 
 class FailingSource(io.RawIOBase):
@@ -286,6 +287,65 @@ class AccountingContract:
 class MemoryStoreTest(StoreContract, AccountingContract, unittest.TestCase):
     def make_store(self, **options):
         return storage.MemoryStore(**options)
+
+
+class S3StoreContract(StoreContract):
+    """The store contract and the S3 store's own guarantees, against a real
+    engine (``engine``: a key of fixtures.S3_ENGINES), each test in a new bucket."""
+
+    engine = None
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.engine_settings = s3_engine(cls.engine)
+
+    def make_store(self):
+        client, self.bucket = new_bucket(self, self.engine_settings)
+        return s3.S3Store(self.bucket, "prefix/", client)
+
+    def test_layout_is_prefix_repository_oid(self):
+        oid, _ = self.put("repo", b"where is it")
+        status, _, body = self.store.client.request(
+            "ListObjectsV2", "GET", "/" + self.bucket, [("list-type", "2")])
+        self.assertEqual(status, 200)
+        self.assertIn(("<Key>prefix/repo/%s</Key>" % oid).encode(), body)
+
+    def test_a_streamed_upload_that_does_not_hash_to_its_oid_is_never_stored(self):
+        data = os.urandom(3 * 1024 * 1024)
+        claimed = sha256(b"something else")
+        with self.assertRaises(storage.DigestMismatch):
+            self.store.put("repo", io.BytesIO(data), expected_oid=claimed, length=len(data))
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.open("repo", claimed)
+        self.assertEqual(self.store.list_objects("repo"), [])
+        oid = sha256(data)
+        self.assertEqual(self.store.put("repo", io.BytesIO(data), expected_oid=oid,
+                                        length=len(data)), (oid, len(data)))
+        self.assertEqual(self.read("repo", oid), data)
+
+    def test_a_range_is_a_ranged_get(self):
+        data = os.urandom(100000)
+        oid, _ = self.put("repo", data)
+        with self.store.open("repo", oid) as stored:
+            stored.file.seek(99990)
+            self.assertEqual(stored.file.read(), data[99990:])
+            stored.file.seek(5)
+            self.assertEqual(stored.file.read(10), data[5:15])
+
+    def test_listing_pages_across_engine_pages(self):
+        stored = sorted(self.put("repo", b"%d" % n)[0] for n in range(30))
+        self.assertEqual([oid for oid, _ in self.store.list_objects("repo", limit=1000)], stored)
+        self.assertEqual([oid for oid, _ in self.store.list_objects("repo", after=stored[9],
+                                                                     limit=5)], stored[10:15])
+
+
+class SeaweedFSStoreTest(S3StoreContract, unittest.TestCase):
+    engine = "seaweedfs"
+
+
+class CephRGWStoreTest(S3StoreContract, unittest.TestCase):
+    engine = "ceph-rgw"
 
 
 class BlockingSource(io.BytesIO):

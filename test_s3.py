@@ -1,0 +1,205 @@
+"""The service on the S3 store (``--store s3://...``), end to end against real
+engines (SeaweedFS and Ceph RGW, started by ``tools/s3engines/``; skipped
+without them, and ``.ci/run`` starts them), through a TCP relay the tests can
+cut to play an engine going down."""
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import threading
+import unittest
+
+from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, metric_samples, new_bucket, s3_engine,
+                      sha256, wait_until)
+
+
+class Relay:
+    """A TCP relay on loopback to ``target`` (host, port), on a port that stays
+    the same across ``stop()`` and ``start()``: while stopped, connections are
+    refused and those open are cut."""
+
+    def __init__(self, target):
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._listener = None
+        self._open = []
+        self._lock = threading.Lock()
+
+    def start(self):
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def stop(self):
+        if self._listener is None:
+            return
+        self._listener.shutdown(socket.SHUT_RDWR)   # wakes the accept() blocked on it
+        self._listener.close()
+        self._listener = None
+        with self._lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self._open.clear()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                engine = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, engine]
+            for source, sink in ((client, engine), (engine, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            for data in iter(lambda: source.recv(1 << 16), b""):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class ServiceOnS3Contract:
+    """``python server.py --store s3://BUCKET/PREFIX`` on a real engine (``engine``)."""
+
+    engine = None
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.settings = s3_engine(cls.engine)
+
+    def setUp(self):
+        host, port = self.settings["endpoint"].rpartition("/")[2].rsplit(":", 1)
+        self.relay = Relay((host, int(port)))
+        self.relay.start()
+        self.addCleanup(self.relay.stop)
+        self.endpoint = "http://127.0.0.1:%d" % self.relay.port
+        self.client, self.bucket = new_bucket(self, self.settings)
+        self.environment = dict(os.environ, AWS_ACCESS_KEY_ID=self.settings["access_key"],
+                                AWS_SECRET_ACCESS_KEY=self.settings["secret_key"],
+                                AWS_REGION=self.settings["region"])
+
+    def serve(self, *args, bucket=None, environment=None):
+        return ServerProcess(self, "--store", "s3://%s/service" % (bucket or self.bucket),
+                             "--s3-endpoint", self.endpoint, *args,
+                             env=environment or self.environment)
+
+    def test_objects_round_trip(self):
+        server = self.serve()
+        data = os.urandom(3 * 1024 * 1024 + 5)
+        oid = sha256(data)
+        put = server.request("PUT", "/data/repo", data)   # spooled: its oid is not known yet
+        self.assertEqual((put.status, put.json()["oid"]), (201, oid))
+        small = server.request("PUT", "/data/repo/" + sha256(b"small"), b"small")   # streamed
+        self.assertEqual(small.status, 201)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
+        ranged = server.request("GET", "/data/repo/" + oid, headers={"Range": "bytes=1000-2999"})
+        self.assertEqual((ranged.status, ranged.body), (206, data[1000:3000]))
+        head = server.request("HEAD", "/data/repo/" + oid)
+        self.assertEqual(head.headers["Content-Length"], str(len(data)))
+        listed = server.request("GET", "/data/repo").json()["objects"]
+        self.assertEqual(sorted(item["oid"] for item in listed), sorted([oid, sha256(b"small")]))
+        self.assertEqual(server.request("DELETE", "/data/repo/" + oid).status, 200)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 404)
+        self.assertEqual(server.request("DELETE", "/data/repo/" + oid).status, 404)
+
+    def test_a_corrupted_verified_upload_is_refused_and_never_stored(self):
+        server = self.serve()
+        claimed = sha256(b"the real bytes" * 100000)
+        refused = server.request("PUT", "/data/repo/" + claimed, b"other bytes" * 100000)
+        self.assertEqual(refused.status, 400, refused.body)
+        self.assertEqual(server.request("GET", "/data/repo/" + claimed).status, 404)
+        self.assertEqual(server.request("GET", "/data/repo").json()["objects"], [])
+
+    def test_two_instances_on_one_bucket_agree(self):
+        first, second = self.serve(), self.serve()
+        oid = first.request("PUT", "/data/shared", b"seen by both").json()["oid"]
+        self.assertEqual(second.request("GET", "/data/shared/" + oid).body, b"seen by both")
+        self.assertEqual([item["oid"] for item in
+                          second.request("GET", "/data/shared").json()["objects"]], [oid])
+        self.assertEqual(first.request("DELETE", "/data/shared/" + oid).status, 200)
+        self.assertEqual(second.request("GET", "/data/shared/" + oid).status, 404)
+
+    def test_bytes_changed_in_the_engine_are_never_served_whole(self):
+        server = self.serve()
+        data = os.urandom(2 * 1024 * 1024)
+        oid = server.request("PUT", "/data/repo", data).json()["oid"]
+        other = os.urandom(len(data))   # written under the oid's key behind the service's back
+        status, _, body = self.client.request(
+            "PutObject", "PUT", "/%s/service/repo/%s" % (self.bucket, oid), body=other,
+            payload_hash=sha256(other), headers={"content-length": str(len(other))})
+        self.assertEqual(status, 200, body)
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/data/repo/" + oid)
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        with self.assertRaises(http.client.IncompleteRead) as cut:
+            response.read()
+        self.assertLess(len(cut.exception.partial), len(data))
+
+    def test_an_engine_that_goes_away_is_503_then_service_resumes(self):
+        server = self.serve()
+        oid = server.request("PUT", "/data/repo", b"kept").json()["oid"]
+        self.relay.stop()
+        for method, path, body in (("GET", "/data/repo/" + oid, None), ("PUT", "/data/repo", b"x"),
+                                   ("GET", "/data/repo", None), ("DELETE", "/data/repo/" + oid, None)):
+            response = server.request(method, path, body)
+            self.assertEqual(response.status, 503, (method, path, response.body))
+            self.assertEqual(response.headers["Retry-After"], "1")
+            self.assertIn("unavailable", response.json()["error"])
+        self.assertEqual(server.request("GET", "/healthz").status, 503)
+        self.relay.start()
+        self.assertEqual(server.request("GET", "/healthz").status, 200)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, b"kept")
+        samples = metric_samples(server.request("GET", "/metrics").body.decode())
+        self.assertGreater(samples['datastore_store_errors_total{operation="HeadBucket"}'], 0)
+        self.assertGreater(samples['datastore_store_calls_total{operation="PutObject"}'], 0)
+
+    def test_start_up_problems_are_one_line_and_exit_2(self):
+        wrong_secret = dict(self.environment, AWS_SECRET_ACCESS_KEY="wrong")
+        for args, environment, says in (
+                (["--store", "s3://%s" % self.bucket], wrong_secret, "access denied"),
+                (["--store", "s3://no-such-bucket-here"], self.environment, "no such bucket"),
+                (["--store", "s3://%s" % self.bucket, "--max-total-size", "10"], self.environment,
+                 "--max-total-size"),
+                (["--store", "s3://%s" % self.bucket], {k: v for k, v in self.environment.items()
+                                                        if not k.startswith("AWS_")},
+                 "AWS_ACCESS_KEY_ID")):
+            with self.subTest(says=says):
+                result = subprocess.run(
+                    [sys.executable, SERVER_SCRIPT, "--port", "0", "--s3-endpoint", self.endpoint,
+                     *args], cwd=HERE, env=environment, capture_output=True, timeout=60)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(says.encode(), result.stderr.splitlines()[-1])
+                if "--max-total-size" not in args:   # that one is argparse's: usage, then a line
+                    self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+
+class SeaweedFSServiceTest(ServiceOnS3Contract, unittest.TestCase):
+    engine = "seaweedfs"
+
+
+class CephRGWServiceTest(ServiceOnS3Contract, unittest.TestCase):
+    engine = "ceph-rgw"
+
+
+if __name__ == "__main__":
+    unittest.main()
