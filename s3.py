@@ -111,9 +111,10 @@ class Client:
                     time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
                     if hasattr(body, "seek"):
                         body.seek(0)
-                try:
+                try:   # a call that cannot be retried gets a fresh connection: a pooled
+                    # one may have been closed by the engine meanwhile
                     response, connection = self.open(method, path, query, headers, body,
-                                                     payload_hash)
+                                                     payload_hash, reuse=retry)
                     data = response.read()
                 except (OSError, http.client.HTTPException) as error:
                     problem = error
@@ -130,10 +131,10 @@ class Client:
             self.count(operation, failed, time.monotonic() - started)
 
     def open(self, method, path, query=(), headers=None, body=None,
-             payload_hash=sigv4.EMPTY_PAYLOAD):
+             payload_hash=sigv4.EMPTY_PAYLOAD, reuse=True):
         """Send a signed request and return ``(response, connection)`` with the
         body unread: give them to ``release`` once it is read, or close the
-        connection. No retry."""
+        connection. No retry; ``reuse=False`` opens a new connection."""
         fields = {"host": self.host, "x-amz-content-sha256": payload_hash,
                   "x-amz-date": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}
         if self.credentials.session_token:
@@ -147,7 +148,7 @@ class Client:
         target = sigv4.uri_encode(path, safe="/-_.~")
         if query:
             target += "?" + urllib.parse.urlencode(list(query), quote_via=urllib.parse.quote)
-        connection = self._take()
+        connection = self._take() if reuse else self._new()
         try:
             connection.request(method, target, body=body, headers=fields)
             return connection.getresponse(), connection
@@ -178,6 +179,9 @@ class Client:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
+        return self._new()
+
+    def _new(self):
         return self._connection_class(self.host, timeout=self.timeout, blocksize=BLOCK_BYTES)
 
     def count(self, operation, failed, seconds):

@@ -21,6 +21,9 @@ growth (VmHWM); and the in-memory store's peak RSS growth for the same PUT.
 Git LFS: ``git lfs push`` of the same size of object against ``curl -T`` of
 the file to the plain API, each into a fresh disk store (needs git, git-lfs
 and curl; left out with a note without them).
+
+S3: the service on SeaweedFS against the engine itself (needs
+DATA_STORAGE_TEST_SEAWEEDFS; left out with a note without it).
 """
 
 import argparse
@@ -416,6 +419,66 @@ def bench_lfs_push(options, report, data_root):
                curl_rate / 1e6, "curl -T PUT", target=0.7, unit="MB/s")
 
 
+def bench_s3(options, report, data_root):
+    """The service on an S3 engine against the engine itself, for an object of
+    a quarter of the large size: a plain PUT (spooled to a file while hashed,
+    then uploaded), a verified PUT (streamed to its key), a GET (hashed as it
+    streams), each beside a PUT or GET of the same bytes straight to the
+    engine with the service's own S3 client. The engine comes from
+    DATA_STORAGE_TEST_SEAWEEDFS (tools/s3engines/seaweedfs.sh start DIR prints it)."""
+    line = os.environ.get("DATA_STORAGE_TEST_SEAWEEDFS")
+    if not line:
+        print("S3: skipped, set DATA_STORAGE_TEST_SEAWEEDFS (tools/s3engines/seaweedfs.sh)",
+              file=sys.stderr)
+        return
+    sys.path.insert(0, os.path.join(HERE, os.pardir))
+    import s3
+    import sigv4
+    engine = dict(field.split("=", 1) for field in line.split())
+    os.environ.update(AWS_ACCESS_KEY_ID=engine["access_key"], AWS_REGION=engine["region"],
+                      AWS_SECRET_ACCESS_KEY=engine["secret_key"])
+    client = s3.Client(engine["endpoint"], engine["region"],
+                       sigv4.Credentials(engine["access_key"], engine["secret_key"]))
+    bucket = "bench-%d" % os.getpid()
+    assert client.request("CreateBucket", "PUT", "/" + bucket)[0] == 200
+    size = options.large_size // 4
+    work = tempfile.mkdtemp(dir=data_root)
+    try:
+        path = make_large_file(work, size)
+        _, oid = sha256_throughput(path)
+        with open(path, "rb") as file:
+            started = time.perf_counter()
+            status = client.request("PutObject", "PUT", "/%s/direct" % bucket, body=file,
+                                    payload_hash=oid, headers={"content-length": str(size)})[0]
+            direct_put = size / (time.perf_counter() - started)
+        assert status == 200, status
+        started = time.perf_counter()
+        response, connection = client.open("GET", "/%s/direct" % bucket)
+        while response.read(BLOCK):
+            pass
+        connection.close()
+        direct_get = size / (time.perf_counter() - started)
+        server = our_server("--store", "s3://%s/service" % bucket, "--s3-endpoint",
+                            engine["endpoint"], "--max-object-size", str(size),
+                            "--spool-dir", work)
+        try:
+            plain_put, _ = timed_put(server.port, path, "plain")
+            verified_put, _ = timed_put(server.port, path, "verified/" + oid)
+            get = timed_get(server.port, "plain", oid, size)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        client.close()
+    label = "%d MiB" % (size // MIB)
+    report.add("%s plain PUT MB/s (S3 store, SeaweedFS)" % label, plain_put / 1e6,
+               direct_put / 1e6, "PUT to the engine", unit="MB/s")
+    report.add("%s verified PUT MB/s (S3 store, SeaweedFS)" % label, verified_put / 1e6,
+               direct_put / 1e6, "PUT to the engine", unit="MB/s")
+    report.add("%s GET MB/s (S3 store, SeaweedFS, checked)" % label, get / 1e6,
+               direct_get / 1e6, "GET from the engine", unit="MB/s")
+
+
 class Report:
     def __init__(self):
         self.rows = []
@@ -465,7 +528,8 @@ def main():
                         default="wrk" if shutil.which("wrk") else "python",
                         help="load generator (default: wrk if installed)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=("small", "workers", "large", "lfs"), help="leave out a part")
+                        choices=("small", "workers", "large", "lfs", "s3"),
+                        help="leave out a part")
     options = parser.parse_args()
     if options.quick:
         options.duration, options.rounds, options.large_size = 1, 1, 256 * MIB
@@ -480,6 +544,8 @@ def main():
         bench_large_objects(options, report, options.data_dir)
     if "lfs" not in options.skip:
         bench_lfs_push(options, report, options.data_dir)
+    if "s3" not in options.skip:
+        bench_s3(options, report, options.data_dir)
     context = {"date": datetime.date.today().isoformat(), "client": options.client,
                "connections": options.connections, "duration_s": options.duration,
                "rounds": options.rounds, "python": platform.python_version(),
