@@ -472,13 +472,31 @@ class _ObjectReader(io.RawIOBase):
             self._position = position
         return position
 
+    def read(self, size=-1):
+        """Up to ``size`` bytes (all that is left if negative), in one copy."""
+        left = self._size - self._position
+        size = left if size is None or size < 0 else min(size, left)
+        if size <= 0:
+            return b""
+        self._start()
+        data = self._response.read(size)
+        self._advance(len(data))
+        return data
+
     def readinto(self, buffer):
         if self._position >= self._size:
             return 0
+        self._start()
+        count = self._response.readinto(buffer)
+        self._advance(count)
+        return count
+
+    def _start(self):
         if self._response is None and self._get(
                 "GetObject", {"range": "bytes=%d-" % self._position}) is None:
             raise OSError("the object was deleted while it was read")
-        count = self._response.readinto(buffer)
+
+    def _advance(self, count):
         if not count:
             raise OSError("the S3 engine ended the object early")
         self._position += count
@@ -486,7 +504,6 @@ class _ObjectReader(io.RawIOBase):
             self._response.read()   # the end, so the connection can be reused
             self._client.release(self._connection, self._response)
             self._response = self._connection = None
-        return count
 
     def close(self):
         self._drop()

@@ -120,6 +120,22 @@ class ServiceOnS3Contract:
         self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 404)
         self.assertEqual(server.request("DELETE", "/data/repo/" + oid).status, 404)
 
+    def test_100_mib_up_and_down_in_bounded_memory(self):
+        server = self.serve("--max-object-size", str(200 << 20))
+
+        def peak_kib():
+            with open("/proc/%d/status" % server.process.pid) as status:
+                return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+
+        data = os.urandom(100 << 20)
+        oid = sha256(data)
+        before = peak_kib()
+        self.assertEqual(server.request("PUT", "/data/repo/" + oid, data).status, 201)   # streamed
+        self.assertEqual(server.request("DELETE", "/data/repo/" + oid).status, 200)
+        self.assertEqual(server.request("PUT", "/data/repo", data).status, 201)   # spooled
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
+        self.assertLess(peak_kib() - before, 64 * 1024)   # a 100 MiB object never in memory
+
     def test_a_corrupted_verified_upload_is_refused_and_never_stored(self):
         server = self.serve()
         claimed = sha256(b"the real bytes" * 100000)
