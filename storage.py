@@ -28,10 +28,10 @@ already holds needs no room.
 Run as a program, it checks a disk store: ``python storage.py verify DIR``.
 """
 
+import bisect
 import contextlib
 import errno
 import hashlib
-import heapq
 import io
 import itertools
 import os
@@ -169,10 +169,13 @@ class MemoryStore:
       reading the same bytes even if the object is deleted meanwhile.
     - The quota is checked and the object added in one step under the lock,
       so concurrent uploads cannot overshoot it together.
+    - A listing page costs O(limit + log n): each repository keeps its oids
+      in order as well (``bisect``), beside the dict that finds them.
     """
 
     def __init__(self, max_total_size=None):
         self._repositories = {}  # repository -> {oid: bytes}
+        self._ordered = {}  # repository -> its oids, sorted
         self._objects = 0
         self._bytes = 0
         self._quota = _Quota(max_total_size)
@@ -203,6 +206,7 @@ class MemoryStore:
                 if oid not in objects:
                     self._quota.check(self._bytes, len(data), held)
                     objects[oid] = data
+                    bisect.insort(self._ordered.setdefault(repository, []), oid)
                     self._objects += 1
                     self._bytes += len(data)
         finally:
@@ -231,8 +235,10 @@ class MemoryStore:
             if data is not None:
                 self._objects -= 1
                 self._bytes -= len(data)
+                ordered = self._ordered[repository]
+                del ordered[bisect.bisect_left(ordered, canonical_oid(oid))]
                 if not objects:
-                    del self._repositories[repository]
+                    del self._repositories[repository], self._ordered[repository]
         if data is None:
             raise not_found(repository, oid)
 
@@ -256,8 +262,9 @@ class MemoryStore:
         check_repository(repository)
         with self._lock:
             objects = self._repositories.get(repository, {})
-            oids = heapq.nsmallest(limit, (oid for oid in objects if after is None or oid > after))
-            return [(oid, len(objects[oid])) for oid in oids]
+            ordered = self._ordered.get(repository, [])
+            first = 0 if after is None else bisect.bisect_right(ordered, after)
+            return [(oid, len(objects[oid])) for oid in ordered[first:first + limit]]
 
 
 class _Quota:

@@ -157,6 +157,20 @@ class StoreContract:
                 with self.subTest(name=name), self.assertRaises(storage.InvalidRepository):
                     call()
 
+    def test_listing_after_deletes_and_after_an_absent_oid(self):
+        oids = sorted(self.put("repo", b"item %d" % n)[0] for n in range(6))
+        for oid in oids[1::2]:
+            self.store.delete("repo", oid)
+        kept = oids[::2]
+        self.assertEqual([oid for oid, _ in self.store.list_objects("repo")], kept)
+        self.assertEqual([oid for oid, _ in self.store.list_objects("repo", after=oids[1])],
+                         kept[1:])   # a deleted oid still marks a place
+        for oid in kept:
+            self.store.delete("repo", oid)
+        self.assertEqual(self.store.list_objects("repo"), [])
+        self.assertEqual(self.put("repo", b"again")[1], 5)
+        self.assertEqual(len(self.store.list_objects("repo")), 1)
+
     def test_listing_is_sorted_and_paged(self):
         expected = sorted((self.put("repo", b"object %d" % n)[0], len(b"object %d" % n))
                           for n in range(25))
