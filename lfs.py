@@ -326,7 +326,11 @@ class DiskLocks(Locks):
 
 
 def open_locks(store):
-    """The locks that go with ``store``: on disk beside a disk store, else in memory."""
+    """The locks that go with ``store``: on disk beside a disk store, in
+    memory beside the memory store; None for a store that instances share
+    (the S3 store), where locks in one instance would not bind another."""
     if isinstance(store, storage.DiskStore):
         return DiskLocks(store.root)
-    return MemoryLocks()
+    if isinstance(store, storage.MemoryStore):
+        return MemoryLocks()
+    return None

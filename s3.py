@@ -33,6 +33,7 @@ import http.client
 import io
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -46,8 +47,10 @@ MAX_SINGLE_PUT = 5 << 30
 BLOCK_BYTES = 1 << 20
 RETRIES = 4
 BACKOFF_SECONDS = 0.1   # doubled on each retry: 0.1, 0.2, 0.4, 0.8
-RETRY_STATUSES = (500, 502, 503, 504)
-DEFAULT_TIMEOUT = 30.0
+RETRY_BUDGET_SECONDS = 3.0   # no retry starts later than this into a call
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+DEFAULT_TIMEOUT = 10.0   # for each connect, send and receive
+IDLE_SECONDS = 15.0   # a pooled connection idle longer is closed: engines close theirs at 60 s+
 _NAMESPACE = re.compile(r"^\{[^}]*\}")
 
 
@@ -68,6 +71,8 @@ def parse_store_url(url):
             or parsed.query or parsed.fragment:
         raise ValueError("expected s3://BUCKET[/PREFIX] with a valid bucket name, not %r" % url)
     prefix = parsed.path.strip("/")
+    if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
+        raise ValueError("the prefix of %r has an empty, . or .. segment" % url)
     return bucket, prefix + "/" if prefix else ""
 
 
@@ -94,7 +99,8 @@ class Client:
         self.region = region
         self.credentials = credentials
         self.timeout = timeout
-        self._idle = []
+        self._idle = []   # (connection, when it was released)
+        self._pid = os.getpid()   # a forked child must not share its parent's sockets
         self._lock = threading.Lock()
         self.calls = {}   # operation -> [calls, errors, seconds]
 
@@ -102,20 +108,32 @@ class Client:
                 payload_hash=sigv4.EMPTY_PAYLOAD, retry=True):
         """``(status, headers, body bytes)`` of a call; StoreUnavailable once
         retries are spent. ``body`` is bytes, or a file read from its start
-        (rewound for a retry)."""
+        (rewound for a retry). Retried, with backoff, while RETRY_BUDGET_SECONDS
+        last: refused or reset connections and 5xx, 429 or SlowDown answers,
+        never a timeout (the engine is there but stuck: waiting again would
+        only double the wait). ``retry=False``: one attempt, on a new
+        connection (a pooled one may have been closed by the engine)."""
         started = time.monotonic()
         failed = True
         try:
             for attempt in range(RETRIES + 1 if retry else 1):
                 if attempt:
+                    if time.monotonic() - started > RETRY_BUDGET_SECONDS:
+                        break
                     time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
                     if hasattr(body, "seek"):
                         body.seek(0)
-                try:   # a call that cannot be retried gets a fresh connection: a pooled
-                    # one may have been closed by the engine meanwhile
+                try:
                     response, connection = self.open(method, path, query, headers, body,
                                                      payload_hash, reuse=retry)
-                    data = response.read()
+                    try:
+                        data = response.read()
+                    except BaseException:
+                        connection.close()
+                        raise
+                except socket.timeout as error:
+                    problem = error
+                    break
                 except (OSError, http.client.HTTPException) as error:
                     problem = error
                     continue
@@ -123,7 +141,7 @@ class Client:
                 if response.status in RETRY_STATUSES or _error_code(data) == "SlowDown":
                     problem = EngineError(response.status, _error_code(data), "")
                     continue
-                failed = response.status >= 400 and response.status != 404
+                failed = response.status >= 400 and response.status not in (404, 412)
                 return response.status, response.headers, data
             raise storage.StoreUnavailable("the S3 engine at %s is unavailable (%s); retry later"
                                            % (self.host, problem))
@@ -162,7 +180,7 @@ class Client:
             connection.close()
             return
         with self._lock:
-            self._idle.append(connection)
+            self._idle.append((connection, time.monotonic()))
 
     def call_counts(self):
         """``{operation: [calls, errors, seconds]}`` so far."""
@@ -172,14 +190,25 @@ class Client:
     def close(self):
         with self._lock:
             idle, self._idle = self._idle, []
-        for connection in idle:
+        for connection, _ in idle:
             connection.close()
 
     def _take(self):
+        """A pooled connection used within IDLE_SECONDS, else a new one."""
+        stale = []
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return self._new()
+            if self._pid != os.getpid():   # forked: those sockets are the parent's
+                self._idle, self._pid = [], os.getpid()
+            while self._idle:
+                connection, released = self._idle.pop()
+                if time.monotonic() - released < IDLE_SECONDS:
+                    break
+                stale.append(connection)
+            else:
+                connection = None
+        for old in stale:
+            old.close()
+        return connection or self._new()
 
     def _new(self):
         return self._connection_class(self.host, timeout=self.timeout, blocksize=BLOCK_BYTES)
@@ -216,10 +245,11 @@ class S3Store:
         self.client = client
         self.spool_dir = spool_dir
 
-    def check(self):
-        """Raise StoreUnavailable, in one line, unless the bucket can be read
-        and written with these credentials (called at start)."""
-        status, _, data = self.client.request("HeadBucket", "HEAD", "/" + self.bucket)
+    def check(self, retry=True):
+        """Raise StoreUnavailable, in one line, unless the bucket answers to
+        these credentials (called at start)."""
+        status, _, data = self.client.request("HeadBucket", "HEAD", "/" + self.bucket,
+                                              retry=retry)
         if status != 200:
             raise storage.StoreUnavailable(
                 "cannot use S3 bucket %s at %s: %s" % (self.bucket, self.client.host, {
@@ -239,70 +269,79 @@ class S3Store:
         if length is not None and length > MAX_SINGLE_PUT:
             raise storage.InsufficientStorage("objects over 5 GiB need multipart upload, which "
                                               "this store does not do")
+        if expected_oid is not None and self._size(repository, expected_oid) is not None:
+            # Stored already: the body is still read and checked, as the disk store does.
+            oid, size = _digest_of(source)
+            storage.check_digest(oid, expected_oid)
+            return oid, size
         if expected_oid is not None and length is not None:
             return self._put_streamed(repository, source, expected_oid, length)
-        with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
-            digest, size = hashlib.sha256(), 0
-            block = bytearray(BLOCK_BYTES)
-            for count in iter(lambda: source.readinto(block), 0):
-                digest.update(memoryview(block)[:count])
-                spool.write(memoryview(block)[:count])
-                size += count
-                if size > MAX_SINGLE_PUT:
-                    raise storage.InsufficientStorage("objects over 5 GiB need multipart upload")
-            oid = digest.hexdigest()
-            storage.check_digest(oid, expected_oid)
-            spool.seek(0)
-            self._put_object(repository, oid, spool, size, retry=True)
+        with storage.write_errors_as_store_errors():   # the spool's disk full: 507
+            with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
+                oid, size = _digest_of(source, spool)
+                storage.check_digest(oid, expected_oid)
+                spool.seek(0)
+                self._put_object(repository, oid, spool, size, retry=True)
         return oid, size
 
     def _put_streamed(self, repository, source, oid, length):
+        if length == 0:   # no byte to hold back: the empty object has one oid
+            storage.check_digest(hashlib.sha256(b"").hexdigest(), oid)
         body = _HeldBackBody(source, length, oid)
         try:
             self._put_object(repository, oid, body, length, retry=False)
         except storage.StoreUnavailable:
+            if body.source_error is not None:   # the client's, not the engine's
+                raise body.source_error from None
             if body.mismatch:   # the connection was cut on purpose
                 raise storage.DigestMismatch("content hashes to %s, not to the object id %s in "
                                              "the request" % (body.mismatch, oid)) from None
             raise
+        if not body.complete:   # answered before the body was read: not known to match
+            raise storage.StoreUnavailable("the S3 engine answered the PUT of %s before reading "
+                                           "it; retry" % oid)
         return oid, length
+
+    def _size(self, repository, oid):
+        """The stored object's size, or None if there is none (a HeadObject)."""
+        status, headers, data = self.client.request("HeadObject", "HEAD",
+                                                    self._path(repository, oid))
+        if status == 404:
+            return None
+        _raise_for(status, data, "HEAD")
+        return int(headers["Content-Length"])
 
     def _put_object(self, repository, oid, body, size, retry):
         status, _, data = self.client.request(
             "PutObject", "PUT", self._path(repository, oid), body=body, payload_hash=oid,
             headers={"content-length": str(size), "if-none-match": "*",
                      "content-type": "application/octet-stream"}, retry=retry)
-        if status == 412:   # already stored: the same bytes, by its name
+        if status == 412:   # stored meanwhile by another: the same bytes, by their name
             return
         if status == 400 and _error_code(data) in ("XAmzContentSHA256Mismatch", "BadDigest"):
             raise storage.DigestMismatch("content does not hash to the object id %s" % oid)
         _raise_for(status, data, "PUT")
 
     def open(self, repository, oid):
-        """The object as a StoredObject whose file streams it from the engine:
-        its GET is under way already (so a download survives a DELETE that
-        comes after it), and a seek elsewhere starts a ranged one."""
+        """The object as a StoredObject (a HeadObject) whose file streams it
+        from the engine with a GET made by ``start(end)`` or the first read."""
         storage.check_repository(repository)
         canonical = storage.canonical_oid(oid)
-        if canonical is None:
+        size = self._size(repository, canonical) if canonical else None
+        if size is None:
             raise storage.not_found(repository, oid)
-        reader = _ObjectReader(self.client, self._path(repository, canonical))
-        if reader.size is None:
-            raise storage.not_found(repository, oid)
-        return storage.StoredObject(reader, reader.size, may_change_at_rest=True)
+        return storage.StoredObject(_ObjectReader(self.client, self._path(repository, canonical),
+                                                  size), size, may_change_at_rest=True)
 
     def delete(self, repository, oid):
         """Remove the object; ObjectNotFound if the repository lacks it (a
         HeadObject first: S3's DELETE succeeds either way)."""
         storage.check_repository(repository)
         canonical = storage.canonical_oid(oid)
-        path = self._path(repository, canonical or "")
-        status, _, data = self.client.request("HeadObject", "HEAD", path) if canonical else (
-            404, None, b"")
-        if status == 404:
+        if canonical is None or self._size(repository, canonical) is None:
             raise storage.not_found(repository, oid)
-        _raise_for(status, data, "HEAD")
-        status, _, data = self.client.request("DeleteObject", "DELETE", path)
+        status, _, data = self.client.request("DeleteObject", "DELETE",
+                                              self._path(repository, canonical))
         if status != 404:
             _raise_for(status, data, "DELETE")
 
@@ -338,26 +377,61 @@ class S3Store:
         return None
 
     def writable(self):
-        """True while the bucket answers."""
+        """True while the bucket answers (one quick attempt: for /healthz)."""
         try:
-            self.check()
+            self.check(retry=False)
         except storage.StoreError:
             return False
         return True
 
     def quarantine(self, repository, oid, file):
-        """Move a damaged object to ``PREFIX@quarantine/<repository>@<oid>``
-        (a server-side copy, then a delete); return that key."""
-        target = "%s@quarantine/%s@%s" % (self.prefix, repository, oid)
-        status, _, data = self.client.request(
-            "CopyObject", "PUT", "/%s/%s" % (self.bucket, target), headers={
-                "x-amz-copy-source": urllib.parse.quote(self._path(repository, oid))})
+        """Take an object whose bytes failed their check out of service: read
+        it once more, and if it hashes to its oid after all (the first read
+        was damaged on its way), keep it and return None; else move the very
+        object that was read (``x-amz-copy-source-if-match`` its ETag, so a
+        sound one uploaded meanwhile stays) to
+        ``PREFIX@quarantine/<repository>@<oid>@<time>`` and return that key."""
+        reader = _ObjectReader(self.client, self._path(repository, oid), None)
+        try:
+            with reader:
+                reread, _ = _digest_of(reader)
+        except (OSError, storage.StoreError):
+            reread = None
+        if reread == oid:
+            return None
+        target = "%s@quarantine/%s@%s@%d" % (self.prefix, repository, oid, time.time() * 1000)
+        headers = {"x-amz-copy-source": urllib.parse.quote(self._path(repository, oid))}
+        if getattr(file, "etag", None):
+            headers["x-amz-copy-source-if-match"] = file.etag
+        status, _, data = self.client.request("CopyObject", "PUT",
+                                              "/%s/%s" % (self.bucket, target), headers=headers)
+        if status in (404, 412):
+            raise storage.not_found(repository, oid)   # gone, or replaced by another upload
+        if _error_code(data):   # a copy can fail after its 200
+            status = 500
         _raise_for(status, data, "quarantine copy")
-        self.client.request("DeleteObject", "DELETE", self._path(repository, oid))
+        status, _, data = self.client.request("DeleteObject", "DELETE",
+                                              self._path(repository, oid))
+        _raise_for(status, data, "quarantine delete")
         return target
 
     def close(self):
         self.client.close()
+
+
+def _digest_of(source, copy=None):
+    """``(sha256 hex, size)`` of what is left in ``source``, written to ``copy`` too if given."""
+    digest, size = hashlib.sha256(), 0
+    block = bytearray(BLOCK_BYTES)
+    for count in iter(lambda: source.readinto(block), 0):
+        digest.update(memoryview(block)[:count])
+        if copy is not None:
+            copy.write(memoryview(block)[:count])
+        size += count
+        if size > MAX_SINGLE_PUT:
+            raise storage.InsufficientStorage("objects over 5 GiB need multipart upload, which "
+                                              "this store does not do")
+    return digest.hexdigest(), size
 
 
 def _raise_for(status, data, what):
@@ -383,7 +457,9 @@ class _HeldBackBody(io.RawIOBase):
     """The body of a streamed PUT for http.client: ``length`` bytes of
     ``source``, hashed as they go; the last block is given only if the whole
     hashes to ``oid``; otherwise reading fails, http.client stops sending and
-    the engine never receives a complete body. ``mismatch`` is then the digest."""
+    the engine never receives a complete body. ``mismatch`` is then the
+    digest; ``source_error`` what reading the source raised (the client's
+    fault, not the engine's); ``complete`` whether all of it went, checked."""
 
     def __init__(self, source, length, oid):
         self._source = source
@@ -391,6 +467,8 @@ class _HeldBackBody(io.RawIOBase):
         self._oid = oid
         self._digest = hashlib.sha256()
         self.mismatch = None
+        self.source_error = None
+        self.complete = length == 0
 
     def readable(self):
         return True
@@ -401,60 +479,97 @@ class _HeldBackBody(io.RawIOBase):
             return b""
         data = bytearray(size)
         view, count = memoryview(data), 0
-        while count < size:
-            got = self._source.readinto(view[count:])
-            if not got:
-                raise OSError("request body ended before its Content-Length")
-            count += got
+        try:
+            while count < size:
+                got = self._source.readinto(view[count:])
+                if not got:
+                    raise OSError("request body ended before its Content-Length")
+                count += got
+        except BaseException as error:
+            self.source_error = error
+            raise
         self._digest.update(data)
         self._left -= count
-        if not self._left and self._digest.hexdigest() != self._oid:
-            self.mismatch = self._digest.hexdigest()
-            raise OSError("upload does not hash to its oid: not sending its last block")
+        if not self._left:
+            if self._digest.hexdigest() != self._oid:
+                self.mismatch = self._digest.hexdigest()
+                raise OSError("upload does not hash to its oid: not sending its last block")
+            self.complete = True
         return bytes(data)
 
 
 class _ObjectReader(io.RawIOBase):
     """An object's bytes from the engine, streamed in bounded memory by a GET
-    that starts at once (``size`` is None if there is no such object); a seek
-    elsewhere drops it, and the next read starts a ranged GET there. A GET
-    that fails after retries raises StoreUnavailable."""
+    from the current position, made by ``start(end)`` or by the first read
+    (a seek elsewhere drops it). ``size`` None: not known yet (the GET says).
+    ``etag`` is the object's as the GET found it. A GET that fails after
+    retries raises StoreUnavailable; an object gone meanwhile, ObjectNotFound."""
 
-    def __init__(self, client, path):
+    def __init__(self, client, path, size):
         self._client = client
         self._path = path
+        self._size = size
         self._position = 0
+        self._end = size
         self._response = self._connection = None
-        self.size = self._get("GetObject", {})
-        self._size = self.size or 0
+        self.etag = None
 
-    def _get(self, operation, headers):
-        """Start a GET; the object's size, or None if it is not there."""
+    def start(self, end=None):
+        """Make the GET now, of the bytes from the current position to ``end``
+        (the object's end by default), so that a failure is known before a
+        response is sent."""
+        if self._response is not None:
+            return
+        self._end = self._size if end is None else end
+        if self._position >= (self._end if self._end is not None else 1):
+            return
+        ranged = self._position or end is not None
+        headers = {"range": "bytes=%d-%s" % (
+            self._position, "" if self._end is None else self._end - 1)} if ranged else {}
         started = time.monotonic()
+        problem = None
         for attempt in range(RETRIES + 1):
             if attempt:
+                if time.monotonic() - started > RETRY_BUDGET_SECONDS:
+                    break
                 time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
                 response, connection = self._client.open("GET", self._path, headers=headers)
+            except socket.timeout as error:
+                problem = error
+                break
             except (OSError, http.client.HTTPException) as error:
                 problem = error
                 continue
-            if response.status in (200, 206):
+            if response.status in (200, 206) and self._accept(response, ranged):
                 self._response, self._connection = response, connection
-                self._client.count(operation, False, time.monotonic() - started)
-                length = response.getheader("Content-Range", "").rpartition("/")[2]
-                return int(length or response.getheader("Content-Length"))
-            data = response.read()
-            self._client.release(connection, response)
+                self._client.count("GetObject", False, time.monotonic() - started)
+                return
+            data = response.read() if response.status not in (200, 206) else b""
+            connection.close()
             if response.status == 404:
-                self._client.count(operation, False, time.monotonic() - started)
-                return None
+                self._client.count("GetObject", False, time.monotonic() - started)
+                raise storage.ObjectNotFound("object %s was deleted meanwhile" % self._path)
             problem = EngineError(response.status, _error_code(data), "")
             if response.status not in RETRY_STATUSES:
                 break
-        self._client.count(operation, True, time.monotonic() - started)
+        self._client.count("GetObject", True, time.monotonic() - started)
         raise storage.StoreUnavailable("the S3 engine at %s is unavailable (%s); retry later"
                                        % (self._client.host, problem))
+
+    def _accept(self, response, ranged):
+        """Whether the response holds the bytes asked for (an engine that
+        ignores a Range answers 200 with the whole); learns the size if need be."""
+        length = response.getheader("Content-Length")
+        if length is None:
+            return False
+        if ranged and (response.status != 206 or not response.getheader(
+                "Content-Range", "").startswith("bytes %d-" % self._position)):
+            return False
+        if self._size is None:
+            self._size = self._end = int(length)
+        self.etag = response.getheader("ETag")
+        return True
 
     def readable(self):
         return True
@@ -474,33 +589,29 @@ class _ObjectReader(io.RawIOBase):
 
     def read(self, size=-1):
         """Up to ``size`` bytes (all that is left if negative), in one copy."""
-        left = self._size - self._position
+        self.start()
+        left = self._end - self._position
         size = left if size is None or size < 0 else min(size, left)
         if size <= 0:
             return b""
-        self._start()
         data = self._response.read(size)
         self._advance(len(data))
         return data
 
     def readinto(self, buffer):
-        if self._position >= self._size:
+        self.start()
+        left = self._end - self._position
+        if left <= 0:
             return 0
-        self._start()
-        count = self._response.readinto(buffer)
+        count = self._response.readinto(memoryview(buffer)[:left])
         self._advance(count)
         return count
-
-    def _start(self):
-        if self._response is None and self._get(
-                "GetObject", {"range": "bytes=%d-" % self._position}) is None:
-            raise OSError("the object was deleted while it was read")
 
     def _advance(self, count):
         if not count:
             raise OSError("the S3 engine ended the object early")
         self._position += count
-        if self._position >= self._size:
+        if self._position >= self._end:
             self._response.read()   # the end, so the connection can be reused
             self._client.release(self._connection, self._response)
             self._response = self._connection = None

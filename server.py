@@ -747,7 +747,7 @@ class DataStorageServer:
             status = STORE_ERROR_STATUS.get(type(error), 500)
             response = Response.error(status, str(error), [RETRY_LATER] if status == 503 else [])
             if response.status >= 500:   # the storage's condition, for the operator to see
-                environ["wsgi.errors"].write("store error in %s %r: %s" % (
+                environ["wsgi.errors"].write("store error in %s %r: %s\n" % (
                     environ["REQUEST_METHOD"], request_target(environ)[:200], error))
         except Exception:
             if request is not None and request.body.failed:
@@ -882,11 +882,19 @@ class DataStorageServer:
             damaged = functools.partial(self._damaged, request.environ, repository, oid,
                                         stored.file)
             if checked and not has_descriptor(stored.file) and count == size:
-                return Response(status, headers, CheckedStream(stored, oid, damaged), length=count)
-            if checked and has_descriptor(stored.file) and (stored.checksums or count == size):
-                return Response(status, headers, CheckedObject(stored, first, count, oid, damaged),
-                                length=count)
-            return Response(status, headers, FileSlice(stored, first, count), length=count)
+                body = CheckedStream(stored, oid, damaged)
+            elif checked and has_descriptor(stored.file) and (stored.checksums or count == size):
+                body = CheckedObject(stored, first, count, oid, damaged)
+            else:
+                body = FileSlice(stored, first, count)
+            start = getattr(stored.file, "start", None)   # a stream from a store's engine
+            if start is not None:
+                try:   # the engine's GET, now: its failure is a status, not a cut response
+                    start(first + count)
+                except BaseException:
+                    stored.close()
+                    raise
+            return Response(status, headers, body, length=count)
         with stored:
             if request.method == "HEAD":
                 return Response(status, headers, length=count)
@@ -922,9 +930,9 @@ class DataStorageServer:
             where = "moved to %s" % moved_to
         if moved_to is None:
             environ["wsgi.errors"].write("object %s/%s: its block checksums were wrong and have "
-                                         "been recorded anew; the object is sound" % (repository, oid))
+                                         "been recorded anew; the object is sound\n" % (repository, oid))
             return False
-        environ["wsgi.errors"].write("object %s/%s failed its integrity check; %s"
+        environ["wsgi.errors"].write("object %s/%s failed its integrity check; %s\n"
                                      % (repository, oid, where))
         return True
 
@@ -1001,6 +1009,7 @@ class DataStorageServer:
 
     def lfs_create_lock(self, request, repository):
         """Lock a path for the caller: 201, or 409 with the lock that holds it."""
+        self._check_locking()
         path = lfs.lock_path(self._lfs_document(request))
         lock, created = self.locks.create(repository, path, self._lock_owner(request))
         if not created:
@@ -1010,6 +1019,7 @@ class DataStorageServer:
     def lfs_list_locks(self, request, repository):
         """A page of locks: ``?path=&id=&cursor=&limit=`` (``refspec`` is ignored:
         locks are per repository)."""
+        self._check_locking()
         self._check_lfs_accept(request)
         try:
             fields = urllib.parse.parse_qs(request.query, errors="strict")
@@ -1026,6 +1036,7 @@ class DataStorageServer:
 
     def lfs_verify_locks(self, request, repository):
         """The locks that bear on a push, split into the caller's and others'."""
+        self._check_locking()
         document = self._lfs_object(request)
         cursor = document.get("cursor")
         if cursor is not None and not isinstance(cursor, str):
@@ -1040,6 +1051,7 @@ class DataStorageServer:
 
     def lfs_unlock(self, request, repository, lock_id):
         """Remove a lock: the caller's own, or anyone's with ``"force": true``."""
+        self._check_locking()
         force = self._lfs_object(request).get("force")
         if force is not None and not isinstance(force, bool):
             raise lfs.LFSError(422, "force must be true or false")
@@ -1067,6 +1079,13 @@ class DataStorageServer:
             return json.loads(data, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as error:   # not UTF-8, not JSON, nested too deep
             raise lfs.LFSError(400, "malformed JSON: %s" % str(error)[:200]) from None
+
+    def _check_locking(self):
+        """404 where there are no locks to keep (git-lfs then goes on without:
+        a push is not halted)."""
+        if self.locks is None:
+            raise lfs.LFSError(404, "file locking is not available with this store: locks kept "
+                                    "by one instance would not bind the others")
 
     def _lfs_object(self, request):
         """The request's JSON document, which must be an object (422 if not)."""
@@ -1168,6 +1187,8 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
             raise ValueError("--max-total-size cannot be kept for an S3 bucket: each process "
                              "would count only its own uploads")
         bucket, prefix = s3.parse_store_url(url)
+        if spool_dir is not None and not os.path.isdir(spool_dir):
+            raise ValueError("--spool-dir %s is not a directory" % spool_dir)
         credentials, region = s3.credentials_from_environment()
         endpoint = s3_endpoint or "https://s3.%s.amazonaws.com" % region
         store = s3.S3Store(bucket, prefix, s3.Client(endpoint, region, credentials), spool_dir)
@@ -1270,7 +1291,8 @@ def parse_args(argv=None):
                              "errors (default: %(default)s)")
     parser.add_argument("--workers", type=_positive_count, default=1, metavar="N",
                         help="serve from N processes sharing the listening socket; needs "
-                             "--data-dir, since processes cannot share memory (default: 1)")
+                             "--data-dir or an S3 --store, since processes cannot share "
+                             "memory (default: 1)")
     args = parser.parse_args(argv)
     if args.auth_token is not None and not valid_token(args.auth_token):
         parser.error("the token (--auth-token or DATA_STORAGE_TOKEN) must be printable ASCII "
@@ -1285,8 +1307,8 @@ def parse_args(argv=None):
         parser.error("--max-total-size cannot be kept for an S3 bucket: each process would "
                      "count only its own uploads")
     if args.workers > 1 and not (args.data_dir or s3_store):
-        parser.error("--workers above 1 needs --data-dir: worker processes cannot share "
-                     "the in-memory store")
+        parser.error("--workers above 1 needs --data-dir or an S3 --store: worker processes "
+                     "cannot share the in-memory store")
     if args.workers > 1 and not hasattr(os, "fork"):
         parser.error("--workers above 1 needs os.fork, which this platform lacks")
     if args.data_dir and not storage.DISK_STORE_SUPPORTED:

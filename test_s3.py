@@ -4,12 +4,16 @@ without them, and ``.ci/run`` starts them), through a TCP relay the tests can
 cut to play an engine going down."""
 
 import http.client
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 import unittest
+
+import s3
 
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, metric_samples, new_bucket, s3_engine,
                       sha256, wait_until)
@@ -189,6 +193,27 @@ class ServiceOnS3Contract:
         self.assertGreater(samples['datastore_store_errors_total{operation="HeadBucket"}'], 0)
         self.assertGreater(samples['datastore_store_calls_total{operation="PutObject"}'], 0)
 
+    def test_connections_the_engine_closed_are_not_reused(self):
+        server = self.serve()
+        oid = server.request("PUT", "/data/repo", b"before").json()["oid"]
+        self.relay.stop()   # cuts every open connection, as an engine closes idle ones
+        self.relay.start()
+        data = b"after" * 1000
+        self.assertEqual(server.request("PUT", "/data/repo/" + sha256(data), data).status, 201)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, b"before")
+        self.assertEqual(server.request("GET", "/healthz").status, 200)
+
+    def test_git_lfs_locking_is_not_offered(self):
+        server = self.serve()
+        response = server.request("POST", "/lfs/repo/locks", b'{"path": "a.bin"}',
+                                  {"Content-Type": "application/vnd.git-lfs+json"})
+        self.assertEqual(response.status, 404)
+        self.assertIn("locking is not available", response.json()["message"])
+        batch = server.request("POST", "/lfs/repo/objects/batch", json.dumps(
+            {"operation": "upload", "objects": [{"oid": sha256(b"x"), "size": 1}]}).encode(),
+            {"Content-Type": "application/vnd.git-lfs+json"})
+        self.assertEqual(batch.status, 200)
+
     def test_start_up_problems_are_one_line_and_exit_2(self):
         wrong_secret = dict(self.environment, AWS_SECRET_ACCESS_KEY="wrong")
         for args, environment, says in (
@@ -207,6 +232,24 @@ class ServiceOnS3Contract:
                 self.assertIn(says.encode(), result.stderr.splitlines()[-1])
                 if "--max-total-size" not in args:   # that one is argparse's: usage, then a line
                     self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+
+class SilentEngineTest(unittest.TestCase):
+    """An engine that accepts connections and never answers: every call has a
+    timeout and a stuck call is not retried, so start-up ends, with one line."""
+
+    def test_start_up_gives_up_within_one_timeout(self):
+        silent = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(silent.close)
+        environment = dict(os.environ, AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, SERVER_SCRIPT, "--port", "0", "--store", "s3://bucket",
+             "--s3-endpoint", "http://127.0.0.1:%d" % silent.getsockname()[1]],
+            cwd=HERE, env=environment, capture_output=True, timeout=60)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(b"timed out", result.stderr)
+        self.assertLess(time.monotonic() - started, 2 * s3.DEFAULT_TIMEOUT)
 
 
 class SeaweedFSServiceTest(ServiceOnS3Contract, unittest.TestCase):

@@ -318,6 +318,49 @@ class S3StoreContract(StoreContract):
         client, self.bucket = new_bucket(self, self.engine_settings)
         return s3.S3Store(self.bucket, "prefix/", client)
 
+    def test_open_object_survives_delete(self):
+        # On S3 a download survives a DELETE once its GET has started (the
+        # application starts it before it answers).
+        data = os.urandom(3 * 1024 * 1024)
+        oid, _ = self.put("repo", data)
+        with self.store.open("repo", oid) as stored:
+            stored.file.start()
+            self.store.delete("repo", oid)
+            self.assertEqual(stored.file.read(), data)
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.open("repo", oid)
+
+    def test_a_zero_length_upload_only_stores_the_empty_object(self):
+        empty = sha256(b"")
+        with self.assertRaises(storage.DigestMismatch):
+            self.store.put("repo", io.BytesIO(b""), expected_oid=sha256(b"x"), length=0)
+        self.assertEqual(self.store.list_objects("repo"), [])
+        self.assertEqual(self.store.put("repo", io.BytesIO(b""), expected_oid=empty, length=0),
+                         (empty, 0))
+        oid = sha256(b"real bytes")
+        self.assertEqual(self.store.put("repo", io.BytesIO(b"real bytes"), expected_oid=oid,
+                                        length=10), (oid, 10))
+        with self.assertRaises(storage.DigestMismatch):   # stored already: still checked
+            self.store.put("repo", io.BytesIO(b"fake bytes"), expected_oid=oid, length=10)
+        self.assertEqual(self.read("repo", oid), b"real bytes")
+
+    def test_pooled_connections_are_not_shared_with_a_forked_child(self):
+        self.put("repo", b"pooled")   # leaves a connection in the pool
+        pooled, _ = self.store.client._idle[-1]   # noqa: SLF001 (the pool is what is tested)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: its own connection, or the parent's answers get mixed up
+            try:
+                taken = self.store.client._take()   # noqa: SLF001
+                os.write(write, b"shared" if taken is pooled else b"own")
+            finally:
+                os._exit(0)
+        os.close(write)
+        self.assertEqual(os.read(read, 10), b"own")
+        os.waitpid(pid, 0)
+        os.close(read)
+        self.assertEqual(len(self.store.list_objects("repo")), 1)
+
     def test_layout_is_prefix_repository_oid(self):
         oid, _ = self.put("repo", b"where is it")
         status, _, body = self.store.client.request(
