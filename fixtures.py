@@ -121,14 +121,28 @@ def s3_engine(engine):
 
 def new_bucket(test, engine, endpoint=None):
     """``(client, bucket)``: an S3 client of ``engine`` (from s3_engine) and a
-    new, empty bucket of its own, left behind (the engines are throwaway)."""
+    new, empty bucket of its own, emptied and removed when the test ends (Ceph
+    RGW's test OSD keeps everything in memory, and is full at 2 GiB)."""
     client = s3.Client(endpoint or engine["endpoint"], engine["region"],
                        sigv4.Credentials(engine["access_key"], engine["secret_key"]))
     test.addCleanup(client.close)
     bucket = "test-" + uuid.uuid4().hex[:20]
     status, _, body = client.request("CreateBucket", "PUT", "/" + bucket)
     test.assertEqual(status, 200, body)
+    test.addCleanup(_remove_bucket, client, bucket)
     return client, bucket
+
+
+def _remove_bucket(client, bucket):
+    while True:
+        status, _, body = client.request("ListObjectsV2", "GET", "/" + bucket, [("list-type", "2")])
+        keys = re.findall(rb"<Key>([^<]*)</Key>", body) if status == 200 else []
+        if not keys:
+            break
+        for key in keys:
+            client.request("DeleteObject", "DELETE", "/%s/%s" % (
+                bucket, key.decode().replace("&amp;", "&")))
+    client.request("DeleteBucket", "DELETE", "/" + bucket)
 
 
 def files_under(root):

@@ -115,14 +115,11 @@ class Client:
         connection (a pooled one may have been closed by the engine)."""
         started = time.monotonic()
         failed = True
+        problem = None
         try:
-            for attempt in range(RETRIES + 1 if retry else 1):
-                if attempt:
-                    if time.monotonic() - started > RETRY_BUDGET_SECONDS:
-                        break
-                    time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
-                    if hasattr(body, "seek"):
-                        body.seek(0)
+            for attempt in attempts(started, retry):
+                if attempt and hasattr(body, "seek"):
+                    body.seek(0)
                 try:
                     response, connection = self.open(method, path, query, headers, body,
                                                      payload_hash, reuse=retry)
@@ -220,6 +217,18 @@ class Client:
             counts[0] += 1
             counts[1] += failed
             counts[2] += seconds
+
+
+def attempts(started, retry=True):
+    """The attempts at a call begun at ``started`` (monotonic): one, or with
+    ``retry`` up to RETRIES more, after a backoff of BACKOFF_SECONDS doubling
+    each time, none starting later than RETRY_BUDGET_SECONDS in."""
+    for attempt in range(RETRIES + 1 if retry else 1):
+        if attempt:
+            if time.monotonic() - started > RETRY_BUDGET_SECONDS:
+                return
+            time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+        yield attempt
 
 
 def _error_code(data):
@@ -528,11 +537,7 @@ class _ObjectReader(io.RawIOBase):
             self._position, "" if self._end is None else self._end - 1)} if ranged else {}
         started = time.monotonic()
         problem = None
-        for attempt in range(RETRIES + 1):
-            if attempt:
-                if time.monotonic() - started > RETRY_BUDGET_SECONDS:
-                    break
-                time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+        for _ in attempts(started):
             try:
                 response, connection = self._client.open("GET", self._path, headers=headers)
             except socket.timeout as error:
