@@ -1225,6 +1225,14 @@ def _positive_count(text):
     return value
 
 
+def _worker_count(text):
+    """A number of workers, or ``auto``: one per CPU this process may use."""
+    if text == "auto":
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        return len(usable) if usable else (os.cpu_count() or 1)
+    return _positive_count(text)
+
+
 def _port_number(text):
     value = _byte_count(text)
     if value > 65535:
@@ -1289,10 +1297,10 @@ def parse_args(argv=None):
     parser.add_argument("--log-level", choices=tuple(logs.LEVELS), default="info",
                         help="least severe service-log line written: start-up, warnings, "
                              "errors (default: %(default)s)")
-    parser.add_argument("--workers", type=_positive_count, default=1, metavar="N",
-                        help="serve from N processes sharing the listening socket; needs "
-                             "--data-dir or an S3 --store, since processes cannot share "
-                             "memory (default: 1)")
+    parser.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                        help="serve from N processes sharing the listening socket (auto: one "
+                             "per CPU); needs --data-dir or an S3 --store, since processes "
+                             "cannot share memory (default: 1)")
     args = parser.parse_args(argv)
     if args.auth_token is not None and not valid_token(args.auth_token):
         parser.error("the token (--auth-token or DATA_STORAGE_TOKEN) must be printable ASCII "

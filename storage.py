@@ -771,7 +771,7 @@ class DiskStore:
         read = os.fstat(file.fileno())
         recorder = checksums.Recorder(read.st_size)
         with write_errors_as_store_errors():
-            if _hash_file(_Descriptor(file.fileno()), recorder) == oid:
+            if _hash_file(_Descriptor(file.fileno()), recorder, read.st_size) == oid:
                 _record_checksums(file.fileno(), recorder.finish())
                 return None
         shard_fd = self._open_shard_directory(repository, oid)
@@ -1159,7 +1159,7 @@ def _object_problem(oid, shard_fd):
         found, size = _recorded_checksums(fd), os.fstat(fd).st_size
         recorder = checksums.Recorder(size, found.block_size if found and found.size == size
                                       else None)
-        if _hash_file(file, recorder) != oid:
+        if _hash_file(file, recorder, size) != oid:
             return "does not hash to its name"
         recorded = recorder.finish()
         if recorded is not None and (found is None or (found.size, found.crcs) != (
@@ -1182,11 +1182,13 @@ class _Descriptor:
         return len(data)
 
 
-def _hash_file(file, recorder):
-    """The SHA-256 of what is left to read in ``file``, read a block at a time
-    and given to ``recorder`` (a checksums.Recorder) as well."""
+def _hash_file(file, recorder, size):
+    """The SHA-256 of what is left to read in ``file`` (``size`` bytes, as
+    far as is known), read a block at a time and given to ``recorder`` (a
+    checksums.Recorder) as well. The buffer fits the file: ``verify`` reads
+    many small ones."""
     digest = hashlib.sha256()
-    block = bytearray(DiskStore.BLOCK_BYTES)
+    block = bytearray(max(1, min(DiskStore.BLOCK_BYTES, size + 1)))
     view = memoryview(block)
     for count in iter(lambda: file.readinto(block), 0):
         digest.update(view[:count])

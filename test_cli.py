@@ -98,6 +98,15 @@ class CommandLineTest(unittest.TestCase):
     def stop(process):
         process.kill()
         process.wait()
+
+    def test_workers_auto_is_one_per_usable_cpu(self):
+        process, _ = self.start("--port", "0", "--workers", "auto",
+                                "--data-dir", temporary_directory(self))
+        cpus = len(os.sched_getaffinity(0))
+        settings = b""
+        while b"settings:" not in settings:
+            settings = read_line(process.stderr)
+        self.assertIn(b"workers %d" % cpus, settings)
         process.stdout.close()
         process.stderr.close()
 
