@@ -3,7 +3,6 @@ real git-lfs client end to end against a live server (skipped without git and
 git-lfs; ``.ci/run`` installs them)."""
 
 import base64
-import io
 import json
 import os
 import shutil

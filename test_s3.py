@@ -16,7 +16,7 @@ import unittest
 import s3
 
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, metric_samples, new_bucket, s3_engine,
-                      sha256, wait_until)
+                      sha256)
 
 
 class Relay:
