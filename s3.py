@@ -113,37 +113,55 @@ class Client:
         never a timeout (the engine is there but stuck: waiting again would
         only double the wait). ``retry=False``: one attempt, on a new
         connection (a pooled one may have been closed by the engine)."""
+        def attempt(number):
+            if number and hasattr(body, "seek"):
+                body.seek(0)
+            response, connection = self.open(method, path, query, headers, body, payload_hash,
+                                             reuse=retry)
+            try:
+                data = response.read()
+            except BaseException:
+                connection.close()
+                raise
+            self.release(connection, response)
+            if response.status in RETRY_STATUSES or _error_code(data) == "SlowDown":
+                raise _Faltered(EngineError(response.status, _error_code(data), ""))
+            failed = response.status >= 400 and response.status not in (404, 412)
+            return (response.status, response.headers, data), failed
+
+        return self.with_retries(operation, attempt, retry)
+
+    def with_retries(self, operation, attempt, retry=True):
+        """The result of ``attempt(number)``, which makes one request and
+        returns ``(result, failed)``, tried again (see ``attempts``) when it
+        fails with a refused or reset connection or raises _Faltered, never
+        after a timeout; StoreUnavailable once the attempts are spent. A store
+        error it raises (an object not found) passes through. Counts the call."""
         started = time.monotonic()
-        failed = True
         problem = None
         try:
-            for attempt in attempts(started, retry):
-                if attempt and hasattr(body, "seek"):
-                    body.seek(0)
+            for number in attempts(started, retry):
                 try:
-                    response, connection = self.open(method, path, query, headers, body,
-                                                     payload_hash, reuse=retry)
-                    try:
-                        data = response.read()
-                    except BaseException:
-                        connection.close()
-                        raise
-                except socket.timeout as error:
+                    result, failed = attempt(number)
+                except socket.timeout as error:   # the engine is there but stuck
                     problem = error
                     break
                 except (OSError, http.client.HTTPException) as error:
                     problem = error
                     continue
-                self.release(connection, response)
-                if response.status in RETRY_STATUSES or _error_code(data) == "SlowDown":
-                    problem = EngineError(response.status, _error_code(data), "")
-                    continue
-                failed = response.status >= 400 and response.status not in (404, 412)
-                return response.status, response.headers, data
-            raise storage.StoreUnavailable("the S3 engine at %s is unavailable (%s); retry later"
-                                           % (self.host, problem))
-        finally:
-            self.count(operation, failed, time.monotonic() - started)
+                except _Faltered as faltered:
+                    problem = faltered.problem
+                    if faltered.retry:
+                        continue
+                    break
+                self.count(operation, failed, time.monotonic() - started)
+                return result
+        except storage.StoreError:
+            self.count(operation, False, time.monotonic() - started)
+            raise
+        self.count(operation, True, time.monotonic() - started)
+        raise storage.StoreUnavailable("the S3 engine at %s is unavailable (%s); retry later"
+                                       % (self.host, problem))
 
     def open(self, method, path, query=(), headers=None, body=None,
              payload_hash=sigv4.EMPTY_PAYLOAD, reuse=True):
@@ -217,6 +235,16 @@ class Client:
             counts[0] += 1
             counts[1] += failed
             counts[2] += seconds
+
+
+class _Faltered(Exception):
+    """An attempt at a call that the engine answered with ``problem``; another
+    may succeed if ``retry``."""
+
+    def __init__(self, problem, retry=True):
+        super().__init__(str(problem))
+        self.problem = problem
+        self.retry = retry
 
 
 def attempts(started, retry=True):
@@ -535,32 +563,18 @@ class _ObjectReader(io.RawIOBase):
         ranged = self._position or end is not None
         headers = {"range": "bytes=%d-%s" % (
             self._position, "" if self._end is None else self._end - 1)} if ranged else {}
-        started = time.monotonic()
-        problem = None
-        for _ in attempts(started):
-            try:
-                response, connection = self._client.open("GET", self._path, headers=headers)
-            except socket.timeout as error:
-                problem = error
-                break
-            except (OSError, http.client.HTTPException) as error:
-                problem = error
-                continue
+        def attempt(number):
+            response, connection = self._client.open("GET", self._path, headers=headers)
             if response.status in (200, 206) and self._accept(response, ranged):
-                self._response, self._connection = response, connection
-                self._client.count("GetObject", False, time.monotonic() - started)
-                return
+                return (response, connection), False
             data = response.read() if response.status not in (200, 206) else b""
             connection.close()
             if response.status == 404:
-                self._client.count("GetObject", False, time.monotonic() - started)
                 raise storage.ObjectNotFound("object %s was deleted meanwhile" % self._path)
-            problem = EngineError(response.status, _error_code(data), "")
-            if response.status not in RETRY_STATUSES:
-                break
-        self._client.count("GetObject", True, time.monotonic() - started)
-        raise storage.StoreUnavailable("the S3 engine at %s is unavailable (%s); retry later"
-                                       % (self._client.host, problem))
+            raise _Faltered(EngineError(response.status, _error_code(data), ""),
+                            retry=response.status in RETRY_STATUSES)
+
+        self._response, self._connection = self._client.with_retries("GetObject", attempt)
 
     def _accept(self, response, ranged):
         """Whether the response holds the bytes asked for (an engine that
