@@ -742,11 +742,11 @@ class DataStorageServer:
         except lfs.LFSError as error:
             return lfs_response(error.status, error.document()), request
         except HTTPError as error:
-            response = Response.error(error.status, str(error), error.headers)
+            status, message, headers = error.status, str(error), error.headers
         except storage.StoreError as error:
-            status = STORE_ERROR_STATUS.get(type(error), 500)
-            response = Response.error(status, str(error), [RETRY_LATER] if status == 503 else [])
-            if response.status >= 500:   # the storage's condition, for the operator to see
+            status, message = STORE_ERROR_STATUS.get(type(error), 500), str(error)
+            headers = [RETRY_LATER] if status == 503 else []
+            if status >= 500:   # the storage's condition, for the operator to see
                 environ["wsgi.errors"].write("store error in %s %r: %s\n" % (
                     environ["REQUEST_METHOD"], request_target(environ)[:200], error))
         except Exception:
@@ -754,11 +754,11 @@ class DataStorageServer:
                 raise
             environ["wsgi.errors"].write("unexpected error in %s %r:\n%s" % (
                 environ["REQUEST_METHOD"], request_target(environ)[:200], traceback.format_exc()))
-            response = Response.error(500, "internal server error")
+            status, message, headers = 500, "internal server error", []
         if lfs_errors:   # the same error, as git-lfs reads errors
-            response = lfs_response(response.status, {"message": json.loads(response.body)["error"]},
-                                    [field for field in response.headers if field[0] not in (
-                                        "Content-Type", "Cache-Control")])
+            response = lfs_response(status, {"message": message}, headers)
+        else:
+            response = Response.error(status, message, headers)
         return response, request
 
     @staticmethod
