@@ -83,6 +83,7 @@ def batch(store, document, links, max_object_size):
     A malformed object gets a per-object 422; a malformed request an LFSError."""
     if not isinstance(document, dict):
         raise LFSError(422, "a batch request is a JSON object")
+    check_ref(document)
     operation = document.get("operation")
     if operation not in ("upload", "download"):
         raise LFSError(422, "operation must be \"upload\" or \"download\"")
@@ -105,6 +106,7 @@ def _batch_object(store, operation, item, links, max_object_size):
     problem = _object_problem(oid, size)
     if problem:
         return _object_error(oid, size, 422, problem)
+    size = whole_number(size)
     stored_size = _stored_size(store, links.repository, oid.lower())   # answered as asked
     if operation == "download":
         if stored_size is None:
@@ -130,6 +132,7 @@ def verify(store, repository, document):
     problem = _object_problem(oid, size)
     if problem:
         raise LFSError(422, problem)
+    size = whole_number(size)
     stored_size = _stored_size(store, repository, oid.lower())
     if stored_size is None:
         raise LFSError(404, "object %s is not stored" % oid.lower())
@@ -143,9 +146,28 @@ def _object_problem(oid, size):
     """What is wrong with an object's oid and size, or None."""
     if not isinstance(oid, str) or storage.canonical_oid(oid) is None:
         return "oid must be a SHA-256: 64 hex digits"
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if whole_number(size) is None or size < 0:
         return "size must be a whole number of bytes, at least 0"
     return None
+
+
+def whole_number(value):
+    """``value`` as an int if JSON gave a whole number (``5`` or ``5.0``, as
+    JSON Schema's "integer" allows), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value)
+
+
+def check_ref(document):
+    """LFSError 422 unless the document's optional ``ref`` is null or an
+    object whose optional ``name`` is a string."""
+    ref = document.get("ref") if isinstance(document, dict) else None
+    if not isinstance(ref, (dict, type(None))) or (
+            isinstance(ref, dict) and not isinstance(ref.get("name", ""), str)):
+        raise LFSError(422, "ref must be an object with the name of a ref")
 
 
 def _object_error(oid, size, code, message):
@@ -168,6 +190,7 @@ def _stored_size(store, repository, oid):
 
 def lock_path(document):
     """The path a create-lock request names; LFSError 422 unless it is one."""
+    check_ref(document)
     path = document.get("path") if isinstance(document, dict) else None
     if (not isinstance(path, str) or not path or len(path) > MAX_LOCK_PATH or "\0" in path
             or not _utf8(path)):
@@ -190,7 +213,8 @@ def lock_limit(value):
         return DEFAULT_LOCK_LIMIT
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LOCK_LIMIT:
+    value = whole_number(value)
+    if value is None or not 1 <= value <= MAX_LOCK_LIMIT:
         raise LFSError(422, "limit must be a whole number from 1 to %d" % MAX_LOCK_LIMIT)
     return value
 

@@ -1088,10 +1088,12 @@ class DataStorageServer:
                                     "by one instance would not bind the others")
 
     def _lfs_object(self, request):
-        """The request's JSON document, which must be an object (422 if not)."""
+        """The request's JSON document, which must be an object (422 if not),
+        its ``ref`` too if it has one."""
         document = self._lfs_document(request)
         if not isinstance(document, dict):
             raise lfs.LFSError(422, "the request must be a JSON object")
+        lfs.check_ref(document)
         return document
 
     @staticmethod

@@ -156,6 +156,21 @@ class LFSContract(WSGIClientMixin):
             self.assertLFSError(self.lfs("/lfs/repo/locks", raw=json.dumps({"path": path})
                                          .encode()), 422)
 
+    def test_whole_numbers_may_be_written_as_floats_and_refs_must_be_objects(self):
+        oid = self.put("repo", b"four")
+        (item,) = self.batch("download", [{"oid": oid, "size": 4.0}]).json()["objects"]
+        self.assertEqual((item["size"], "download" in item["actions"]), (4, True))
+        self.assertEqual(self.lfs("/lfs/repo/verify", {"oid": oid, "size": 4.0}).status, 200)
+        self.assertEqual(self.lfs("/lfs/repo/locks/verify", {"limit": 5.0}).status, 200)
+        (bad,) = self.batch("download", [{"oid": oid, "size": 4.5}]).json()["objects"]
+        self.assertEqual(bad["error"]["code"], 422)
+        for path, document in (("/lfs/repo/locks", {"path": "a", "ref": [None]}),
+                               ("/lfs/repo/locks/verify", {"ref": "main"}),
+                               ("/lfs/repo/locks/x/unlock", {"ref": 1}),
+                               ("/lfs/repo/objects/batch", {"operation": "upload", "objects": [],
+                                                            "ref": []})):
+            self.assertLFSError(self.lfs(path, document), 422)
+
     def test_links_use_the_public_url_behind_a_proxy(self):
         self.app.public_url = "https://storage.example.com/prefix"
         oid = self.put("repo", b"x")
