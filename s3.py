@@ -532,7 +532,7 @@ class _HeldBackBody(io.RawIOBase):
                 self.mismatch = self._digest.hexdigest()
                 raise OSError("upload does not hash to its oid: not sending its last block")
             self.complete = True
-        return bytes(data)
+        return data   # http.client sends a bytearray as it is: no copy
 
 
 class _ObjectReader(io.RawIOBase):

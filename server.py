@@ -877,13 +877,14 @@ class DataStorageServer:
             self._failed_check(request, repository, oid, stored)   # truncated, or grown
             stored.checksums = None   # they were wrong (and are mended): check by the oid
         whole = checked and size <= INLINE_BODY_BYTES   # read whole, checked here
+        local = has_descriptor(stored.file)   # a file to pread and sendfile, not a stream
         if request.method == "GET" and not whole and (count > INLINE_BODY_BYTES or (
-                checked and stored.checksums and has_descriptor(stored.file))):
+                checked and stored.checksums and local)):
             damaged = functools.partial(self._damaged, request.environ, repository, oid,
                                         stored.file)
-            if checked and not has_descriptor(stored.file) and count == size:
+            if checked and not local and count == size:
                 body = CheckedStream(stored, oid, damaged)
-            elif checked and has_descriptor(stored.file) and (stored.checksums or count == size):
+            elif checked and local and (stored.checksums or count == size):
                 body = CheckedObject(stored, first, count, oid, damaged)
             else:
                 body = FileSlice(stored, first, count)
