@@ -13,10 +13,12 @@ goes out as soon as it has been checked, and a range checks only its blocks.
 It is no defence against someone who can write to the data directory: they
 could rewrite the checksums as well as the object.
 
-The checksums travel with the object's file as an extended attribute, so the
-rename that publishes the object publishes them, and removing the file
-removes them. Their bytes check themselves: damaged ones are ignored, and the
-object is then checked against its oid instead, as one without any is.
+On disk the checksums travel with the object's file as an extended
+attribute, so the rename that publishes the object publishes them, and
+removing the file removes them. In an S3 bucket they are a small object of
+their own beside the object's key (see s3.py). Their bytes check themselves:
+damaged ones are ignored, and the object is then checked against its oid
+instead, as one without any is.
 """
 
 import struct
@@ -119,10 +121,12 @@ class Recorder:
     """Computes the BlockChecksums of bytes given to ``update`` in order, in
     blocks of ``block_size`` (by default, ``block_size_for(length)``). Without
     a length it starts with 1 MiB blocks and, when they outnumber
-    MAX_BLOCKS, makes them twice as large (combining each pair's CRCs)."""
+    ``max_blocks``, makes them twice as large (combining each pair's CRCs);
+    ``max_blocks=None`` keeps the block size, however many blocks it takes."""
 
-    def __init__(self, length=None, block_size=None):
+    def __init__(self, length=None, block_size=None, max_blocks=MAX_BLOCKS):
         self._block_size = block_size or block_size_for(length or 0)
+        self._max_blocks = max_blocks
         self._crcs = []
         self._crc = 0
         self._filled = 0   # bytes of the current block seen so far
@@ -139,7 +143,7 @@ class Recorder:
             if self._filled == self._block_size:
                 self._crcs.append(self._crc)
                 self._crc, self._filled = 0, 0
-                if len(self._crcs) == MAX_BLOCKS:
+                if len(self._crcs) == self._max_blocks:
                     self._double_blocks()
 
     def _double_blocks(self):

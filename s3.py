@@ -18,8 +18,15 @@ Guarantees, the same as the other stores' where S3 allows:
   A PUT whose oid is not known yet is spooled to a temporary file while it is
   hashed (``spool_dir``), then uploaded with its hash (and retried if need be).
 - A PUT sends ``If-None-Match: *``: an existing key already holds these bytes.
-- Reads stream in bounded memory; the application checks the bytes against the
-  oid as they go (see server.CheckedStream). A range is a ranged GET.
+- Reads stream in bounded memory; the application checks the bytes as they
+  go (see server.CheckedStream). An object of CHECKSUMS_FROM_BYTES or more
+  gets block checksums (checksums.py: a CRC-32 per MiB, computed as it is
+  uploaded, from bytes that hash to its oid), stored as the small object
+  ``PREFIX@checksums/R/<oid>``: reads check each block against them, at a
+  quarter of the cost of SHA-256, and ranges can be checked too. Smaller
+  objects, and any without intact checksums, are checked against the oid.
+  Checksums are keyed by oid, so they are right for whatever upload of that
+  oid comes later; one that is lost only costs speed. A range is a ranged GET.
 - An engine that cannot be reached, or answers 5xx or "slow down", is retried
   with backoff for idempotent calls, then raised as StoreUnavailable (503 with
   Retry-After); every call has a timeout. Bad credentials or a missing bucket
@@ -40,6 +47,7 @@ import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 
+import checksums
 import sigv4
 import storage
 
@@ -51,6 +59,9 @@ RETRY_BUDGET_SECONDS = 3.0   # no retry starts later than this into a call
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 DEFAULT_TIMEOUT = 10.0   # for each connect, send and receive
 IDLE_SECONDS = 15.0   # a pooled connection idle longer is closed: engines close theirs at 60 s+
+# Smaller objects are checked against their oid: hashing 8 MiB (5 ms) costs
+# about what fetching their checksums would.
+CHECKSUMS_FROM_BYTES = 8 << 20
 _NAMESPACE = re.compile(r"^\{[^}]*\}")
 
 
@@ -296,6 +307,9 @@ class S3Store:
     def _path(self, repository, oid=""):
         return "/%s/%s%s/%s" % (self.bucket, self.prefix, repository, oid)
 
+    def _checksums_path(self, repository, oid):
+        return "/%s/%s@checksums/%s/%s" % (self.bucket, self.prefix, repository, oid)
+
     # The store contract ------------------------------------------------------------
 
     def put(self, repository, source, expected_oid=None, length=None):
@@ -306,25 +320,27 @@ class S3Store:
         if length is not None and length > MAX_SINGLE_PUT:
             raise storage.InsufficientStorage("objects over 5 GiB need multipart upload, which "
                                               "this store does not do")
+        recorder = _checksums_recorder()
         if expected_oid is not None and self._size(repository, expected_oid) is not None:
             # Stored already: the body is still read and checked, as the disk store does.
-            oid, size = _digest_of(source)
+            oid, size = _digest_of(source, recorder=recorder)
             storage.check_digest(oid, expected_oid)
-            return oid, size
-        if expected_oid is not None and length is not None:
-            return self._put_streamed(repository, source, expected_oid, length)
-        with storage.write_errors_as_store_errors():   # the spool's disk full: 507
-            with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
-                oid, size = _digest_of(source, spool)
-                storage.check_digest(oid, expected_oid)
-                spool.seek(0)
-                self._put_object(repository, oid, spool, size, retry=True)
+        elif expected_oid is not None and length is not None:
+            oid, size = self._put_streamed(repository, source, expected_oid, length, recorder)
+        else:
+            with storage.write_errors_as_store_errors():   # the spool's disk full: 507
+                with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
+                    oid, size = _digest_of(source, spool, recorder)
+                    storage.check_digest(oid, expected_oid)
+                    spool.seek(0)
+                    self._put_object(repository, oid, spool, size, retry=True)
+        self._record_checksums(repository, oid, recorder.finish())
         return oid, size
 
-    def _put_streamed(self, repository, source, oid, length):
+    def _put_streamed(self, repository, source, oid, length, recorder):
         if length == 0:   # no byte to hold back: the empty object has one oid
             storage.check_digest(hashlib.sha256(b"").hexdigest(), oid)
-        body = _HeldBackBody(source, length, oid)
+        body = _HeldBackBody(source, length, oid, recorder)
         try:
             self._put_object(repository, oid, body, length, retry=False)
         except storage.StoreUnavailable:
@@ -359,28 +375,66 @@ class S3Store:
             raise storage.DigestMismatch("content does not hash to the object id %s" % oid)
         _raise_for(status, data, "PUT")
 
+    def _record_checksums(self, repository, oid, recorded):
+        """Store the block checksums of an object of CHECKSUMS_FROM_BYTES or
+        more beside it. If that fails (counted in the store's metrics), reads
+        check the object against its oid instead."""
+        if recorded.size < CHECKSUMS_FROM_BYTES:
+            return
+        data = recorded.to_bytes()
+        try:
+            self.client.request("PutObject", "PUT", self._checksums_path(repository, oid),
+                                body=data, payload_hash=hashlib.sha256(data).hexdigest(),
+                                headers={"content-length": str(len(data)),
+                                         "content-type": "application/octet-stream"})
+        except storage.StoreUnavailable:
+            pass
+
+    def _recorded_checksums(self, repository, oid, size):
+        """The object's intact block checksums, or None (none recorded, or
+        damaged, or not to be had now)."""
+        if size < CHECKSUMS_FROM_BYTES:
+            return None
+        try:
+            status, _, data = self.client.request("GetObject", "GET",
+                                                  self._checksums_path(repository, oid))
+        except storage.StoreUnavailable:
+            return None
+        found = checksums.BlockChecksums.from_bytes(data) if status == 200 else None
+        # Only the size they are recorded in: a reader holds a block in memory.
+        return found if found and found.block_size == checksums.MIN_BLOCK_BYTES else None
+
     def open(self, repository, oid):
         """The object as a StoredObject (a HeadObject) whose file streams it
-        from the engine with a GET made by ``start(end)`` or the first read."""
+        from the engine with a GET made by ``start(end)`` or the first read,
+        and whose block checksums are fetched if they are asked for."""
         storage.check_repository(repository)
         canonical = storage.canonical_oid(oid)
         size = self._size(repository, canonical) if canonical else None
         if size is None:
             raise storage.not_found(repository, oid)
-        return storage.StoredObject(_ObjectReader(self.client, self._path(repository, canonical),
-                                                  size), size, may_change_at_rest=True)
+        return _StoredObject(_ObjectReader(self.client, self._path(repository, canonical), size),
+                             size, lambda: self._recorded_checksums(repository, canonical, size))
 
     def delete(self, repository, oid):
-        """Remove the object; ObjectNotFound if the repository lacks it (a
-        HeadObject first: S3's DELETE succeeds either way)."""
+        """Remove the object, then its checksums (left behind if that fails:
+        they stay right for the oid); ObjectNotFound if the repository lacks
+        it (a HeadObject first: S3's DELETE succeeds either way)."""
         storage.check_repository(repository)
         canonical = storage.canonical_oid(oid)
-        if canonical is None or self._size(repository, canonical) is None:
+        size = self._size(repository, canonical) if canonical else None
+        if size is None:
             raise storage.not_found(repository, oid)
         status, _, data = self.client.request("DeleteObject", "DELETE",
                                               self._path(repository, canonical))
         if status != 404:
             _raise_for(status, data, "DELETE")
+        if size >= CHECKSUMS_FROM_BYTES:
+            try:
+                self.client.request("DeleteObject", "DELETE",
+                                    self._checksums_path(repository, canonical))
+            except storage.StoreUnavailable:
+                pass
 
     def list_objects(self, repository, after=None, limit=1000):
         """Up to ``limit`` ``(oid, size)`` sorted by oid, after ``after``."""
@@ -424,17 +478,20 @@ class S3Store:
     def quarantine(self, repository, oid, file):
         """Take an object whose bytes failed their check out of service: read
         it once more, and if it hashes to its oid after all (the first read
-        was damaged on its way), keep it and return None; else move the very
+        was damaged on its way, or its checksums were wrong), record its
+        checksums anew, keep it and return None; else move the very
         object that was read (``x-amz-copy-source-if-match`` its ETag, so a
         sound one uploaded meanwhile stays) to
         ``PREFIX@quarantine/<repository>@<oid>@<time>`` and return that key."""
         reader = _ObjectReader(self.client, self._path(repository, oid), None)
+        recorder = _checksums_recorder()
         try:
             with reader:
-                reread, _ = _digest_of(reader)
+                reread, _ = _digest_of(reader, recorder=recorder)
         except (OSError, storage.StoreError):
             reread = None
         if reread == oid:
+            self._record_checksums(repository, oid, recorder.finish())
             return None
         target = "%s@quarantine/%s@%s@%d" % (self.prefix, repository, oid, time.time() * 1000)
         headers = {"x-amz-copy-source": urllib.parse.quote(self._path(repository, oid))}
@@ -456,14 +513,41 @@ class S3Store:
         self.client.close()
 
 
-def _digest_of(source, copy=None):
-    """``(sha256 hex, size)`` of what is left in ``source``, written to ``copy`` too if given."""
+class _StoredObject(storage.StoredObject):
+    """A StoredObject whose ``checksums`` are fetched by ``load_checksums()``
+    the first time they are asked for (a HEAD never asks)."""
+
+    def __init__(self, file, size, load_checksums):
+        super().__init__(file, size, may_change_at_rest=True)
+        self._load_checksums = load_checksums
+
+    @property
+    def checksums(self):
+        if self._load_checksums is not None:
+            self._checksums, self._load_checksums = self._load_checksums(), None
+        return self._checksums
+
+    @checksums.setter
+    def checksums(self, value):
+        self._checksums, self._load_checksums = value, None
+
+
+def _checksums_recorder():
+    """A checksums.Recorder for an S3 object: 1 MiB blocks, however large."""
+    return checksums.Recorder(block_size=checksums.MIN_BLOCK_BYTES, max_blocks=None)
+
+
+def _digest_of(source, copy=None, recorder=None):
+    """``(sha256 hex, size)`` of what is left in ``source``, written to ``copy``
+    and given to ``recorder`` (a checksums.Recorder) too if given."""
     digest, size = hashlib.sha256(), 0
     block = bytearray(BLOCK_BYTES)
     for count in iter(lambda: source.readinto(block), 0):
         digest.update(memoryview(block)[:count])
         if copy is not None:
             copy.write(memoryview(block)[:count])
+        if recorder is not None:
+            recorder.update(memoryview(block)[:count])
         size += count
         if size > MAX_SINGLE_PUT:
             raise storage.InsufficientStorage("objects over 5 GiB need multipart upload, which "
@@ -496,13 +580,15 @@ class _HeldBackBody(io.RawIOBase):
     hashes to ``oid``; otherwise reading fails, http.client stops sending and
     the engine never receives a complete body. ``mismatch`` is then the
     digest; ``source_error`` what reading the source raised (the client's
-    fault, not the engine's); ``complete`` whether all of it went, checked."""
+    fault, not the engine's); ``complete`` whether all of it went, checked.
+    The block checksums of what is read go to ``recorder``."""
 
-    def __init__(self, source, length, oid):
+    def __init__(self, source, length, oid, recorder):
         self._source = source
         self._left = length
         self._oid = oid
         self._digest = hashlib.sha256()
+        self._recorder = recorder
         self.mismatch = None
         self.source_error = None
         self.complete = length == 0
@@ -526,6 +612,7 @@ class _HeldBackBody(io.RawIOBase):
             self.source_error = error
             raise
         self._digest.update(data)
+        self._recorder.update(data)
         self._left -= count
         if not self._left:
             if self._digest.hexdigest() != self._oid:

@@ -2,7 +2,6 @@
 
 import os
 import unittest
-import unittest.mock
 import zlib
 
 import checksums
@@ -51,16 +50,22 @@ class RecorderTest(unittest.TestCase):
         self.assertTrue(recorded.match(b""))
         self.assertFalse(recorded.match(b"x"))
 
-    @unittest.mock.patch.object(checksums, "MAX_BLOCKS", 4)   # 1 GiB would take a while
     def test_a_body_of_unknown_length_starts_small_and_doubles_its_blocks(self):
         data = os.urandom(9 * MIB + 3)
-        recorder = checksums.Recorder(None)
+        recorder = checksums.Recorder(None, max_blocks=4)   # 512: 1 GiB would take a while
         recorder.update(data[:3 * MIB])
         self.assertEqual(recorder.finish().block_size, MIB)
         recorder.update(data[3 * MIB:])   # 4 blocks of 1 MiB, then of 2, then of 4
         recorded = recorder.finish()
         self.assertEqual((recorded.block_size, recorded.crcs), (4 * MIB, self.expected(data, 4 * MIB)))
         self.assertTrue(recorded.match(data))
+
+    def test_without_a_block_limit_blocks_keep_their_size(self):
+        data = os.urandom(9 * MIB + 3)
+        recorder = checksums.Recorder(block_size=MIB, max_blocks=None)
+        recorder.update(data)
+        recorded = recorder.finish()
+        self.assertEqual((recorded.block_size, recorded.crcs), (MIB, self.expected(data, MIB)))
 
 
 class BlockChecksumsTest(unittest.TestCase):

@@ -13,6 +13,7 @@ import threading
 import time
 import unittest
 
+import checksums
 import s3
 
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, metric_samples, new_bucket, s3_engine,
@@ -174,6 +175,87 @@ class ServiceOnS3Contract:
         with self.assertRaises(http.client.IncompleteRead) as cut:
             response.read()
         self.assertLess(len(cut.exception.partial), len(data))
+
+    def engine_put(self, key, data):
+        """Write ``data`` under ``key`` of the service's prefix, behind its back."""
+        status, _, body = self.client.request(
+            "PutObject", "PUT", "/%s/service/%s" % (self.bucket, key), body=data,
+            payload_hash=sha256(data), headers={"content-length": str(len(data))})
+        self.assertEqual(status, 200, body)
+
+    def cut_get(self, server, path, headers=None):
+        """The bytes a GET delivers before the service cuts its response."""
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        self.addCleanup(connection.close)
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        self.assertIn(response.status, (200, 206))
+        with self.assertRaises(http.client.IncompleteRead) as cut:
+            response.read()
+        return cut.exception.partial
+
+    def test_large_objects_are_checked_block_by_block_ranges_too(self):
+        server = self.serve()
+        mib = 1 << 20
+        data = os.urandom(s3.CHECKSUMS_FROM_BYTES + mib + 7)   # 10 blocks, the last of 7 bytes
+        oid = server.request("PUT", "/data/repo/" + sha256(data), data).json()["oid"]   # streamed
+        for first, last in ((0, 0), (mib - 1, mib), (3 * mib + 5, 5 * mib + 9),
+                            (len(data) - 8, len(data) - 1), (0, len(data) - 1)):
+            ranged = server.request("GET", "/data/repo/" + oid,
+                                    headers={"Range": "bytes=%d-%d" % (first, last)})
+            self.assertEqual((ranged.status, ranged.body), (206, data[first:last + 1]), first)
+        damaged = bytearray(data)
+        damaged[2 * mib + 100] ^= 1   # the third block
+        self.engine_put("repo/" + oid, bytes(damaged))
+        good_range = server.request("GET", "/data/repo/" + oid,
+                                    headers={"Range": "bytes=%d-%d" % (mib, 2 * mib - 1)})
+        self.assertEqual((good_range.status, good_range.body), (206, data[mib:2 * mib]))
+        partial = self.cut_get(server, "/data/repo/" + oid)   # cut before the bad block
+        self.assertEqual(partial, data[:len(partial)])
+        self.assertLessEqual(len(partial), 2 * mib)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 404)   # quarantined
+        self.assertEqual(server.request("PUT", "/data/repo/" + oid, data).status, 201)
+        self.engine_put("repo/" + oid, bytes(damaged))
+        bad_range = server.request("GET", "/data/repo/" + oid, headers={"Range": "bytes=%d-%d" % (
+            2 * mib + 10, 2 * mib + 20)})   # found bad before the response begins: a status
+        self.assertEqual(bad_range.status, 500)
+        self.assertIn("taken out of service", bad_range.json()["error"])
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 404)
+
+    def test_wrong_block_checksums_are_recorded_anew_and_the_object_kept(self):
+        server = self.serve()
+        data = os.urandom(s3.CHECKSUMS_FROM_BYTES)
+        oid = server.request("PUT", "/data/repo", data).json()["oid"]   # spooled
+        key = "@checksums/repo/" + oid
+        status, _, recorded = self.client.request(
+            "GetObject", "GET", "/%s/service/%s" % (self.bucket, key))
+        self.assertEqual(status, 200)
+        self.assertTrue(checksums.BlockChecksums.from_bytes(recorded).match(data))
+        other = checksums.Recorder(block_size=1 << 20)
+        other.update(os.urandom(len(data)))
+        self.engine_put(key, other.finish().to_bytes())
+        failed = server.request("GET", "/data/repo/" + oid)   # in its first block: a status
+        self.assertEqual((failed.status, failed.headers["Retry-After"]), (503, "1"))
+        self.assertIn("found sound", failed.json()["error"])
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
+        status, _, recorded = self.client.request(
+            "GetObject", "GET", "/%s/service/%s" % (self.bucket, key))
+        self.assertTrue(checksums.BlockChecksums.from_bytes(recorded).match(data))
+
+    def test_a_head_does_not_fetch_block_checksums(self):
+        server = self.serve()
+        data = os.urandom(s3.CHECKSUMS_FROM_BYTES)
+        oid = server.request("PUT", "/data/repo", data).json()["oid"]
+
+        def gets():
+            samples = metric_samples(server.request("GET", "/metrics").body.decode())
+            return samples.get('datastore_store_calls_total{operation="GetObject"}', 0)
+
+        before = gets()
+        self.assertEqual(server.request("HEAD", "/data/repo/" + oid).status, 200)
+        self.assertEqual(gets(), before)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
+        self.assertEqual(gets(), before + 2)   # its checksums, then its bytes
 
     def test_an_engine_that_goes_away_is_503_then_service_resumes(self):
         server = self.serve()

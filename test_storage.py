@@ -368,6 +368,39 @@ class S3StoreContract(StoreContract):
         self.assertEqual(status, 200)
         self.assertIn(("<Key>prefix/repo/%s</Key>" % oid).encode(), body)
 
+    def test_large_objects_have_block_checksums_beside_them_until_deleted(self):
+        data = os.urandom(s3.CHECKSUMS_FROM_BYTES)
+        oid = sha256(data)
+        key = "/%s/prefix/@checksums/repo/%s" % (self.bucket, oid)
+
+        def recorded():
+            status, _, body = self.store.client.request("GetObject", "GET", key)
+            return checksums.BlockChecksums.from_bytes(body) if status == 200 else None
+
+        for how in ("spooled", "streamed", "stored already"):
+            with self.subTest(how=how):
+                if how == "stored already":   # and its checksums lost: they are recorded anew
+                    self.assertEqual(self.store.client.request("DeleteObject", "DELETE", key)[0],
+                                     204)
+                self.store.put("repo", io.BytesIO(data), expected_oid=None if how == "spooled"
+                               else oid, length=None if how == "spooled" else len(data))
+                found = recorded()
+                self.assertTrue(found.match(data))
+                self.assertEqual(found.block_size, 1 << 20)
+                with self.store.open("repo", oid) as stored:
+                    self.assertEqual(stored.checksums.crcs, found.crcs)
+                if how == "spooled":
+                    self.store.delete("repo", oid)
+                    self.assertIsNone(recorded())
+        small, _ = self.put("repo", data[:-1])   # below the size that gets them
+        with self.store.open("repo", small) as stored:
+            self.assertIsNone(stored.checksums)
+        status, _, _ = self.store.client.request(
+            "HeadObject", "HEAD", "/%s/prefix/@checksums/repo/%s" % (self.bucket, small))
+        self.assertEqual(status, 404)
+        self.assertEqual(sorted(oid for oid, _ in self.store.list_objects("repo")),
+                         sorted([oid, small]))   # the checksums are not objects of the repository
+
     def test_a_streamed_upload_that_does_not_hash_to_its_oid_is_never_stored(self):
         data = os.urandom(3 * 1024 * 1024)
         claimed = sha256(b"something else")

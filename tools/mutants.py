@@ -8,7 +8,9 @@ replaced. For each, the tree (the files git tracks) is copied to a temporary
 directory, the snippet replaced, and the README's test command run there,
 stopping at the first failure. A mutant is *killed* when the suite fails, and
 *survives* when it passes: a promise no test keeps. The unmutated copy must
-pass first. Standard library only; not part of CI (it takes minutes).
+pass first. Standard library only; not part of CI (it takes minutes). The
+S3 store's mutants are killed only by tests on an engine: set
+DATA_STORAGE_TEST_SEAWEEDFS as for the tests.
 """
 
 import argparse
@@ -78,6 +80,21 @@ MUTANTS = [   # (name, file, snippet, replacement)
     ("a block sent before it is checked", "server.py",
      "self._unchecked_end = first if self._checksums else",
      "self._unchecked_end = self.end if self._checksums else"),
+    ("an S3 block sent before it is checked", "server.py",
+     "                if zlib.crc32(block) != crc:\n                    self._fail()",
+     "                if False:\n                    self._fail()"),
+    ("a range's last block sent whole from S3", "server.py",
+     "block = block[max(0, self._first - offset):self._body_end - offset]",
+     "block = block[max(0, self._first - offset):]"),
+    ("S3 block checksums fetched for every HEAD", "s3.py",
+     "lambda: self._recorded_checksums(repository, canonical, size))",
+     "(lambda found: lambda: found)(self._recorded_checksums(repository, canonical, size)))"),
+    ("S3 block checksums left behind by a DELETE", "s3.py",
+     "        if size >= CHECKSUMS_FROM_BYTES:\n            try:",
+     "        if False:\n            try:"),
+    ("S3 block checksums not mended when wrong", "s3.py",
+     "        if reread == oid:\n            self._record_checksums(repository, oid, recorder.finish())",
+     "        if reread == oid:\n            pass"),
     ("LFS upload asked again for a stored object", "lfs.py",
      "    if stored_size is not None:\n        if stored_size != size:",
      "    if False:\n        if stored_size != size:"),
