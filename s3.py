@@ -26,7 +26,8 @@ Guarantees, the same as the other stores' where S3 allows:
   quarter of the cost of SHA-256, and ranges can be checked too. Smaller
   objects, and any without intact checksums, are checked against the oid.
   Checksums are keyed by oid, so they are right for whatever upload of that
-  oid comes later; one that is lost only costs speed. A range is a ranged GET.
+  oid comes later. An object whose checksums are lost costs more to check,
+  and then only whole: its ranges go out unchecked. A range is a ranged GET.
 - An engine that cannot be reached, or answers 5xx or "slow down", is retried
   with backoff for idempotent calls, then raised as StoreUnavailable (503 with
   Retry-After); every call has a timeout. Bad credentials or a missing bucket
@@ -35,6 +36,7 @@ Guarantees, the same as the other stores' where S3 allows:
   are not implemented.
 """
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -382,11 +384,15 @@ class S3Store:
         if recorded.size < CHECKSUMS_FROM_BYTES:
             return
         data = recorded.to_bytes()
+        path = self._checksums_path(repository, oid)
         try:
-            self.client.request("PutObject", "PUT", self._checksums_path(repository, oid),
-                                body=data, payload_hash=hashlib.sha256(data).hexdigest(),
-                                headers={"content-length": str(len(data)),
-                                         "content-type": "application/octet-stream"})
+            status, _, _ = self.client.request(
+                "PutObject", "PUT", path, body=data,
+                payload_hash=hashlib.sha256(data).hexdigest(),
+                headers={"content-length": str(len(data)),
+                         "content-type": "application/octet-stream"})
+            if status >= 300:   # refused: wrong ones left in place would fail every read
+                self.client.request("DeleteObject", "DELETE", path)
         except storage.StoreUnavailable:
             pass
 
@@ -395,13 +401,14 @@ class S3Store:
         damaged, or not to be had now)."""
         if size < CHECKSUMS_FROM_BYTES:
             return None
-        try:
+        try:   # at most what 5 GiB take (20 KiB), whatever the key holds
             status, _, data = self.client.request("GetObject", "GET",
-                                                  self._checksums_path(repository, oid))
+                                                  self._checksums_path(repository, oid),
+                                                  headers={"range": "bytes=0-65535"})
         except storage.StoreUnavailable:
             return None
-        found = checksums.BlockChecksums.from_bytes(data) if status == 200 else None
-        # Only the size they are recorded in: a reader holds a block in memory.
+        found = checksums.BlockChecksums.from_bytes(data) if status in (200, 206) else None
+        # Only the block size they are recorded in: a reader holds a block in memory.
         return found if found and found.block_size == checksums.MIN_BLOCK_BYTES else None
 
     def open(self, repository, oid):
@@ -417,24 +424,26 @@ class S3Store:
                              size, lambda: self._recorded_checksums(repository, canonical, size))
 
     def delete(self, repository, oid):
-        """Remove the object, then its checksums (left behind if that fails:
-        they stay right for the oid); ObjectNotFound if the repository lacks
-        it (a HeadObject first: S3's DELETE succeeds either way)."""
+        """Remove the object's checksums, then the object: in this order, a
+        PUT of the same oid through another instance meanwhile leaves its
+        checksums beside it, or at worst checksums without an object (right
+        for the oid, whenever it is stored again). ObjectNotFound if the
+        repository lacks it (a HeadObject first: S3's DELETE succeeds either way)."""
         storage.check_repository(repository)
         canonical = storage.canonical_oid(oid)
         size = self._size(repository, canonical) if canonical else None
         if size is None:
             raise storage.not_found(repository, oid)
-        status, _, data = self.client.request("DeleteObject", "DELETE",
-                                              self._path(repository, canonical))
-        if status != 404:
-            _raise_for(status, data, "DELETE")
-        if size >= CHECKSUMS_FROM_BYTES:
+        if size >= CHECKSUMS_FROM_BYTES:   # first: a PUT racing this one records them after
             try:
                 self.client.request("DeleteObject", "DELETE",
                                     self._checksums_path(repository, canonical))
             except storage.StoreUnavailable:
                 pass
+        status, _, data = self.client.request("DeleteObject", "DELETE",
+                                              self._path(repository, canonical))
+        if status != 404:
+            _raise_for(status, data, "DELETE")
 
     def list_objects(self, repository, after=None, limit=1000):
         """Up to ``limit`` ``(oid, size)`` sorted by oid, after ``after``."""
@@ -480,23 +489,28 @@ class S3Store:
         it once more, and if it hashes to its oid after all (the first read
         was damaged on its way, or its checksums were wrong), record its
         checksums anew, keep it and return None; else move the very
-        object that was read (``x-amz-copy-source-if-match`` its ETag, so a
-        sound one uploaded meanwhile stays) to
-        ``PREFIX@quarantine/<repository>@<oid>@<time>`` and return that key."""
+        object that was read again (``x-amz-copy-source-if-match`` its ETag,
+        so a sound one uploaded meanwhile stays) to
+        ``PREFIX@quarantine/<repository>@<oid>@<time>`` and return that key.
+        StoreUnavailable if it cannot be read again: it stays, unjudged."""
         reader = _ObjectReader(self.client, self._path(repository, oid), None)
         recorder = _checksums_recorder()
         try:
             with reader:
                 reread, _ = _digest_of(reader, recorder=recorder)
-        except (OSError, storage.StoreError):
+        except (OSError, storage.StoreUnavailable) as error:   # the engine's trouble, not the object's
+            raise storage.StoreUnavailable("could not read %s again to check it: %s"
+                                           % (oid, error)) from None
+        except storage.StoreError:   # over 5 GiB now: not what was stored
             reread = None
         if reread == oid:
             self._record_checksums(repository, oid, recorder.finish())
             return None
         target = "%s@quarantine/%s@%s@%d" % (self.prefix, repository, oid, time.time() * 1000)
         headers = {"x-amz-copy-source": urllib.parse.quote(self._path(repository, oid))}
-        if getattr(file, "etag", None):
-            headers["x-amz-copy-source-if-match"] = file.etag
+        etag = reader.etag or getattr(file, "etag", None)   # the bytes just found bad
+        if etag:
+            headers["x-amz-copy-source-if-match"] = etag
         status, _, data = self.client.request("CopyObject", "PUT",
                                               "/%s/%s" % (self.bucket, target), headers=headers)
         if status in (404, 412):
@@ -622,6 +636,15 @@ class _HeldBackBody(io.RawIOBase):
         return data   # http.client sends a bytearray as it is: no copy
 
 
+@contextlib.contextmanager
+def _broken_off_as_os_error():
+    """http.client's IncompleteRead (an HTTPException) as the OSError a file raises."""
+    try:
+        yield
+    except http.client.HTTPException as error:
+        raise OSError("the S3 engine's response broke off: %r" % error) from None
+
+
 class _ObjectReader(io.RawIOBase):
     """An object's bytes from the engine, streamed in bounded memory by a GET
     from the current position, made by ``start(end)`` or by the first read
@@ -700,7 +723,8 @@ class _ObjectReader(io.RawIOBase):
         size = left if size is None or size < 0 else min(size, left)
         if size <= 0:
             return b""
-        data = self._response.read(size)
+        with _broken_off_as_os_error():
+            data = self._response.read(size)
         self._advance(len(data))
         return data
 
@@ -709,7 +733,8 @@ class _ObjectReader(io.RawIOBase):
         left = self._end - self._position
         if left <= 0:
             return 0
-        count = self._response.readinto(memoryview(buffer)[:left])
+        with _broken_off_as_os_error():
+            count = self._response.readinto(memoryview(buffer)[:left])
         self._advance(count)
         return count
 

@@ -633,9 +633,17 @@ class CheckedStream(FileSlice):
         self._on_damage = on_damage
 
     def begin(self):
-        """Read until the first bytes that may go out (see the class's docstring)."""
+        """Read until the first bytes that may go out (see the class's
+        docstring); StoreUnavailable if the stream fails before, as when it
+        cannot start."""
         self._blocks = self._blocks_to_send()
-        self._head = next(self._blocks, None)
+        try:
+            self._head = next(self._blocks, None)
+        except IntegrityFailure:
+            raise
+        except OSError as error:
+            raise storage.StoreUnavailable("reading object %s from the store failed (%s); "
+                                           "retry" % (self._oid, error)) from None
 
     def __iter__(self):
         if self._head is not None:
@@ -957,17 +965,22 @@ class DataStorageServer:
     def _integrity_error(oid, sound):
         """The answer to a read whose bytes failed their check before any went out."""
         if sound:
-            return HTTPError(503, "object %s failed a check and was found sound; retry" % oid,
-                             [RETRY_LATER])
+            return HTTPError(503, "object %s failed a check but was not found damaged; retry"
+                             % oid, [RETRY_LATER])
         return HTTPError(500, "object %s failed its integrity check and was taken out of "
                               "service; upload it again" % oid)
 
     def _damaged(self, environ, repository, oid, file):
         """An object's bytes (``file``) failed their check: quarantine the
         object and say so. True if it was damaged; False if the store found
-        it sound after all (its block checksums were wrong, and are mended)."""
+        it sound after all (its block checksums were wrong, and are mended),
+        or could not read it again to know (it is left in place)."""
         try:
             moved_to = self.store.quarantine(repository, oid, file)
+        except storage.StoreUnavailable as error:
+            environ["wsgi.errors"].write("object %s/%s failed a check and could not be read "
+                                         "again (%s); left in place\n" % (repository, oid, error))
+            return False
         except storage.StoreError as error:
             moved_to, where = "", "could not be moved: %s" % error
         else:

@@ -23,10 +23,12 @@ from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, metric_samples, new_bu
 class Relay:
     """A TCP relay on loopback to ``target`` (host, port), on a port that stays
     the same across ``stop()`` and ``start()``: while stopped, connections are
-    refused and those open are cut."""
+    refused and those open are cut. With ``limit`` set, each connection made
+    from then on is cut once that many bytes have come from the engine."""
 
     def __init__(self, target):
         self.target = target
+        self.limit = None
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -67,14 +69,21 @@ class Relay:
                 continue
             with self._lock:
                 self._open += [client, engine]
-            for source, sink in ((client, engine), (engine, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, limit in ((client, engine, None), (engine, client, self.limit)):
+                threading.Thread(target=self._pump, args=(source, sink, limit),
+                                 daemon=True).start()
 
     @staticmethod
-    def _pump(source, sink):
+    def _pump(source, sink, limit):
         try:
             for data in iter(lambda: source.recv(1 << 16), b""):
+                if limit is not None and len(data) >= limit:
+                    sink.sendall(data[:limit])
+                    for sock in (source, sink):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
                 sink.sendall(data)
+                limit = None if limit is None else limit - len(data)
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
@@ -236,7 +245,7 @@ class ServiceOnS3Contract:
         self.engine_put(key, other.finish().to_bytes())
         failed = server.request("GET", "/data/repo/" + oid)   # in its first block: a status
         self.assertEqual((failed.status, failed.headers["Retry-After"]), (503, "1"))
-        self.assertIn("found sound", failed.json()["error"])
+        self.assertIn("not found damaged", failed.json()["error"])
         self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
         status, _, recorded = self.client.request(
             "GetObject", "GET", "/%s/service/%s" % (self.bucket, key))
@@ -256,6 +265,46 @@ class ServiceOnS3Contract:
         self.assertEqual(gets(), before)
         self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
         self.assertEqual(gets(), before + 2)   # its checksums, then its bytes
+
+    def limit_engine_connections(self, limit):
+        """Every engine connection from now on breaks off after ``limit`` bytes
+        from the engine; those open are cut (the service makes new ones)."""
+        self.relay.limit = limit
+        self.relay.stop()
+        self.relay.start()
+
+    def test_an_engine_that_fails_before_the_first_bytes_go_out_is_a_503(self):
+        server = self.serve()
+        large = os.urandom(s3.CHECKSUMS_FROM_BYTES)   # checked block by block
+        medium = os.urandom(2 << 20)   # checked against its oid, its last block held back
+        oids = [server.request("PUT", "/data/repo", data).json()["oid"] for data in (large, medium)]
+        self.limit_engine_connections(256 << 10)
+        for oid in oids:
+            failed = server.request("GET", "/data/repo/" + oid)
+            self.assertEqual((failed.status, failed.headers["Retry-After"]), (503, "1"),
+                             failed.body[:200])
+            self.assertIn("retry", failed.json()["error"])
+        self.relay.limit = None
+        self.assertEqual([server.request("GET", "/data/repo/" + oid).body for oid in oids],
+                         [large, medium])
+
+    def test_an_object_that_cannot_be_read_again_is_left_in_place(self):
+        server = self.serve()
+        data = os.urandom(s3.CHECKSUMS_FROM_BYTES)
+        oid = server.request("PUT", "/data/repo", data).json()["oid"]
+        wrong = checksums.Recorder(block_size=1 << 20)
+        wrong.update(os.urandom(len(data)))
+        self.engine_put("@checksums/repo/" + oid, wrong.finish().to_bytes())
+        self.limit_engine_connections(2 << 20)   # the first block passes; not a read of all
+        failed = server.request("GET", "/data/repo/" + oid)
+        self.assertEqual((failed.status, failed.headers["Retry-After"]), (503, "1"),
+                         failed.body[:200])
+        self.relay.limit = None
+        status, _, listing = self.client.request("ListObjectsV2", "GET", "/" + self.bucket,
+                                                 [("list-type", "2")])
+        self.assertNotIn(b"@quarantine", listing)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 503)   # now mended
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
 
     def test_an_engine_that_goes_away_is_503_then_service_resumes(self):
         server = self.serve()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import unittest
+import urllib.parse
 
 import checksums
 import s3
@@ -400,6 +401,55 @@ class S3StoreContract(StoreContract):
         self.assertEqual(status, 404)
         self.assertEqual(sorted(oid for oid, _ in self.store.list_objects("repo")),
                          sorted([oid, small]))   # the checksums are not objects of the repository
+
+    def calls_of(self, store, before=None):
+        """Record the store's engine calls as ``(method, path, headers)``;
+        ``before(call)``, if given, runs before each is made."""
+        calls, real_request = [], store.client.request
+
+        def request(operation, method, path, query=(), headers=None, **options):
+            calls.append((method, path, headers or {}))
+            if before:
+                before(calls[-1])
+            return real_request(operation, method, path, query, headers, **options)
+
+        store.client.request = request   # this store's client only: an instance attribute
+        return calls
+
+    def test_a_put_racing_a_delete_leaves_no_object_without_its_checksums(self):
+        data = os.urandom(s3.CHECKSUMS_FROM_BYTES)
+        oid, _ = self.put("repo", data)
+        other_client, _ = new_bucket(self, self.engine_settings)   # another instance's client
+        other = s3.S3Store(self.bucket, "prefix/", other_client)
+        deletes = []
+
+        def between_the_deletes(call):
+            if call[0] == "DELETE":
+                deletes.append(call)
+                if len(deletes) == 2:   # the other instance's whole PUT lands here
+                    other.put("repo", io.BytesIO(data), expected_oid=oid, length=len(data))
+
+        self.calls_of(self.store, between_the_deletes)
+        self.store.delete("repo", oid)
+        present = [self.store.client.request("HeadObject", "HEAD", "/%s/prefix/%s/%s" % (
+            self.bucket, kind, oid))[0] == 200 for kind in ("repo", "@checksums/repo")]
+        self.assertNotEqual(present, [True, False])   # an object whose ranges go unchecked
+
+    def test_quarantine_moves_only_the_bytes_it_read_again(self):
+        data = os.urandom(3 << 20)
+        oid, _ = self.put("repo", data)
+        damaged = os.urandom(len(data))   # changed behind the store's back
+        self.store.client.request("PutObject", "PUT", "/%s/prefix/repo/%s" % (self.bucket, oid),
+                                  body=damaged, payload_hash=sha256(damaged))
+        calls = self.calls_of(self.store)
+        self.assertTrue(self.store.quarantine("repo", oid, None))   # no file: nothing started
+        copies = [headers for method, path, headers in calls if "x-amz-copy-source" in headers]
+        self.assertEqual(len(copies), 1)
+        status, headers, _ = self.store.client.request(
+            "HeadObject", "HEAD", "/%s/%s" % (self.bucket, urllib.parse.unquote(
+                copies[0]["x-amz-copy-source"]).split("/", 2)[2]))
+        self.assertEqual(status, 404)   # moved
+        self.assertTrue(copies[0].get("x-amz-copy-source-if-match"))   # only if still those bytes
 
     def test_a_streamed_upload_that_does_not_hash_to_its_oid_is_never_stored(self):
         data = os.urandom(3 * 1024 * 1024)
