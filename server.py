@@ -724,17 +724,22 @@ class DataStorageServer:
 
     def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
                  max_total_size=None, auth_token=None, public_url=None, s3_endpoint=None,
-                 spool_dir=None):
+                 spool_dir=None, group_commit=False):
         if isinstance(store, str):   # "memory", or "s3://BUCKET[/PREFIX]"
-            store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir)
+            store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir,
+                               group_commit)
             data_dir = max_total_size = None
-        if store is not None and (data_dir is not None or max_total_size is not None):
-            raise ValueError("data_dir and max_total_size open a store: pass them or a store")
+            group_commit = False
+        if store is not None and (data_dir is not None or max_total_size is not None
+                                  or group_commit):
+            raise ValueError("data_dir, max_total_size and group_commit open a store: pass "
+                             "them or a store")
         if auth_token is not None and not valid_token(auth_token):
             raise ValueError("auth_token must be printable ASCII without spaces, not empty")
         if public_url is not None and not valid_public_url(public_url):
             raise ValueError("public_url must be an http:// or https:// URL without query")
-        self.store = store if store is not None else open_store(data_dir, max_total_size)
+        self.store = store if store is not None else open_store(data_dir, max_total_size,
+                                                                group_commit=group_commit)
         self.locks = lfs.open_locks(self.store)
         self.max_object_size = max_object_size
         self.auth_token = auth_token.encode() if auth_token is not None else None
@@ -1234,11 +1239,17 @@ def valid_token(token):
     return bool(token) and token.isascii() and token.isprintable() and " " not in token
 
 
-def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None):
+def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None,
+               group_commit=False):
     """The store to serve: the S3 store for ``url`` ``s3://BUCKET[/PREFIX]``
     (checked: StoreUnavailable if the bucket cannot be used), the disk store
-    in ``data_dir``, or a new in-memory store. ValueError for a combination
-    that makes no sense."""
+    in ``data_dir`` (its uploads made durable together if ``group_commit``),
+    or a new in-memory store. ValueError for a combination that makes no sense."""
+    if group_commit and data_dir is None:
+        raise ValueError("--group-commit is for the disk store: give --data-dir")
+    if group_commit and storage.SYNCFS is None:
+        raise ValueError("--group-commit needs syncfs, which reports write errors on Linux "
+                         "5.8 and later only")
     if url not in (None, "memory"):
         if data_dir is not None:
             raise ValueError("--data-dir and an S3 store are two stores: choose one")
@@ -1254,7 +1265,8 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
         store.check()
         return store
     if data_dir is not None:
-        return storage.DiskStore(data_dir, max_total_size=max_total_size)
+        return storage.DiskStore(data_dir, max_total_size=max_total_size,
+                                 sync_filesystem=storage.SYNCFS if group_commit else None)
     return storage.MemoryStore(max_total_size=max_total_size)
 
 
@@ -1328,6 +1340,11 @@ def parse_args(argv=None):
                         help="with an S3 store, where uploads whose oid is not known yet are "
                              "held while they are hashed (default: the system's temporary "
                              "directory)")
+    parser.add_argument("--group-commit", action="store_true",
+                        help="with --data-dir, make uploads durable by syncs of the whole "
+                             "filesystem that concurrent uploads share, instead of an fsync "
+                             "of each file and directory: fewer flushes of the disk's cache, "
+                             "for disks whose flushes are slow (Linux 5.8+; see the README)")
     parser.add_argument("--max-total-size", type=_byte_count, metavar="BYTES",
                         help="quota on the bytes stored; uploads beyond it get 507 "
                              "(default: no quota)")
@@ -1378,6 +1395,8 @@ def parse_args(argv=None):
                      "cannot share the in-memory store")
     if args.workers > 1 and not hasattr(os, "fork"):
         parser.error("--workers above 1 needs os.fork, which this platform lacks")
+    if args.group_commit and not args.data_dir:
+        parser.error("--group-commit is for the disk store: give --data-dir")
     if args.data_dir and not storage.DISK_STORE_SUPPORTED:
         parser.error("--data-dir needs fcntl.flock, which this platform lacks "
                      "(the disk store runs on Linux, macOS and BSD)")
@@ -1395,7 +1414,7 @@ def main(argv=None):
                                  max_object_size=args.max_object_size,
                                  max_total_size=args.max_total_size, auth_token=args.auth_token,
                                  public_url=args.public_url, s3_endpoint=args.s3_endpoint,
-                                 spool_dir=args.spool_dir)
+                                 spool_dir=args.spool_dir, group_commit=args.group_commit)
 
     try:   # everything is checked before the port is announced
         application = make_application()
@@ -1423,10 +1442,11 @@ def main(argv=None):
     if descriptors:
         log.log("warning", descriptors)
     log.log("info", "settings: max object size %d, quota %s, request timeout %ss, "
-            "max connections %d, shutdown timeout %ss, workers %d" % (
+            "max connections %d, shutdown timeout %ss, workers %d%s" % (
                 args.max_object_size, "none" if args.max_total_size is None else args.max_total_size,
                 args.request_timeout,
-                max_connections, args.shutdown_timeout, args.workers))
+                max_connections, args.shutdown_timeout, args.workers,
+                ", group commit" if args.group_commit else ""))
     if args.workers > 1:
         application.close()   # it proved the store opens; each worker opens its own
         return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)

@@ -724,14 +724,18 @@ class DurabilityOrderTest(WSGIClientMixin, unittest.TestCase):
     """A 201 or a DELETE's 200 leaves only once the change is durable: the
     object's data synced before its rename into place, its directory synced
     after it, both before the response; a removal's directory synced before
-    the 200. The disk store's sync calls are recorded (and still made)."""
+    the 200. The disk store's sync calls are recorded (and still made): here
+    an fsync per file and directory, as where there is no syncfs."""
+
+    group_commit = False
 
     def setUp(self):
         self.root = temporary_directory(self)
         self.events = []
         self.final_path = None
         store = open_disk_store(self, self.root, sync_file=self.sync_file,
-                                sync_directory=self.sync_directory)
+                                sync_directory=self.sync_directory,
+                                sync_filesystem=self.sync_filesystem if self.group_commit else None)
         application = server.DataStorageServer(store)
 
         def recorded(environ, start_response):
@@ -751,6 +755,12 @@ class DurabilityOrderTest(WSGIClientMixin, unittest.TestCase):
                             os.path.exists(self.final_path)))
         storage._fsync_dir(path)
 
+    def sync_filesystem(self, fd):
+        uploading = sorted(os.path.getsize(os.path.join(directory, name)) for directory, _, names
+                           in os.walk(os.path.join(self.root, "@tmp")) for name in names)
+        self.events.append(("sync filesystem", os.path.exists(self.final_path), uploading))
+        os.sync()
+
     def expect(self, data):
         oid = sha256(data)
         self.final_path = storage.object_path(self.root, "repo", oid)
@@ -765,6 +775,11 @@ class DurabilityOrderTest(WSGIClientMixin, unittest.TestCase):
                 oid = self.expect(data)
                 path = "/data/repo/" + oid if verified else "/data/repo"
                 self.assertEqual(self.request("PUT", path, data, chunked=chunked).status, 201)
+                if self.group_commit:   # all written, not yet renamed; then renamed
+                    self.assertEqual([event for event in self.events if event[0] != "sync directory"],
+                                     [("sync filesystem", False, [len(data)]),
+                                      ("sync filesystem", True, []), ("response", "201")])
+                    continue
                 shard = os.path.join("repo", oid[:2])
                 synced_file = self.events.index(("sync file", False))      # before the rename
                 synced_shard = self.events.index(("sync directory", shard, True))   # after it
@@ -776,7 +791,8 @@ class DurabilityOrderTest(WSGIClientMixin, unittest.TestCase):
         self.assertEqual(self.request("PUT", "/data/repo", b"first object of a repository").status,
                          201)
         synced = [event[1] for event in self.events if event[0] == "sync directory"]
-        self.assertEqual(synced, ["repo", ".", os.path.join("repo", oid[:2])])
+        self.assertEqual(synced, ["repo", "."] + ([] if self.group_commit else [
+            os.path.join("repo", oid[:2])]))
 
     def test_delete_is_durable_before_200(self):
         oid = self.expect(b"to be removed")
@@ -785,6 +801,13 @@ class DurabilityOrderTest(WSGIClientMixin, unittest.TestCase):
         self.assertEqual(self.request("DELETE", "/data/repo/" + oid).status, 200)
         self.assertEqual(self.events, [("sync directory", os.path.join("repo", oid[:2]), False),
                                        ("response", "200")])
+
+
+class GroupCommitDurabilityOrderTest(DurabilityOrderTest):
+    """The same, with the uploads' syncs made by the store's GroupCommit (a
+    sync of the whole filesystem: os.sync() here, syncfs in service)."""
+
+    group_commit = True
 
 
 def remount(test, mount_point, mode):

@@ -48,6 +48,40 @@ class DiskStoreProcessTest(unittest.TestCase):
             "@ledger", "repo/%s/%s" % (sha256(b"acknowledged")[:2], sha256(b"acknowledged"))])
         self.assertAllObjectsIntact()
 
+    def test_group_commit_keeps_every_acknowledged_upload_through_sigkill(self):
+        first = ServerProcess(self, "--data-dir", self.root, "--group-commit")
+        datas = [b"acknowledged %d" % number for number in range(12)]
+        statuses = []
+        run_concurrently([lambda data=data: statuses.append(
+            first.request("PUT", "/data/repo", data).status) for data in datas])
+        self.assertEqual(statuses, [201] * len(datas))
+        sock = socket.create_connection(("127.0.0.1", first.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
+        wait_until(lambda: any(path.startswith("@tmp") and
+                               os.path.getsize(os.path.join(self.root, path)) > 0
+                               for path in files_under(self.root)))
+        first.process.kill()
+        first.process.wait()
+        second = ServerProcess(self, "--data-dir", self.root, "--group-commit")
+        for data in datas:
+            self.assertEqual(second.request("GET", "/data/repo/" + sha256(data)).body, data)
+        self.assertEqual(len(second.request("GET", "/data/repo").json()["objects"]), len(datas))
+        self.assertAllObjectsIntact()
+
+    def test_group_commit_needs_the_disk_store_and_syncfs(self):
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--group-commit"],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--group-commit is for the disk store", result.stderr.splitlines()[-1])
+        result = subprocess.run(   # a kernel before 5.8, or no Linux: no syncfs to trust
+            [sys.executable, "-c", "import runpy, storage; storage.SYNCFS = None; "
+             "runpy.run_path('server.py', run_name='__main__')", "--group-commit",
+             "--data-dir", self.root], cwd=HERE, capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("--group-commit needs syncfs", result.stderr)
+
     def test_two_processes_share_one_directory(self):
         one = ServerProcess(self, "--data-dir", self.root)
         two = ServerProcess(self, "--data-dir", self.root)

@@ -4,6 +4,7 @@
 and inherits every test, so each backend proves the same guarantees.
 """
 
+import errno
 import functools
 import io
 import os
@@ -19,7 +20,7 @@ import checksums
 import s3
 import storage
 from fixtures import (HERE, files_under, new_bucket, open_disk_store, run_concurrently, s3_engine,
-                      sha256, small_filesystem, temporary_directory)
+                      sha256, small_filesystem, temporary_directory, wait_until)
 
 
 class FailingSource(io.RawIOBase):
@@ -933,6 +934,100 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         second = subprocess.run(command, capture_output=True, text=True, timeout=60)
         self.assertEqual((second.returncode, second.stdout.splitlines()[-1].split(":")[-1]),
                          (0, " 0 corrupt"))
+
+
+class GroupCommitTest(unittest.TestCase):
+    """The disk store's uploads share syncs of the filesystem (group commit):
+    a put returns only after a sync that began once its bytes were written
+    and ended before its rename, and another that began after its rename;
+    threads that wait together share one sync, never one already running; a
+    failed sync fails the later ones."""
+
+    def test_no_put_returns_before_its_bytes_then_its_name_are_synced(self):
+        root = temporary_directory(self)
+        datas = [os.urandom(1000 + number) for number in range(8)]   # told apart by size
+        paths = {len(data): storage.object_path(root, "repo", sha256(data)) for data in datas}
+        log, lock = [], threading.Lock()
+
+        def size_of(path):   # None if renamed meanwhile
+            try:
+                return os.path.getsize(path)
+            except FileNotFoundError:
+                return None
+
+        def snapshot(when):
+            written = [size_of(os.path.join(directory, name)) for directory, _, names
+                       in os.walk(os.path.join(root, "@tmp")) for name in names]
+            renamed = [size for size, path in paths.items() if os.path.exists(path)]
+            log.append((when, set(written), set(renamed)))
+
+        def sync_filesystem(fd):   # one at a time: begin and end alternate in the log
+            with lock:
+                snapshot("begin")
+            os.sync()
+            with lock:
+                snapshot("end")
+
+        store = open_disk_store(self, root, sync_filesystem=sync_filesystem)
+
+        def put(data):
+            store.put("repo", io.BytesIO(data))
+            with lock:
+                log.append(("returned", len(data)))
+
+        run_concurrently([functools.partial(put, data) for data in datas])
+        syncs = [(begin, end, log.index(end)) for begin, end in zip(
+            [entry for entry in log if entry[0] == "begin"],
+            [entry for entry in log if entry[0] == "end"])]
+        for size in paths:
+            returned = log.index(("returned", size))
+            self.assertTrue(any(size in begin[1] and size not in end[2] and at < returned
+                                for begin, end, at in syncs), size)   # its bytes, before its name
+            self.assertTrue(any(size in begin[2] and at < returned
+                                for begin, end, at in syncs), size)   # its name
+
+    def test_threads_that_wait_together_share_the_next_sync(self):
+        first_may_end = threading.Event()
+        syncs, returned = [], []
+
+        def sync_filesystem(fd):
+            syncs.append(fd)
+            if len(syncs) == 1:
+                first_may_end.wait(10)
+
+        commit = storage.GroupCommit(7, sync_filesystem)
+
+        def sync(name):
+            commit.sync()
+            returned.append(name)
+
+        first = threading.Thread(target=sync, args=("first",))
+        first.start()
+        wait_until(lambda: syncs)
+        others = [threading.Thread(target=sync, args=("other",)) for _ in range(5)]
+        for thread in others:
+            thread.start()
+        wait_until(lambda: len(commit._changed._waiters) == 5)   # noqa: SLF001 (all five wait)
+        self.assertEqual(returned, [])   # the running sync began before they came
+        first_may_end.set()
+        for thread in [first] + others:
+            thread.join(10)
+        self.assertEqual((syncs, sorted(returned)), ([7, 7], ["first"] + ["other"] * 5))
+
+    def test_a_failed_sync_fails_every_later_one(self):
+        outcomes = iter([OSError(errno.EIO, "Input/output error"), None])
+
+        def sync_filesystem(fd):
+            outcome = next(outcomes)
+            if outcome:
+                raise outcome
+
+        commit = storage.GroupCommit(7, sync_filesystem)
+        for _ in range(2):   # the second sync would succeed: the writes before it may be lost
+            with self.assertRaises(OSError) as failed:
+                commit.sync()
+            self.assertEqual(failed.exception.errno, errno.EIO)
+            self.assertIn("restart", str(failed.exception))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Small objects: 1 KiB GET and PUT over keep-alive connections, for our server
 and replies. Load comes from wrk when it is installed, else from a stdlib
 client in several processes. Then the same for the disk store with 1 and 2
 workers (the load generator shares the machine's cores with the workers).
+Then durable PUTs of new objects: the disk store, with and without
+--group-commit, against the in-memory store, with the disk's cache flushes
+per PUT.
 
 Large objects: a PUT and a GET of one large object (1 GiB by default) over
 loopback to the disk store, against SHA-256 throughput, the data directory's
@@ -31,6 +34,7 @@ import concurrent.futures
 import datetime
 import hashlib
 import http.client
+import io
 import json
 import os
 import platform
@@ -99,10 +103,27 @@ def request(port, method, path, body=b""):
 
 # Small-object load ---------------------------------------------------------------
 
-def wrk_load(port, method, path, connections, duration):
+# Each request a new object of SMALL_BODY's size: "<run>-<thread>-<count>-xxx..."
+_DISTINCT_PUTS_LUA = """
+wrk.method = "PUT"
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("id", threads) end
+function init(args) count = 0 end
+function request()
+  count = count + 1
+  local head = "%s-" .. id .. "-" .. count .. "-"
+  return wrk.format(nil, nil, nil, head .. string.rep("x", %d - #head))
+end
+"""
+
+
+def wrk_load(port, method, path, connections, duration, distinct=False):
+    """``distinct``: every PUT a new object (else all the same bytes)."""
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     with script:
-        if method == "PUT":
+        if method == "PUT" and distinct:
+            script.write(_DISTINCT_PUTS_LUA % (os.urandom(8).hex(), len(SMALL_BODY)))
+        elif method == "PUT":
             script.write('wrk.method = "PUT"\nwrk.body = string.rep("x", %d)\n' % len(SMALL_BODY))
     try:
         output = subprocess.run(
@@ -124,9 +145,11 @@ def wrk_load(port, method, path, connections, duration):
             "socket_errors": socket_errors.group(1) if socket_errors else ""}
 
 
-def _python_client(port, raw_request, duration):
-    """One keep-alive connection sending ``raw_request`` until ``duration`` is up."""
+def _python_client(port, raw_request, duration, distinct=False):
+    """One keep-alive connection sending ``raw_request`` until ``duration`` is
+    up; ``distinct``: each with its body's first bytes made unique."""
     latencies, errors = [], 0
+    unique = ("%s-%%d-" % os.urandom(8).hex()).encode()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = sock.makefile("rb")
@@ -135,6 +158,9 @@ def _python_client(port, raw_request, duration):
             started = time.perf_counter()
             if started > deadline:
                 break
+            if distinct:
+                head = unique % len(latencies)
+                raw_request = raw_request[:-len(SMALL_BODY)] + head + SMALL_BODY[len(head):]
             sock.sendall(raw_request)
             status = reader.readline()
             length = 0
@@ -147,13 +173,13 @@ def _python_client(port, raw_request, duration):
     return latencies, errors
 
 
-def python_load(port, method, path, connections, duration):
+def python_load(port, method, path, connections, duration, distinct=False):
     body = SMALL_BODY if method == "PUT" else b""
     raw_request = (b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n"
                    % (method.encode(), path.encode(), len(body)) + body)
     with concurrent.futures.ProcessPoolExecutor(connections) as pool:
-        results = list(pool.map(_python_client, [port] * connections,
-                                [raw_request] * connections, [duration] * connections))
+        results = list(pool.map(_python_client, [port] * connections, [raw_request] * connections,
+                                [duration] * connections, [distinct] * connections))
     latencies = sorted(latency for result in results for latency in result[0])
     return {"requests_per_second": len(latencies) / duration,
             "p50_ms": latencies[len(latencies) // 2] * 1e3,
@@ -161,9 +187,9 @@ def python_load(port, method, path, connections, duration):
             "errors": sum(result[1] for result in results), "socket_errors": ""}
 
 
-def small_object_load(port, method, path, options):
+def small_object_load(port, method, path, options, distinct=False):
     load = wrk_load if options.client == "wrk" else python_load
-    return load(port, method, path, options.connections, options.duration)
+    return load(port, method, path, options.connections, options.duration, distinct)
 
 
 def best_of(rounds, measure):
@@ -215,6 +241,16 @@ def bench_workers(options, report, data_root):
             for method, path in (("GET", get_path), ("PUT", "/data/bench")):
                 rates[workers, method] = best_of(
                     options.rounds, lambda: small_object_load(server.port, method, path, options))
+            if workers == 2:   # against one stdlib process, in turns
+                baseline = baseline_server()
+                try:
+                    prepare_small_object(baseline.port)
+                    base, mine = best_interleaved(
+                        options.rounds,
+                        lambda: small_object_load(baseline.port, "GET", get_path, options),
+                        lambda: small_object_load(server.port, "GET", get_path, options))
+                finally:
+                    baseline.stop()
         finally:
             server.stop()
             shutil.rmtree(directory, ignore_errors=True)
@@ -222,6 +258,101 @@ def bench_workers(options, report, data_root):
         report.add("1 KiB %s req/s, disk store, 2 workers" % method,
                    rates[2, method]["requests_per_second"], rates[1, method]["requests_per_second"],
                    "1 worker", unit="req/s")
+    report.add("1 KiB GET req/s, disk store, 2 workers, against the stdlib",
+               mine["requests_per_second"], base["requests_per_second"],
+               "baseline server (one process)", unit="req/s", target=1.6)
+
+
+def device_flushes(path):
+    """Cache flushes the block device holding ``path`` has done so far (Linux
+    4.18+: /sys/dev/block/MAJ:MIN/stat), or None where that is not known."""
+    device = os.stat(path).st_dev
+    try:
+        with open("/sys/dev/block/%d:%d/stat" % (os.major(device), os.minor(device))) as stat:
+            fields = stat.read().split()
+    except OSError:
+        return None
+    return int(fields[15]) if len(fields) > 15 else None
+
+
+def bench_durable_puts(options, report, data_root):
+    """1 KiB PUTs of new objects (each request other bytes), each acknowledged
+    only once durable, on the disk store (an fsync per file and directory,
+    then --group-commit) beside the same on the in-memory store, in turns;
+    with the device's cache flushes per PUT where the kernel tells them."""
+    runs = {}
+    directories = [tempfile.mkdtemp(dir=data_root) for _ in range(2)]
+    servers = {"memory": our_server(), "disk": our_server("--data-dir", directories[0]),
+               "group": our_server("--data-dir", directories[1], "--group-commit")}
+    try:
+        for _ in range(options.rounds):
+            for name, server in servers.items():
+                flushes = device_flushes(data_root)
+                run = small_object_load(server.port, "PUT", "/data/bench", options, distinct=True)
+                if flushes is not None:
+                    run["flushes_per_put"] = round((device_flushes(data_root) - flushes) / (
+                        run["requests_per_second"] * options.duration), 2)
+                runs.setdefault(name, []).append(run)
+    finally:
+        for server in servers.values():
+            server.stop()
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
+    best = {name: max(column, key=lambda run: run["requests_per_second"])
+            for name, column in runs.items()}
+    for name, label in (("disk", "fsync per file"), ("group", "--group-commit")):
+        report.add("durable 1 KiB PUT req/s, new objects (disk store, %s)" % label,
+                   best[name]["requests_per_second"], best["memory"]["requests_per_second"],
+                   "memory store", unit="req/s", target=0.6 if name == "disk" else None,
+                   details={"flushes_per_put": best[name].get("flushes_per_put"),
+                            "p99_ms": best[name]["p99_ms"]})
+    if best["group"].get("flushes_per_put") and best["disk"].get("flushes_per_put"):
+        report.add("disk cache flushes per durable 1 KiB PUT (--group-commit)",
+                   best["group"]["flushes_per_put"], best["disk"]["flushes_per_put"],
+                   "fsync per file", unit="flushes")
+
+
+def bench_listing(options, report, data_root):
+    """The time of one listing page (1,000 objects, from the middle of the
+    repository) of a repository of 500,000 objects against the same page of
+    one of 10,000, for the memory and the disk store, called in-process (the
+    store's own cost; HTTP adds the same to both). The disk store's objects
+    are written as files straight into place, as a store would have left them."""
+    sys.path.insert(0, os.path.join(HERE, os.pardir))
+    import storage
+    sizes = (10_000, 500_000)
+    for kind in ("memory", "disk"):
+        seconds = {}
+        for count in sizes:
+            oids = sorted(hashlib.sha256(b"%d" % number).hexdigest() for number in range(count))
+            directory = tempfile.mkdtemp(dir=data_root)
+            try:
+                if kind == "memory":
+                    store = storage.MemoryStore()
+                    for number in range(count):
+                        store.put("repo", io.BytesIO(b"%d" % number))
+                else:
+                    for number in range(count):
+                        oid = hashlib.sha256(b"%d" % number).hexdigest()
+                        shard = os.path.join(directory, "repo", oid[:2])
+                        os.makedirs(shard, exist_ok=True)
+                        with open(os.path.join(shard, oid), "wb") as file:
+                            file.write(b"%d" % number)
+                    store = storage.DiskStore(directory)
+                after = oids[count // 2]
+                timings = []
+                for _ in range(max(options.rounds, 5)):
+                    started = time.perf_counter()
+                    page = store.list_objects("repo", after=after, limit=1000)
+                    timings.append(time.perf_counter() - started)
+                assert [oid for oid, _ in page] == oids[count // 2 + 1:count // 2 + 1001]
+                seconds[count] = min(timings)
+                store.close()
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+        report.add("listing page of 1,000 from 500,000 objects (%s store)" % kind,
+                   seconds[sizes[1]] * 1e3, seconds[sizes[0]] * 1e3, "the same from 10,000",
+                   unit="ms", at_most=2.0)
 
 
 # Large objects ----------------------------------------------------------------
@@ -328,6 +459,7 @@ def bench_large_objects(options, report, data_root):
                             "--max-object-size", str(size))
         try:
             rss_before = server.memory_kib("VmRSS")
+            os.sync()   # the test file's and earlier runs' dirty pages must not compete
             put_rate, oid = timed_put(server.port, path, "large")
             assert oid == expected_oid, (oid, expected_oid)
             get_rate = timed_get(server.port, "large", oid, size)
@@ -339,6 +471,9 @@ def bench_large_objects(options, report, data_root):
         report.add("%s PUT MB/s (disk store)" % label, put_rate / 1e6, floor / 1e6,
                    "min(sha256 %.0f, write+fsync %.0f)" % (hash_rate / 1e6, write_rate / 1e6),
                    target=0.7, unit="MB/s")
+        # Hashing is sequential, so one core's SHA-256 is the ceiling of a PUT.
+        report.add("%s PUT MB/s (disk store), against hashing alone" % label, put_rate / 1e6,
+                   hash_rate / 1e6, "one core's SHA-256", target=0.8, unit="MB/s")
         # Every block is checked against the CRC-32 recorded when it was
         # written before it goes out (checksums.py), beside sendfile.
         report.add("%s GET MB/s (disk store, checked)" % label, get_rate / 1e6,
@@ -597,7 +732,8 @@ def main():
                         default="wrk" if shutil.which("wrk") else "python",
                         help="load generator (default: wrk if installed)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=("small", "workers", "large", "lfs"), help="leave out a part")
+                        choices=("small", "workers", "durable", "listing", "large", "lfs"),
+                        help="leave out a part")
     parser.add_argument("--spool-dir", help="with --store s3: the service's --spool-dir "
                                             "(default: under --data-dir)")
     parser.add_argument("--store", choices=("local", "s3"), default="local",
@@ -610,12 +746,16 @@ def main():
     report = Report()
     started = time.time()
     if options.store == "s3":
-        options.skip = ["small", "workers", "large", "lfs"]
+        options.skip = ["small", "workers", "durable", "listing", "large", "lfs"]
         bench_s3(options, report, options.data_dir)
     if "small" not in options.skip:
         bench_small_objects(options, report)
     if "workers" not in options.skip:
         bench_workers(options, report, options.data_dir)
+    if "durable" not in options.skip:
+        bench_durable_puts(options, report, options.data_dir)
+    if "listing" not in options.skip:
+        bench_listing(options, report, options.data_dir)
     if "large" not in options.skip:
         bench_large_objects(options, report, options.data_dir)
     if "lfs" not in options.skip:
