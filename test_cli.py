@@ -30,17 +30,21 @@ class DiskStoreProcessTest(unittest.TestCase):
                                 capture_output=True, text=True)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
-    def test_sigkill_mid_upload_leaves_no_partial_object(self):
-        first = ServerProcess(self, "--data-dir", self.root)
-        self.assertEqual(first.request("PUT", "/data/repo", b"acknowledged").status, 201)
-        sock = socket.create_connection(("127.0.0.1", first.port), timeout=10)
+    def kill_mid_upload(self, server):
+        """SIGKILL ``server`` while an upload is being written to its disk."""
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         self.addCleanup(sock.close)
         sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
         wait_until(lambda: any(path.startswith("@tmp") and
                                os.path.getsize(os.path.join(self.root, path)) > 0
                                for path in files_under(self.root)))
-        first.process.kill()
-        first.process.wait()
+        server.process.kill()
+        server.process.wait()
+
+    def test_sigkill_mid_upload_leaves_no_partial_object(self):
+        first = ServerProcess(self, "--data-dir", self.root)
+        self.assertEqual(first.request("PUT", "/data/repo", b"acknowledged").status, 201)
+        self.kill_mid_upload(first)
         second = ServerProcess(self, "--data-dir", self.root)
         self.assertEqual(second.request("GET", "/data/repo/" + sha256(b"acknowledged")).body,
                          b"acknowledged")
@@ -55,14 +59,7 @@ class DiskStoreProcessTest(unittest.TestCase):
         run_concurrently([lambda data=data: statuses.append(
             first.request("PUT", "/data/repo", data).status) for data in datas])
         self.assertEqual(statuses, [201] * len(datas))
-        sock = socket.create_connection(("127.0.0.1", first.port), timeout=10)
-        self.addCleanup(sock.close)
-        sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
-        wait_until(lambda: any(path.startswith("@tmp") and
-                               os.path.getsize(os.path.join(self.root, path)) > 0
-                               for path in files_under(self.root)))
-        first.process.kill()
-        first.process.wait()
+        self.kill_mid_upload(first)
         second = ServerProcess(self, "--data-dir", self.root, "--group-commit")
         for data in datas:
             self.assertEqual(second.request("GET", "/data/repo/" + sha256(data)).body, data)
