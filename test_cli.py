@@ -417,9 +417,15 @@ class CommandLineTest(unittest.TestCase):
         def kill_workers():
             if process.poll() is not None:
                 return True
-            for pid in child_pids(process.pid):
-                if running(pid):
+            try:
+                workers = child_pids(process.pid)
+            except FileNotFoundError:   # the parent exited since poll()
+                return False
+            for pid in workers:
+                try:
                     os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:   # it died since, and was reaped
+                    pass
             return False
 
         wait_until(kill_workers, timeout=30)

@@ -99,8 +99,9 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "        except OSError as error:\n            raise storage.StoreUnavailable(\"reading object",
      "        except ValueError as error:\n            raise storage.StoreUnavailable(\"reading object"),
     ("S3 object quarantined when it cannot be read again", "s3.py",
-     "        except (OSError, storage.StoreUnavailable) as error:",
-     "        except (ValueError,) as error:"),
+     "            raise storage.StoreUnavailable(\"could not read %s again to check it: %s\"\n"
+     "                                           % (oid, error)) from None",
+     "            reread = None"),
     ("LFS upload asked again for a stored object", "lfs.py",
      "    if stored_size is not None:\n        if stored_size != size:",
      "    if False:\n        if stored_size != size:"),
