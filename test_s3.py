@@ -16,8 +16,9 @@ import unittest
 import checksums
 import s3
 
-from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, metric_samples, new_bucket, s3_engine,
-                      sha256)
+import server as server_module
+from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, WSGIClientMixin, metric_samples,
+                      new_bucket, s3_engine, sha256)
 
 
 class Relay:
@@ -89,8 +90,11 @@ class Relay:
             pass
 
 
-class ServiceOnS3Contract:
-    """``python server.py --store s3://BUCKET/PREFIX`` on a real engine (``engine``)."""
+class ServiceOnS3Contract(WSGIClientMixin):
+    """``python server.py --store s3://BUCKET/PREFIX`` on a real engine
+    (``engine``); and the application in-process (``self.request``, through
+    ``wsgiref.validate``) where what a server would do with its body must not
+    hide a mistake."""
 
     engine = None
 
@@ -230,6 +234,19 @@ class ServiceOnS3Contract:
         self.assertEqual(bad_range.status, 500)
         self.assertIn("taken out of service", bad_range.json()["error"])
         self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 404)
+
+    def test_a_range_is_exactly_its_bytes_whatever_the_server(self):
+        # Our gateway sends no more than the Content-Length; another WSGI
+        # server might send all it is given: the body itself must be exact.
+        self.app = server_module.DataStorageServer(s3.S3Store(self.bucket, "service/",
+                                                              self.client))
+        data = os.urandom(s3.CHECKSUMS_FROM_BYTES + (1 << 20) + 7)
+        oid = self.request("PUT", "/data/repo", data).json()["oid"]
+        for first, last in ((5, 9), ((1 << 20) - 1, 1 << 20), (3 << 20, (5 << 20) + 2),
+                            (len(data) - 3, len(data) - 1)):
+            ranged = self.request("GET", "/data/repo/" + oid,
+                                  headers={"Range": "bytes=%d-%d" % (first, last)})
+            self.assertEqual((ranged.status, ranged.body), (206, data[first:last + 1]), first)
 
     def test_wrong_block_checksums_are_recorded_anew_and_the_object_kept(self):
         server = self.serve()
