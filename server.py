@@ -1265,8 +1265,15 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
         store.check()
         return store
     if data_dir is not None:
-        return storage.DiskStore(data_dir, max_total_size=max_total_size,
-                                 sync_filesystem=storage.SYNCFS if group_commit else None)
+        store = storage.DiskStore(data_dir, max_total_size=max_total_size,
+                                  sync_filesystem=storage.SYNCFS if group_commit else None)
+        kind = storage.filesystem_type(data_dir) if group_commit else None
+        if group_commit and kind not in storage.SYNCFS_DURABLE:
+            store.close()
+            raise ValueError("--group-commit relies on syncfs, which makes data durable on %s; "
+                             "this directory is on %s" % (", ".join(storage.SYNCFS_DURABLE),
+                                                          kind or "a filesystem not known"))
+        return store
     return storage.MemoryStore(max_total_size=max_total_size)
 
 

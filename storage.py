@@ -43,6 +43,7 @@ import stat
 import sys
 import tempfile
 import threading
+import weakref
 
 import checksums
 
@@ -360,6 +361,25 @@ def _load_syncfs():
 
 SYNCFS = _load_syncfs()
 
+# Filesystems whose syncfs makes data durable as fsync does. Not every one's
+# does: FUSE's returns at once unless the daemon implements it, CIFS has none.
+SYNCFS_DURABLE = ("ext3", "ext4", "xfs", "btrfs", "overlay")
+
+
+def filesystem_type(path):
+    """The type of the filesystem holding ``path``, from /proc/self/mountinfo
+    (Linux), or None if it cannot be told."""
+    device = os.stat(path).st_dev
+    wanted = "%d:%d" % (os.major(device), os.minor(device))
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                if line.split()[2] == wanted:
+                    return line.split(" - ", 1)[1].split()[0]
+    except OSError:
+        pass
+    return None
+
 
 class GroupCommit:
     """Makes the writes of many threads durable together (group commit).
@@ -383,13 +403,32 @@ class GroupCommit:
     write error once, and the data it lost is not written again, so no
     later sync could vouch for the writes made before it."""
 
-    def __init__(self, fd, sync_filesystem):
-        self._fd = fd
+    def __init__(self, path, sync_filesystem):
+        """``path``: a directory on the filesystem to sync."""
+        self._path = path
         self._sync_filesystem = sync_filesystem
+        self._failure = None   # kept across a fork: the child's writes so far are the parent's
+        self._fd = None
+        self._start()
+        me = weakref.ref(self)   # a hook cannot be removed: it must not keep this alive
+        os.register_at_fork(after_in_child=lambda: me() and me()._fd is not None and me()._start())
+
+    def close(self):
+        with self._changed:
+            os.close(self._fd)
+            self._fd = None
+
+    def _start(self):
+        """An open file of this process's own (syncfs reports a write error
+        once per open file: one shared with a forked process could give the
+        error to it and 0 to us), and no sync running (a parent's thread
+        that was in one is not here to end it)."""
+        if self._fd is not None:
+            os.close(self._fd)   # the parent's open file: this process's copy only
+        self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._changed = threading.Condition()
         self._begun = self._ended = 0   # syncs begun, and ended, so far
         self._running = False
-        self._failure = None
 
     def sync(self):
         with self._changed:
@@ -611,7 +650,8 @@ class DiskStore:
             self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Every upload is renamed from here, so this is its filesystem.
-            self._group_commit = sync_filesystem and GroupCommit(self._lock_fd, sync_filesystem)
+            self._group_commit = sync_filesystem and GroupCommit(self._temporary_dir,
+                                                                 sync_filesystem)
             self._ledger_path = os.path.join(self.root, self.LEDGER_FILE)
             self._open_ledger()
             if _parse_ledger(os.pread(self._ledger_fd, 64, 0)) is None:
@@ -626,6 +666,8 @@ class DiskStore:
             shutil.rmtree(self._temporary_dir, ignore_errors=True)
             os.close(self._lock_fd)
             os.close(self._ledger_fd)
+            if self._group_commit:
+                self._group_commit.close()
             self._lock_fd = None
 
     @staticmethod
@@ -679,9 +721,7 @@ class DiskStore:
 
     def _put(self, repository, source, expected_oid, held, length):
         with write_errors_as_store_errors():
-            temporary_path = os.path.join(self._temporary_dir, "%d-%d" % (
-                os.getpid(), next(self._temporary_names)))   # forked workers may share the store
-            fd = os.open(temporary_path, _TEMPORARY_FLAGS, 0o600)
+            fd, temporary_path = self._new_temporary_file()
             try:
                 with open(fd, "wb", buffering=0) as file:
                     recorder = checksums.Recorder(length)
@@ -728,6 +768,19 @@ class DiskStore:
             except BaseException:
                 self._write_ledger((objects, stored_bytes))
                 raise
+
+    def _new_temporary_file(self):
+        """``(fd, path)`` of a new file in this process's temporary directory,
+        named ``<pid>-<count>``: workers forked after the store was opened
+        share the directory. A worker killed mid-upload leaves its file, and
+        one forked later may get its pid: such a name is passed over."""
+        while True:
+            path = os.path.join(self._temporary_dir, "%d-%d" % (
+                os.getpid(), next(self._temporary_names)))
+            try:
+                return os.open(path, _TEMPORARY_FLAGS, 0o600), path
+            except FileExistsError:
+                continue
 
     def _write(self, source, file, recorder, length):
         """Copy ``source`` into ``file``, hashing as it goes and giving the

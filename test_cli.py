@@ -14,6 +14,7 @@ import subprocess
 import sys
 import unittest
 
+import storage
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, child_pids, files_under, read_line,
                       run_concurrently, running, sha256, small_filesystem, temporary_directory,
                       wait_until)
@@ -53,6 +54,8 @@ class DiskStoreProcessTest(unittest.TestCase):
         self.assertAllObjectsIntact()
 
     def test_group_commit_keeps_every_acknowledged_upload_through_sigkill(self):
+        if storage.SYNCFS is None or storage.filesystem_type(self.root) not in storage.SYNCFS_DURABLE:
+            self.skipTest("--group-commit needs syncfs on one of %s" % (storage.SYNCFS_DURABLE,))
         first = ServerProcess(self, "--data-dir", self.root, "--group-commit")
         datas = [b"acknowledged %d" % number for number in range(12)]
         statuses = []
@@ -78,6 +81,15 @@ class DiskStoreProcessTest(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout), (2, ""))
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
         self.assertIn("--group-commit needs syncfs", result.stderr)
+
+    def test_group_commit_is_refused_where_syncfs_does_not_make_data_durable(self):
+        with small_filesystem(self) as mount_point:   # tmpfs: nothing is durable there
+            result = subprocess.run([sys.executable, SERVER_SCRIPT, "--group-commit",
+                                     "--data-dir", mount_point],
+                                    capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("this directory is on tmpfs", result.stderr)
 
     def test_two_processes_share_one_directory(self):
         one = ServerProcess(self, "--data-dir", self.root)
