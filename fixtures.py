@@ -150,6 +150,24 @@ def files_under(root):
                   for top, _, names in os.walk(root) for name in names)
 
 
+def in_forked_child(function):
+    """What ``function()`` returns (bytes) when run in a forked child process;
+    b"" if it raised or the child died."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, function())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        return b"".join(iter(lambda: os.read(read, 65536), b""))
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
 def child_pids(pid):
     with open("/proc/%d/task/%d/children" % (pid, pid)) as file:
         return [int(child) for child in file.read().split()]

@@ -21,7 +21,8 @@ import checksums
 import s3
 import storage
 from fixtures import (HERE, files_under, new_bucket, open_disk_store, run_concurrently, s3_engine,
-                      sha256, small_filesystem, temporary_directory, wait_until)
+                      in_forked_child, sha256, small_filesystem, temporary_directory,
+                      wait_until)
 
 
 class FailingSource(io.RawIOBase):
@@ -350,18 +351,9 @@ class S3StoreContract(StoreContract):
     def test_pooled_connections_are_not_shared_with_a_forked_child(self):
         self.put("repo", b"pooled")   # leaves a connection in the pool
         pooled, _ = self.store.client._idle[-1]   # noqa: SLF001 (the pool is what is tested)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # the child: its own connection, or the parent's answers get mixed up
-            try:
-                taken = self.store.client._take()   # noqa: SLF001
-                os.write(write, b"shared" if taken is pooled else b"own")
-            finally:
-                os._exit(0)
-        os.close(write)
-        self.assertEqual(os.read(read, 10), b"own")
-        os.waitpid(pid, 0)
-        os.close(read)
+        # The child's own connection, or the parent's answers get mixed up.
+        self.assertEqual(in_forked_child(lambda: b"shared" if self.store.client._take() is pooled
+                                         else b"own"), b"own")   # noqa: SLF001
         self.assertEqual(len(self.store.list_objects("repo")), 1)
 
     def test_layout_is_prefix_repository_oid(self):
@@ -979,19 +971,13 @@ class GroupCommitTest(unittest.TestCase):
         self.addCleanup(leader.join, 10)
         self.addCleanup(may_end.set)
         in_sync.wait(10)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # the parent's sync runs in a thread the child does not have
-            try:
-                signal.alarm(5)
-                commit.sync()
-                os.write(write, b"synced")
-            finally:
-                os._exit(0)
-        os.close(write)
-        self.assertEqual(os.read(read, 10), b"synced")
-        os.waitpid(pid, 0)
-        os.close(read)
+
+        def sync_in_child():   # the parent's sync runs in a thread the child does not have
+            signal.alarm(5)
+            commit.sync()
+            return b"synced"
+
+        self.assertEqual(in_forked_child(sync_in_child), b"synced")
 
     def test_no_put_returns_before_its_bytes_then_its_name_are_synced(self):
         root = temporary_directory(self)
