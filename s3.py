@@ -384,15 +384,22 @@ class S3Store:
         if recorded.size < CHECKSUMS_FROM_BYTES:
             return
         data = recorded.to_bytes()
-        path = self._checksums_path(repository, oid)
         try:
             status, _, _ = self.client.request(
-                "PutObject", "PUT", path, body=data,
+                "PutObject", "PUT", self._checksums_path(repository, oid), body=data,
                 payload_hash=hashlib.sha256(data).hexdigest(),
                 headers={"content-length": str(len(data)),
                          "content-type": "application/octet-stream"})
-            if status >= 300:   # refused: wrong ones left in place would fail every read
-                self.client.request("DeleteObject", "DELETE", path)
+        except storage.StoreUnavailable:
+            return
+        if status >= 300:   # refused: wrong ones left in place would fail every read
+            self._forget_checksums(repository, oid)
+
+    def _forget_checksums(self, repository, oid):
+        """Delete the object's checksums; if the engine fails, they stay
+        (right for the oid, if they were)."""
+        try:
+            self.client.request("DeleteObject", "DELETE", self._checksums_path(repository, oid))
         except storage.StoreUnavailable:
             pass
 
@@ -435,11 +442,7 @@ class S3Store:
         if size is None:
             raise storage.not_found(repository, oid)
         if size >= CHECKSUMS_FROM_BYTES:   # first: a PUT racing this one records them after
-            try:
-                self.client.request("DeleteObject", "DELETE",
-                                    self._checksums_path(repository, canonical))
-            except storage.StoreUnavailable:
-                pass
+            self._forget_checksums(repository, canonical)
         status, _, data = self.client.request("DeleteObject", "DELETE",
                                               self._path(repository, canonical))
         if status != 404:

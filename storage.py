@@ -727,11 +727,8 @@ class DiskStore:
                     recorder = checksums.Recorder(length)
                     oid, size = self._write(source, file, recorder, length)
                     _record_checksums(file.fileno(), recorder.finish())
-                    if not self._group_commit:
-                        self._sync_file(file.fileno())
+                    self._sync_written(file)   # its bytes, before its name
                 check_digest(oid, expected_oid)
-                if self._group_commit:
-                    self._group_commit.sync()   # its bytes, before its name
                 directory = object_directory(repository, oid)
                 shard_fd = self._shard_directory_to_write(directory)
                 try:
@@ -741,11 +738,22 @@ class DiskStore:
             except BaseException:
                 _remove_quietly(temporary_path)
                 raise
-            if self._group_commit:
-                self._group_commit.sync()   # its name
-            else:
-                self._sync_directory(os.path.join(self.root, *directory))
+            self._sync_renamed(directory)
         return oid, size
+
+    def _sync_written(self, file):
+        """Make what was written to ``file`` durable."""
+        if self._group_commit:
+            self._group_commit.sync()
+        else:
+            self._sync_file(file.fileno())
+
+    def _sync_renamed(self, directory):
+        """Make an entry renamed into ``directory`` (see ``object_directory``) durable."""
+        if self._group_commit:
+            self._group_commit.sync()
+        else:
+            self._sync_directory(os.path.join(self.root, *directory))
 
     def _publish(self, temporary_path, repository, oid, shard_fd, size, held):
         """Rename the finished file into place, within the quota. Whatever else

@@ -30,8 +30,8 @@ MUTANTS = [   # (name, file, snippet, replacement)
     ("no fsync of the object file", "storage.py",
      "self._sync_file(file.fileno())", "pass"),
     ("no fsync of the directory after the rename", "storage.py",
-     "            self._sync_directory(os.path.join(self.root, *directory))\n        return oid, size",
-     "            pass\n        return oid, size"),
+     "            self._sync_directory(os.path.join(self.root, *directory))",
+     "            pass"),
     ("copy instead of temp file + atomic rename", "storage.py",
      "            try:\n                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)",
      "            try:\n                shutil.copyfile(temporary_path, "
