@@ -10,10 +10,11 @@ application, and what ``http.server`` would get wrong:
 - chunked request bodies (``wsgi.input_terminated``), and ``100 Continue`` sent
   lazily on the first body read, so a refused request gets its final status;
 - ``TCP_NODELAY``, the head and a small body in one send, ``wsgi.file_wrapper``
-  sent with ``socket.sendfile``;
+  sent with ``sendfile``;
 - an unread body drained, or the connection closed after a lingering read, so
   it never becomes the next request (RFC 9112 §9.3);
-- per-operation timeouts, a bound on connections that reclaims idle ones
+- per-operation timeouts kept by the kernel (``SocketTimeouts``: no ``poll``
+  before each ``recv`` and ``send``), a bound on connections that reclaims idle ones
   (``ConnectionLimiter``), and a graceful drain at shutdown;
 - an access-log line for every response, and metrics for the responses the
   application did not give itself (protocol faults, refusals, abandoned requests).
@@ -24,9 +25,11 @@ import email.utils
 import errno
 import io
 import json
+import os
 import select
 import socket
 import socketserver
+import struct
 import threading
 import time
 import traceback
@@ -255,20 +258,69 @@ def _shut_down(sock):
         pass
 
 
-class RequestReader(socket.SocketIO):
+class SocketTimeouts:
+    """A connection's per-operation timeouts, kept by the kernel where it can.
+
+    ``socket.settimeout`` makes CPython wait in ``poll`` before every ``recv``
+    and ``send``: a second system call per operation, and with it a second
+    release and re-take of the GIL, which the other connection threads queue
+    for. A blocking socket with SO_RCVTIMEO and SO_SNDTIMEO (POSIX) makes one
+    call, which fails with EAGAIN (BlockingIOError) once the timeout passes
+    without progress; the reader and writer raise ``socket.timeout`` for it, as
+    ``settimeout`` would have raised. Elsewhere (Windows) ``settimeout`` it is."""
+
+    KERNEL = os.name == "posix"
+    LONGEST = 10 ** 9   # seconds: "never", and still a timeval (a timeval of 0 is "never" too)
+
+    def __init__(self, sock, seconds):
+        self._sock = sock
+        self._receive = None   # the receive timeout the kernel has now
+        if self.KERNEL:
+            sock.settimeout(None)   # blocking: the kernel times it out
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+        self.receive(seconds)
+
+    def receive(self, seconds):
+        """The timeout of the receives that follow (sends keep the first)."""
+        if seconds == self._receive:
+            return   # no system call
+        if self.KERNEL:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        else:
+            self._sock.settimeout(seconds)
+        self._receive = seconds
+
+
+def _timeval(seconds):
+    """``seconds`` as a struct timeval, at least a microsecond and at most LONGEST."""
+    microseconds = max(1, min(round(seconds * 1e6), SocketTimeouts.LONGEST * 10 ** 6))
+    return struct.pack("ll", *divmod(microseconds, 10 ** 6))
+
+
+def _timed_out():
+    """What a socket operation that failed with EAGAIN raises: on a blocking
+    socket, only its kernel timeout makes it fail so."""
+    return socket.timeout("timed out")
+
+
+class RequestReader(io.RawIOBase):
     """The connection's raw input, with time limits beyond the socket's own
     per-operation timeout (which a client sending one byte just in time
     never trips): a request head must arrive whole within the timeout of its
     first byte, and a body must average MIN_BODY_RATE once it has been
     arriving for the timeout. Each read gets the time left as its timeout."""
 
-    def __init__(self, sock, timeout):
-        super().__init__(sock, "rb")
+    def __init__(self, sock, timeouts, timeout):
+        super().__init__()
         self._sock = sock
+        self._timeouts = timeouts
         self._timeout = timeout
         self._deadline = None          # for the head: a fixed time
         self._body_started = None      # for the body: the rate's clock
         self._body_bytes = 0
+
+    def readable(self):
+        return True
 
     def head_begins(self):
         self._deadline, self._body_started = time.monotonic() + self._timeout, None
@@ -285,18 +337,48 @@ class RequestReader(socket.SocketIO):
         deadline = self._deadline
         if self._body_started is not None:
             deadline = self._body_started + self._timeout + self._body_bytes / MIN_BODY_RATE
+        timeout = self._timeout
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("request too slow: its head must arrive within %gs, "
                                      "its body at %d bytes/s" % (self._timeout, MIN_BODY_RATE))
-            self._sock.settimeout(min(left, self._timeout))
-        count = super().readinto(buffer)
+            timeout = min(left, timeout)
+        self._timeouts.receive(timeout)
+        try:
+            count = self._sock.recv_into(buffer)
+        except BlockingIOError:
+            raise _timed_out() from None
         if self._body_started is not None:
-            self._body_bytes += count or 0
-        if deadline is not None:
-            self._sock.settimeout(self._timeout)
+            self._body_bytes += count
         return count
+
+
+class ResponseWriter(io.BufferedIOBase):
+    """The connection's output: every ``write`` sent whole before it returns
+    (no buffer to flush), within the per-operation timeout."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self._sock = sock
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        try:
+            self._sock.sendall(data)
+        except BlockingIOError:
+            raise _timed_out() from None
+        return len(data)
+
+    def sendfile(self, file, offset, count):
+        """Send up to ``count`` bytes of ``file`` from ``offset`` with one
+        sendfile(2); return how many went out (0: the file ends at ``offset``)."""
+        try:
+            return os.sendfile(self._sock.fileno(), file.fileno(), offset, count)
+        except BlockingIOError:
+            raise _timed_out() from None
 
 
 class Exchange:
@@ -422,7 +504,8 @@ class Exchange:
         started = self.response is not None
         if started and self._bodyless():
             self._send_head()
-        elif started and isinstance(result, FileWrapper) and self.length is not None:
+        elif (started and isinstance(result, FileWrapper) and self.length is not None
+              and _sendable(result.filelike)):
             self._send_head()
             self._send_file(result.filelike)
         elif (started and self.status is None and isinstance(result, (list, tuple))
@@ -441,24 +524,24 @@ class Exchange:
             raise ConnectionError("response body ended before its Content-Length")
 
     def _send_file(self, file):
-        """Send ``self.length`` bytes of ``file`` from its position with sendfile,
-        counting what went out even when the client stalls or leaves midway
-        (socket.sendfile leaves the file positioned after the bytes it sent).
-        A file with ``checked_spans()`` gives the ``(offset, count)`` spans
-        that may go out, as they may, and raises to cut the response short."""
+        """Send ``self.length`` bytes of ``file`` from its position with
+        sendfile, counting what went out as it goes, so that a client that
+        stalls or leaves midway is logged with what it got. A file with
+        ``checked_spans()`` gives the ``(offset, count)`` spans that may go
+        out, as they may, and raises to cut the response short."""
         if hasattr(file, "checked_spans"):
             spans = file.checked_spans()
         else:
             spans = iter([(file.tell(), self.length)])
         try:
             for offset, count in spans:
-                if count:   # socket.sendfile refuses a count of 0
-                    try:
-                        self.connection.connection.sendfile(file, offset, count)
-                    finally:
-                        self.sent += file.tell() - offset
-                    if file.tell() - offset < count:   # the file ended early
+                end = offset + count
+                while offset < end:
+                    sent = self.connection.wfile.sendfile(file, offset, end - offset)
+                    if not sent:   # the file ended early
                         return
+                    offset += sent
+                    self.sent += sent
         finally:
             if hasattr(spans, "close"):
                 spans.close()
@@ -562,6 +645,18 @@ class Exchange:
                                    seconds)
 
 
+def _sendable(file):
+    """True if ``file`` can be sent with sendfile: an operating system file,
+    where there is sendfile (not on Windows)."""
+    if not hasattr(os, "sendfile"):
+        return False
+    try:
+        file.fileno()
+    except (AttributeError, OSError):   # io.UnsupportedOperation is an OSError
+        return False
+    return True
+
+
 def _origin_form(target):
     """The path and query of a request target in origin or absolute form (RFC 9112 §3.2)."""
     if target.startswith("/"):
@@ -573,13 +668,14 @@ def _origin_form(target):
 class Connection(socketserver.StreamRequestHandler):
     """Serves one connection: a keep-alive sequence of Exchanges."""
 
-    disable_nagle_algorithm = True   # small responses must not wait ~40 ms for an ACK
-
     def setup(self):
-        self.timeout = self.server.request_timeout
-        super().setup()
-        self.reader = RequestReader(self.connection, self.timeout)
+        self.connection = self.request
+        # Small responses must not wait ~40 ms for an ACK (Nagle's algorithm).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        timeouts = SocketTimeouts(self.connection, self.server.request_timeout)
+        self.reader = RequestReader(self.connection, timeouts, self.server.request_timeout)
         self.rfile = io.BufferedReader(self.reader)
+        self.wfile = ResponseWriter(self.connection)
 
     def handle(self):
         limiter = self.server.connections

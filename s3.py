@@ -427,8 +427,10 @@ class S3Store:
         size = self._size(repository, canonical) if canonical else None
         if size is None:
             raise storage.not_found(repository, oid)
-        return _StoredObject(_ObjectReader(self.client, self._path(repository, canonical), size),
-                             size, lambda: self._recorded_checksums(repository, canonical, size))
+        return storage.StoredObject(
+            _ObjectReader(self.client, self._path(repository, canonical), size), size,
+            may_change_at_rest=True,
+            checksums=lambda: self._recorded_checksums(repository, canonical, size))
 
     def delete(self, repository, oid):
         """Remove the object's checksums, then the object: in this order, a
@@ -528,25 +530,6 @@ class S3Store:
 
     def close(self):
         self.client.close()
-
-
-class _StoredObject(storage.StoredObject):
-    """A StoredObject whose ``checksums`` are fetched by ``load_checksums()``
-    the first time they are asked for (a HEAD never asks)."""
-
-    def __init__(self, file, size, load_checksums):
-        super().__init__(file, size, may_change_at_rest=True)
-        self._load_checksums = load_checksums
-
-    @property
-    def checksums(self):
-        if self._load_checksums is not None:
-            self._checksums, self._load_checksums = self._load_checksums(), None
-        return self._checksums
-
-    @checksums.setter
-    def checksums(self, value):
-        self._checksums, self._load_checksums = value, None
 
 
 def _checksums_recorder():

@@ -948,7 +948,8 @@ class DataStorageServer:
         with stored:
             if request.method == "HEAD":
                 return Response(status, headers, length=count)
-            stored.file.seek(0 if whole else first)
+            if not whole:
+                stored.file.seek(first)   # a whole object is read from 0, where it starts
             body = stored.file.read(size if whole else count)
             if whole and hashlib.sha256(body).hexdigest() != oid:
                 self._failed_check(request, repository, oid, stored)

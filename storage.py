@@ -36,6 +36,7 @@ import hashlib
 import io
 import itertools
 import os
+import platform
 import queue
 import re
 import shutil
@@ -141,13 +142,26 @@ class StoredObject:
     bytes could have been damaged since they were stored (a file can be; bytes
     in memory cannot), so a reader should check them: against ``checksums``
     (the checksums.BlockChecksums recorded when it was written) when there
-    are any, else against the oid. Close it (or use ``with``) when done."""
+    are any, else against the oid. A store may give, instead of the
+    checksums, a function that fetches them; it is called the first time they
+    are asked for (a HEAD never asks, nor does the read of a small object,
+    which is checked whole). Close it (or use ``with``) when done."""
 
     def __init__(self, file, size, may_change_at_rest=False, checksums=None):
         self.file = file
         self.size = size
         self.may_change_at_rest = may_change_at_rest
-        self.checksums = checksums
+        self._checksums = checksums
+
+    @property
+    def checksums(self):
+        if callable(self._checksums):
+            self._checksums = self._checksums()
+        return self._checksums
+
+    @checksums.setter
+    def checksums(self, value):
+        self._checksums = value
 
     def close(self):
         self.file.close()
@@ -360,6 +374,57 @@ def _load_syncfs():
 
 
 SYNCFS = _load_syncfs()
+
+# Machines on which Linux numbers openat2 437 (the table shared by new system calls).
+_OPENAT2_MACHINES = frozenset(("x86_64", "aarch64", "i386", "i686", "armv7l", "armv8l",
+                               "ppc64", "ppc64le", "s390x", "riscv64", "loongarch64"))
+_SYS_OPENAT2 = 437
+_AT_FDCWD = -100
+_RESOLVE_NO_SYMLINKS = 0x04   # no symlink followed anywhere on the path (nor /proc's magic links)
+
+
+def _load_openat2():
+    """openat2(2) with RESOLVE_NO_SYMLINKS, as a function ``(dir_fd, path,
+    flags)`` that returns a descriptor or raises OSError; or None: not Linux
+    5.6 or later on a machine whose system call number is known, or a sandbox
+    refuses the call. One call opens ``repository/shard/oid`` with no symlink
+    followed on the way, where walking the directories takes five (each a
+    hand-over of the GIL: see DiskStore.open)."""
+    if sys.platform != "linux" or platform.machine() not in _OPENAT2_MACHINES:
+        return None
+    try:
+        import ctypes   # only here: the rest of the store works without it
+        syscall = ctypes.CDLL(None, use_errno=True).syscall   # releases the GIL while it runs
+    except (ImportError, OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+
+    class OpenHow(ctypes.Structure):   # struct open_how
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]
+
+    hows = {}   # flags -> open_how, made once: the kernel only reads it
+
+    def openat2(dir_fd, path, flags):
+        how = hows.get(flags)
+        if how is None:
+            how = hows[flags] = OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+        fd = syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd),
+                     ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
+                     ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd < 0:
+            number = ctypes.get_errno()
+            raise OSError(number, os.strerror(number), path)
+        return fd
+
+    try:
+        os.close(openat2(_AT_FDCWD, "/", os.O_RDONLY | os.O_DIRECTORY))
+    except OSError:   # ENOSYS before Linux 5.6; EPERM from a seccomp filter
+        return None
+    return openat2
+
+
+OPENAT2 = _load_openat2()
 
 # Filesystems whose syncfs makes data durable as fsync does. Not every one's
 # does: FUSE's returns at once unless the daemon implements it, CIFS has none.
@@ -621,15 +686,18 @@ class DiskStore:
     QUARANTINE_DIR = "quarantine"
 
     def __init__(self, root, max_total_size=None, *, sync_file=os.fsync,
-                 sync_directory=_fsync_dir, sync_filesystem=None):
+                 sync_directory=_fsync_dir, sync_filesystem=None, openat2=OPENAT2):
         """``sync_file(fd)`` and ``sync_directory(path)`` make a file's data and
         a directory's entries durable. With ``sync_filesystem(fd)`` (SYNCFS),
         which makes everything written to a filesystem durable, uploads share
-        its calls (a GroupCommit) instead. Tests pass recorders to check the order."""
+        its calls (a GroupCommit) instead. Tests pass recorders to check the
+        order. ``openat2`` (OPENAT2) opens objects in one call; without it
+        (None) their directories are walked."""
         if not DISK_STORE_SUPPORTED:
             raise StoreError("the disk store needs fcntl.flock (POSIX: Linux, macOS, BSD)")
         self._sync_file = sync_file
         self._sync_directory = sync_directory
+        self._openat2 = openat2
         self.root = os.path.abspath(root)
         self._quota = _Quota(max_total_size)
         self._lock = threading.Lock()
@@ -639,6 +707,9 @@ class DiskStore:
         except FileExistsError:
             pass
         os.makedirs(temporary_root, exist_ok=True)
+        # Objects are opened from here with openat2 (the root itself may be a symlink).
+        self._root_fd = openat2 and os.open(self.root, getattr(os, "O_PATH", os.O_RDONLY)
+                                            | os.O_DIRECTORY)
         # Start-ups take turns (a lock on @tmp itself), so that no process's
         # clean-up can remove another's directory before it is locked.
         startup_fd = os.open(temporary_root, os.O_RDONLY)
@@ -668,6 +739,8 @@ class DiskStore:
             os.close(self._ledger_fd)
             if self._group_commit:
                 self._group_commit.close()
+            if self._root_fd is not None:
+                os.close(self._root_fd)
             self._lock_fd = None
 
     @staticmethod
@@ -891,24 +964,41 @@ class DiskStore:
 
     def open(self, repository, oid):
         """Return the object as a StoredObject over an open file, or raise
-        ObjectNotFound. Only a regular file is an object; nothing it opens can block."""
+        ObjectNotFound. Only a regular file is an object; nothing it opens can block.
+
+        Every system call here hands the GIL over to the other connection
+        threads and waits to get it back, so a GET makes as few as it can:
+        one ``openat2`` (where there is none, the repository and shard
+        directories are opened and closed on the way), one ``fstat`` (a
+        FileIO would make another), and the block checksums' ``fgetxattr``
+        only if they are asked for."""
         oid = self._canonical_oid(repository, oid)
+        names = (*object_directory(repository, oid), oid)
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
-            shard_fd = self._open_shard_directory(repository, oid)
             try:
-                fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
+                if self._openat2 is not None:
+                    fd = self._openat2(self._root_fd, "/".join(names), _OBJECT_FLAGS)
+                else:
+                    fd = self._open_beneath_by_walking(names)
             except OSError as error:
                 if error.errno in _NOT_OURS:
                     raise not_found(repository, oid) from None
                 raise
-            finally:
-                os.close(shard_fd)
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             os.close(fd)
             raise not_found(repository, oid)
-        return StoredObject(open(fd, "rb", buffering=0), status.st_size, may_change_at_rest=True,
-                            checksums=_recorded_checksums(fd))
+        file = _ObjectFile(fd)
+        return StoredObject(file, status.st_size, may_change_at_rest=True,
+                            checksums=lambda: _recorded_checksums(file.fileno()))
+
+    def _open_beneath_by_walking(self, names):
+        """A descriptor on the object ``names[-1]`` in the directories ``names[:-1]``."""
+        directory_fd = _open_directory_beneath(self.root, names[:-1])
+        try:
+            return os.open(names[-1], _OBJECT_FLAGS, dir_fd=directory_fd)
+        finally:
+            os.close(directory_fd)
 
     def delete(self, repository, oid):
         """Remove the object durably, or raise ObjectNotFound if the repository
@@ -1338,6 +1428,42 @@ def _object_problem(oid, shard_fd):
                 recorded.size, recorded.crcs)):
             _record_checksums(fd, recorded)
         return None
+
+
+class _ObjectFile(io.RawIOBase):
+    """An object's open file, read unbuffered as a FileIO would be, without
+    the ``fstat`` a FileIO makes when it is made (``DiskStore.open`` has just
+    made one). Closing it, or its collection, closes the descriptor."""
+
+    def __init__(self, fd):
+        super().__init__()
+        self._fd = fd
+
+    def fileno(self):
+        self._checkClosed()
+        return self._fd
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        return os.readv(self._fd, [buffer])
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        return os.lseek(self._fd, offset, whence)
+
+    def tell(self):
+        return os.lseek(self._fd, 0, os.SEEK_CUR)
+
+    def close(self):
+        if not self.closed:
+            try:
+                super().close()
+            finally:
+                os.close(self._fd)
 
 
 class _Descriptor:

@@ -407,6 +407,41 @@ class ConnectionTest(GatewayTestCase):
         self.assertGreater(record["response_bytes"], 0)
         self.assertLess(record["response_bytes"], len(data))
 
+    def test_a_file_download_whose_client_stalls_is_cut_off_after_the_timeout(self):
+        # Sent with sendfile: its timeout is the kernel's, not a poll's.
+        self.start(server.DataStorageServer(data_dir=temporary_directory(self)),
+                   request_timeout=0.3, log_format="json")
+        self.addCleanup(self.app.close)
+        data = os.urandom(32 * 1024 * 1024)   # more than the socket buffers hold
+        oid = self.put("repo", data)
+        sock = self.raw_socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /data/repo/%s HTTP/1.1\r\nHost: x\r\n\r\n" % oid.encode())
+        wait_until(lambda: '"status": 200' in self.running.log.getvalue())   # given up on
+        self.assertIn("abandoned: timed out", self.running.log.getvalue())
+        record = [json.loads(line) for line in self.running.log.getvalue().splitlines()
+                  if '"status": 200' in line][0]
+        self.assertGreater(record["response_bytes"], 0)   # counted as they went out
+        self.assertLess(record["response_bytes"], len(data))
+        wait_until(lambda: self.running.httpd.connections.counts()[0] == 0)   # and closed
+
+    def test_a_timed_out_read_is_a_socket_timeout(self):
+        # A blocking socket with a kernel timeout fails with EAGAIN, which
+        # socket.SocketIO would have returned as None (no bytes yet).
+        server_side, client_side = socket.socketpair()
+        self.addCleanup(server_side.close)
+        self.addCleanup(client_side.close)
+        timeouts = gateway.SocketTimeouts(server_side, 0.05)
+        reader = gateway.RequestReader(server_side, timeouts, 0.05)
+        with self.assertRaises(socket.timeout):
+            reader.readinto(bytearray(10))
+        client_side.sendall(b"abc")
+        self.assertEqual(reader.readinto(bytearray(10)), 3)
+        writer = gateway.ResponseWriter(server_side)
+        with self.assertRaises(socket.timeout):   # the peer reads nothing
+            while True:
+                writer.write(b"x" * 65536)
+
     def test_control_characters_from_clients_are_escaped_in_the_service_log(self):
         sock = self.raw_socket()
         sock.sendall(b"PUT /data/r?\x1b[2J HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")

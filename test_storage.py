@@ -8,6 +8,7 @@ import errno
 import functools
 import io
 import os
+import platform
 import signal
 import socket
 import stat
@@ -579,6 +580,45 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         with open(secret, "rb") as file:
             self.assertEqual(file.read(), b"outside the data directory")
 
+    def test_a_root_reached_through_a_symlink_serves_its_objects(self):
+        # Only the links below the root are refused: the root is the operator's choice.
+        oid = self.put("repo", b"through a linked root")[0]
+        self.store.close()
+        link = os.path.join(temporary_directory(self), "data")
+        os.symlink(self.root, link)
+        store = open_disk_store(self, link, openat2=self.store._openat2)
+        with store.open("repo", oid) as stored:
+            self.assertEqual(stored.file.read(), b"through a linked root")
+
+    @unittest.skipUnless(sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
+                         and tuple(map(int, platform.release().split(".")[:2])) >= (5, 6),
+                         "openat2 is Linux 5.6 and later")
+    def test_objects_are_opened_with_one_openat2_where_linux_has_it(self):
+        self.assertIsNotNone(storage.OPENAT2)
+        fd = storage.OPENAT2(storage._AT_FDCWD, self.root, os.O_RDONLY | os.O_DIRECTORY)
+        os.close(fd)
+        with self.assertRaises(OSError) as raised:   # no symlink anywhere on the path
+            storage.OPENAT2(storage._AT_FDCWD, os.path.join(self.root, "link", "x"), os.O_RDONLY)
+        self.assertEqual(raised.exception.errno, errno.ENOENT)
+        os.symlink(self.root, os.path.join(self.root, "link"))
+        with self.assertRaises(OSError) as raised:
+            storage.OPENAT2(storage._AT_FDCWD, os.path.join(self.root, "link", "@ledger"),
+                            os.O_RDONLY)
+        self.assertEqual(raised.exception.errno, errno.ELOOP)
+
+    @unittest.skipUnless(hasattr(os, "removexattr"), "no extended attributes here")
+    def test_checksums_are_read_when_first_asked_for_and_never_after_close(self):
+        data = os.urandom(2 * checksums.MIN_BLOCK_BYTES)
+        oid = self.put("repo", data)[0]
+        path = storage.object_path(self.root, "repo", oid)
+        with self.store.open("repo", oid) as stored:
+            os.removexattr(path, checksums.ATTRIBUTE)   # after the open, before they are asked for
+            self.assertIsNone(stored.checksums)
+        stored = self.store.open("repo", oid)
+        stored.close()   # its descriptor's number may be another file's by now
+        with self.assertRaises(ValueError):
+            stored.checksums
+
     def test_symlinked_directories_are_neither_followed_nor_written_through(self):
         data = b"an object in a tree outside the data directory"
         oid = sha256(data)
@@ -936,6 +976,13 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         second = subprocess.run(command, capture_output=True, text=True, timeout=60)
         self.assertEqual((second.returncode, second.stdout.splitlines()[-1].split(":")[-1]),
                          (0, " 0 corrupt"))
+
+
+class DiskStoreWalkingTest(DiskStoreTest):
+    """The disk store where there is no openat2: it walks the directories to an object."""
+
+    def make_store(self, **options):
+        return super().make_store(openat2=None, **options)
 
 
 class GroupCommitTest(unittest.TestCase):
