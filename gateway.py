@@ -25,6 +25,7 @@ import email.utils
 import errno
 import io
 import json
+import math
 import os
 import select
 import socket
@@ -259,7 +260,7 @@ def _shut_down(sock):
 
 
 class SocketTimeouts:
-    """A connection's per-operation timeouts, kept by the kernel where it can.
+    """A connection's per-operation timeout, ``seconds``, kept by the kernel where it can.
 
     ``socket.settimeout`` makes CPython wait in ``poll`` before every ``recv``
     and ``send``: a second system call per operation, and with it a second
@@ -267,34 +268,68 @@ class SocketTimeouts:
     for. A blocking socket with SO_RCVTIMEO and SO_SNDTIMEO (POSIX) makes one
     call, which fails with EAGAIN (BlockingIOError) once the timeout passes
     without progress; the reader and writer raise ``socket.timeout`` for it, as
-    ``settimeout`` would have raised. Elsewhere (Windows) ``settimeout`` it is."""
+    ``settimeout`` would have raised. Elsewhere (Windows, or where a timeval
+    is not two C longs) ``settimeout`` it is. Reads may be given less time
+    (``receive``); sends always get ``seconds``."""
 
-    KERNEL = os.name == "posix"
     LONGEST = 10 ** 9   # seconds: "never", and still a timeval (a timeval of 0 is "never" too)
 
     def __init__(self, sock, seconds):
+        self.seconds = seconds
         self._sock = sock
-        self._receive = None   # the receive timeout the kernel has now
-        if self.KERNEL:
+        self._receive = None   # the receive timeout the socket has now
+        if KERNEL_TIMEOUTS:
             sock.settimeout(None)   # blocking: the kernel times it out
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
         self.receive(seconds)
 
     def receive(self, seconds):
-        """The timeout of the receives that follow (sends keep the first)."""
+        """The timeout of the receives that follow."""
         if seconds == self._receive:
             return   # no system call
-        if self.KERNEL:
+        if KERNEL_TIMEOUTS:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
         else:
-            self._sock.settimeout(seconds)
+            self._sock.settimeout(seconds)   # for sends too: see ``sending``
         self._receive = seconds
+
+    def sending(self):
+        """Before a send: ``settimeout``'s one timeout back to ``seconds``, if a
+        read shortened it (the kernel's send timeout is separate)."""
+        if not KERNEL_TIMEOUTS:
+            self.receive(self.seconds)
+
+    def sent_file(self):
+        """After ``ResponseWriter.sendfile``, which waits with ``settimeout``."""
+        if KERNEL_TIMEOUTS:
+            self._sock.settimeout(None)
+        else:
+            self._receive = self.seconds
 
 
 def _timeval(seconds):
-    """``seconds`` as a struct timeval, at least a microsecond and at most LONGEST."""
-    microseconds = max(1, min(round(seconds * 1e6), SocketTimeouts.LONGEST * 10 ** 6))
+    """``seconds`` as a struct timeval, rounded up to a microsecond (so the
+    kernel never waits less), at least one and at most LONGEST seconds' worth."""
+    microseconds = max(1, min(math.ceil(seconds * 1e6), SocketTimeouts.LONGEST * 10 ** 6))
     return struct.pack("ll", *divmod(microseconds, 10 ** 6))
+
+
+def _kernel_timeouts_work():
+    """Whether sockets here take SO_RCVTIMEO and SO_SNDTIMEO as ``_timeval``
+    packs them: POSIX, and a timeval of two C longs (not a 32-bit system
+    built with a 64-bit time_t, whose timeval is wider than its longs)."""
+    if os.name != "posix":
+        return False
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(1))
+            return probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                    len(_timeval(1))) == _timeval(1)
+    except OSError:
+        return False
+
+
+KERNEL_TIMEOUTS = _kernel_timeouts_work()
 
 
 def _timed_out():
@@ -356,29 +391,47 @@ class RequestReader(io.RawIOBase):
 
 class ResponseWriter(io.BufferedIOBase):
     """The connection's output: every ``write`` sent whole before it returns
-    (no buffer to flush), within the per-operation timeout."""
+    (no buffer to flush), within the per-operation timeout.
 
-    def __init__(self, sock):
+    A client that takes nothing for a whole timeout is given up on with
+    ``socket.timeout``, and so is one that takes a little and then nothing
+    until the timeout passes: the kernel's SO_SNDTIMEO ends such a send
+    short instead of failing it, and every send after it would wait out
+    another whole timeout (a stalled download would hold its thread for
+    several). ``sendfile`` waits in ``poll`` instead: one sendfile(2) call
+    loops inside the kernel, each turn with a fresh timeout."""
+
+    def __init__(self, sock, timeouts):
         super().__init__()
         self._sock = sock
+        self._timeouts = timeouts
 
     def writable(self):
         return True
 
     def write(self, data):
-        try:
-            self._sock.sendall(data)
-        except BlockingIOError:
-            raise _timed_out() from None
+        self._timeouts.sending()
+        with memoryview(data) as view, view.cast("B") as left:
+            while left:
+                started = time.monotonic()
+                try:
+                    sent = self._sock.send(left)
+                except BlockingIOError:
+                    raise _timed_out() from None
+                if sent < len(left) and time.monotonic() - started >= self._timeouts.seconds:
+                    raise _timed_out()   # it waited out the timeout for this little
+                left = left[sent:]
         return len(data)
 
     def sendfile(self, file, offset, count):
-        """Send up to ``count`` bytes of ``file`` from ``offset`` with one
-        sendfile(2); return how many went out (0: the file ends at ``offset``)."""
+        """``socket.sendfile``: ``count`` bytes of ``file`` from ``offset`` (fewer
+        if it ends first), the file left positioned after what went out, even
+        when the client stalls and it raises ``socket.timeout``."""
+        self._sock.settimeout(self._timeouts.seconds)   # non-blocking, with poll
         try:
-            return os.sendfile(self._sock.fileno(), file.fileno(), offset, count)
-        except BlockingIOError:
-            raise _timed_out() from None
+            return self._sock.sendfile(file, offset, count)
+        finally:
+            self._timeouts.sent_file()
 
 
 class Exchange:
@@ -524,24 +577,24 @@ class Exchange:
             raise ConnectionError("response body ended before its Content-Length")
 
     def _send_file(self, file):
-        """Send ``self.length`` bytes of ``file`` from its position with
-        sendfile, counting what went out as it goes, so that a client that
-        stalls or leaves midway is logged with what it got. A file with
-        ``checked_spans()`` gives the ``(offset, count)`` spans that may go
-        out, as they may, and raises to cut the response short."""
+        """Send ``self.length`` bytes of ``file`` from its position with sendfile,
+        counting what went out even when the client stalls or leaves midway
+        (socket.sendfile leaves the file positioned after the bytes it sent).
+        A file with ``checked_spans()`` gives the ``(offset, count)`` spans
+        that may go out, as they may, and raises to cut the response short."""
         if hasattr(file, "checked_spans"):
             spans = file.checked_spans()
         else:
             spans = iter([(file.tell(), self.length)])
         try:
             for offset, count in spans:
-                end = offset + count
-                while offset < end:
-                    sent = self.connection.wfile.sendfile(file, offset, end - offset)
-                    if not sent:   # the file ended early
+                if count:   # socket.sendfile refuses a count of 0
+                    try:
+                        self.connection.wfile.sendfile(file, offset, count)
+                    finally:
+                        self.sent += file.tell() - offset
+                    if file.tell() - offset < count:   # the file ended early
                         return
-                    offset += sent
-                    self.sent += sent
         finally:
             if hasattr(spans, "close"):
                 spans.close()
@@ -675,7 +728,7 @@ class Connection(socketserver.StreamRequestHandler):
         timeouts = SocketTimeouts(self.connection, self.server.request_timeout)
         self.reader = RequestReader(self.connection, timeouts, self.server.request_timeout)
         self.rfile = io.BufferedReader(self.reader)
-        self.wfile = ResponseWriter(self.connection)
+        self.wfile = ResponseWriter(self.connection, timeouts)
 
     def handle(self):
         limiter = self.server.connections

@@ -32,6 +32,7 @@ import array
 import bisect
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import itertools
@@ -424,7 +425,13 @@ def _load_openat2():
     return openat2
 
 
-OPENAT2 = _load_openat2()
+_PROBED = object()   # DiskStore's default openat2: what openat2_function() finds
+
+
+@functools.lru_cache(maxsize=None)
+def openat2_function():
+    """``_load_openat2()``, probed once, when a disk store first needs it."""
+    return _load_openat2()
 
 # Filesystems whose syncfs makes data durable as fsync does. Not every one's
 # does: FUSE's returns at once unless the daemon implements it, CIFS has none.
@@ -660,9 +667,10 @@ class DiskStore:
       that is about to rename into the same directory.
     - Only what the store writes counts as an object: a regular file in real
       repository and shard directories. No symlink below the root is followed
-      (directories are opened with O_NOFOLLOW and their entries reached through
-      their descriptors), so nothing outside the root is read, listed or
-      unlinked. Anything else at an object path (a symlink, a directory, a FIFO,
+      (paths below it are opened with openat2's RESOLVE_NO_SYMLINKS, or
+      directory by directory with O_NOFOLLOW, and entries are reached through
+      their directories' descriptors), so nothing outside the root is read,
+      listed or unlinked. Anything else at an object path (a symlink, a directory, a FIFO,
       a socket) is not found, not listed and not counted, and is never opened
       in a way that could block. A put of its content moves it to the
       quarantine and publishes the object; a put into a repository or shard
@@ -686,13 +694,15 @@ class DiskStore:
     QUARANTINE_DIR = "quarantine"
 
     def __init__(self, root, max_total_size=None, *, sync_file=os.fsync,
-                 sync_directory=_fsync_dir, sync_filesystem=None, openat2=OPENAT2):
+                 sync_directory=_fsync_dir, sync_filesystem=None, openat2=_PROBED):
         """``sync_file(fd)`` and ``sync_directory(path)`` make a file's data and
         a directory's entries durable. With ``sync_filesystem(fd)`` (SYNCFS),
         which makes everything written to a filesystem durable, uploads share
         its calls (a GroupCommit) instead. Tests pass recorders to check the
-        order. ``openat2`` (OPENAT2) opens objects in one call; without it
-        (None) their directories are walked."""
+        order. ``openat2`` (by default ``openat2_function()``) opens objects
+        in one call; without it (None) their directories are walked."""
+        if openat2 is _PROBED:
+            openat2 = openat2_function()
         if not DISK_STORE_SUPPORTED:
             raise StoreError("the disk store needs fcntl.flock (POSIX: Linux, macOS, BSD)")
         self._sync_file = sync_file
@@ -707,11 +717,16 @@ class DiskStore:
         except FileExistsError:
             pass
         os.makedirs(temporary_root, exist_ok=True)
-        # Objects are opened from here with openat2 (the root itself may be a symlink).
-        self._root_fd = openat2 and os.open(self.root, getattr(os, "O_PATH", os.O_RDONLY)
-                                            | os.O_DIRECTORY)
+        # Objects are opened from here with openat2 (the root itself may be a
+        # symlink). It stays open as long as the store object lives, not only
+        # until ``close``: a request still in flight may open an object.
+        self._root_fd = None
+        if openat2 is not None:
+            self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY)
+            weakref.finalize(self, os.close, self._root_fd)
         # Start-ups take turns (a lock on @tmp itself), so that no process's
         # clean-up can remove another's directory before it is locked.
+        self._lock_fd = self._ledger_fd = self._group_commit = None   # for close, if this fails
         startup_fd = os.open(temporary_root, os.O_RDONLY)
         try:
             fcntl.flock(startup_fd, fcntl.LOCK_EX)
@@ -728,6 +743,9 @@ class DiskStore:
             if _parse_ledger(os.pread(self._ledger_fd, 64, 0)) is None:
                 # A new root, one from before the ledger, or a damaged ledger.
                 self._write_ledger(self._count_objects())
+        except BaseException:
+            self.close()
+            raise
         finally:
             os.close(startup_fd)   # releases the start-up lock
 
@@ -736,11 +754,10 @@ class DiskStore:
         if self._lock_fd is not None:
             shutil.rmtree(self._temporary_dir, ignore_errors=True)
             os.close(self._lock_fd)
-            os.close(self._ledger_fd)
+            if self._ledger_fd is not None:
+                os.close(self._ledger_fd)
             if self._group_commit:
                 self._group_commit.close()
-            if self._root_fd is not None:
-                os.close(self._root_fd)
             self._lock_fd = None
 
     @staticmethod
@@ -907,7 +924,7 @@ class DiskStore:
         aside what an operator may have put there on purpose."""
         with _refusing_foreign_directories(directory):
             try:
-                return _open_directory_beneath(self.root, directory)
+                return self._open_beneath(directory, _WALK_FLAGS)
             except FileNotFoundError:
                 return self._make_shard_directory(*directory)
 
@@ -956,7 +973,7 @@ class DiskStore:
         """A descriptor on the object's shard directory; ObjectNotFound if it is
         missing or not a real directory in a real repository directory."""
         try:
-            return _open_directory_beneath(self.root, object_directory(repository, oid))
+            return self._open_beneath(object_directory(repository, oid), _WALK_FLAGS)
         except OSError as error:
             if error.errno in _NOT_OURS:
                 raise not_found(repository, oid) from None
@@ -976,10 +993,7 @@ class DiskStore:
         names = (*object_directory(repository, oid), oid)
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
             try:
-                if self._openat2 is not None:
-                    fd = self._openat2(self._root_fd, "/".join(names), _OBJECT_FLAGS)
-                else:
-                    fd = self._open_beneath_by_walking(names)
+                fd = self._open_beneath(names, _OBJECT_FLAGS)
             except OSError as error:
                 if error.errno in _NOT_OURS:
                     raise not_found(repository, oid) from None
@@ -992,11 +1006,17 @@ class DiskStore:
         return StoredObject(file, status.st_size, may_change_at_rest=True,
                             checksums=lambda: _recorded_checksums(file.fileno()))
 
-    def _open_beneath_by_walking(self, names):
-        """A descriptor on the object ``names[-1]`` in the directories ``names[:-1]``."""
+    def _open_beneath(self, names, flags):
+        """A descriptor on ``root/names[0]/.../names[-1]`` (two names or more)
+        opened with ``flags``, reached without following a symlink below the
+        root: with one openat2, else by opening each directory on the way with
+        O_NOFOLLOW. Raises OSError with an errno in ``_NOT_OURS`` when one of
+        them is missing or is not a real directory."""
+        if self._openat2 is not None:
+            return self._openat2(self._root_fd, "/".join(names), flags)
         directory_fd = _open_directory_beneath(self.root, names[:-1])
         try:
-            return os.open(names[-1], _OBJECT_FLAGS, dir_fd=directory_fd)
+            return os.open(names[-1], flags, dir_fd=directory_fd)
         finally:
             os.close(directory_fd)
 
@@ -1450,12 +1470,15 @@ class _ObjectFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
+        self._checkClosed()   # its number may be another file's by now
         return os.readv(self._fd, [buffer])
 
     def seek(self, offset, whence=os.SEEK_SET):
+        self._checkClosed()
         return os.lseek(self._fd, offset, whence)
 
     def tell(self):
+        self._checkClosed()
         return os.lseek(self._fd, 0, os.SEEK_CUR)
 
     def close(self):

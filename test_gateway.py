@@ -16,6 +16,7 @@ import random
 import re
 import select
 import socket
+import sys
 import threading
 import time
 import unittest
@@ -407,27 +408,41 @@ class ConnectionTest(GatewayTestCase):
         self.assertGreater(record["response_bytes"], 0)
         self.assertLess(record["response_bytes"], len(data))
 
-    def test_a_file_download_whose_client_stalls_is_cut_off_after_the_timeout(self):
-        # Sent with sendfile: its timeout is the kernel's, not a poll's.
+    def test_a_download_whose_client_stalls_is_cut_off_after_one_timeout(self):
+        # The kernel's send timeout ends a send that took a little short, and
+        # the next one would wait a whole timeout again: several in all.
         self.start(server.DataStorageServer(data_dir=temporary_directory(self)),
-                   request_timeout=0.3, log_format="json")
+                   request_timeout=1.0, log_format="json")
         self.addCleanup(self.app.close)
         data = os.urandom(32 * 1024 * 1024)   # more than the socket buffers hold
-        oid = self.put("repo", data)
-        sock = self.raw_socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.sendall(b"GET /data/repo/%s HTTP/1.1\r\nHost: x\r\n\r\n" % oid.encode())
-        wait_until(lambda: '"status": 200' in self.running.log.getvalue())   # given up on
-        self.assertIn("abandoned: timed out", self.running.log.getvalue())
-        record = [json.loads(line) for line in self.running.log.getvalue().splitlines()
-                  if '"status": 200' in line][0]
-        self.assertGreater(record["response_bytes"], 0)   # counted as they went out
-        self.assertLess(record["response_bytes"], len(data))
-        wait_until(lambda: self.running.httpd.connections.counts()[0] == 0)   # and closed
+        for oid, kind in ((self.put("repo", data), "sendfile"),
+                          (self.put("repo", data[:60000]), "one send")):
+            with self.subTest(kind=kind):
+                logged = functools.partial(lambda mark: self.running.log.getvalue()[mark:],
+                                           len(self.running.log.getvalue()))
+                sock = socket.socket()
+                self.addCleanup(sock.close)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                sock.connect(("127.0.0.1", self.running.port))
+                request = b"GET /data/repo/%s HTTP/1.1\r\nHost: x\r\n\r\n" % oid.encode()
+                started = time.monotonic()
+                # Read nothing: a response in one send stalls once the buffers are full.
+                sock.sendall(request * (1 if kind == "sendfile" else 200))
+                wait_until(lambda: "abandoned: timed out" in logged())
+                self.assertLess(time.monotonic() - started, 2.5)
+                if kind == "sendfile":
+                    wait_until(lambda: '"status": 200' in logged())
+                    record = [json.loads(line) for line in logged().splitlines()
+                              if '"status": 200' in line][0]
+                    self.assertGreater(record["response_bytes"], 0)   # counted as they went out
+                    self.assertLess(record["response_bytes"], len(data))
+                wait_until(lambda: self.running.httpd.connections.counts()[0] == 0)   # and closed
 
-    def test_a_timed_out_read_is_a_socket_timeout(self):
+    def test_a_timed_out_read_or_send_is_a_socket_timeout(self):
         # A blocking socket with a kernel timeout fails with EAGAIN, which
         # socket.SocketIO would have returned as None (no bytes yet).
+        if sys.platform == "linux":
+            self.assertTrue(gateway.KERNEL_TIMEOUTS)
         server_side, client_side = socket.socketpair()
         self.addCleanup(server_side.close)
         self.addCleanup(client_side.close)
@@ -437,10 +452,24 @@ class ConnectionTest(GatewayTestCase):
             reader.readinto(bytearray(10))
         client_side.sendall(b"abc")
         self.assertEqual(reader.readinto(bytearray(10)), 3)
-        writer = gateway.ResponseWriter(server_side)
+        writer = gateway.ResponseWriter(server_side, timeouts)
         with self.assertRaises(socket.timeout):   # the peer reads nothing
             while True:
                 writer.write(b"x" * 65536)
+
+    def test_without_kernel_timeouts_a_head_s_time_left_is_not_a_send_s(self):
+        # One settimeout serves reads and sends alike: a send gets the whole timeout back.
+        kernel_timeouts = gateway.KERNEL_TIMEOUTS
+        gateway.KERNEL_TIMEOUTS = False
+        self.addCleanup(setattr, gateway, "KERNEL_TIMEOUTS", kernel_timeouts)
+        server_side, client_side = socket.socketpair()
+        self.addCleanup(server_side.close)
+        self.addCleanup(client_side.close)
+        timeouts = gateway.SocketTimeouts(server_side, 30.0)
+        timeouts.receive(0.01)   # what a head's last read may get
+        gateway.ResponseWriter(server_side, timeouts).write(b"response")
+        self.assertEqual(server_side.gettimeout(), 30.0)
+        self.assertEqual(client_side.recv(100), b"response")
 
     def test_control_characters_from_clients_are_escaped_in_the_service_log(self):
         sock = self.raw_socket()

@@ -6,6 +6,7 @@ and inherits every test, so each backend proves the same guarantees.
 
 import errno
 import functools
+import gc
 import io
 import os
 import platform
@@ -594,17 +595,43 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                          and tuple(map(int, platform.release().split(".")[:2])) >= (5, 6),
                          "openat2 is Linux 5.6 and later")
     def test_objects_are_opened_with_one_openat2_where_linux_has_it(self):
-        self.assertIsNotNone(storage.OPENAT2)
-        fd = storage.OPENAT2(storage._AT_FDCWD, self.root, os.O_RDONLY | os.O_DIRECTORY)
+        openat2 = storage.openat2_function()
+        self.assertIsNotNone(openat2)
+        fd = openat2(storage._AT_FDCWD, self.root, os.O_RDONLY | os.O_DIRECTORY)
         os.close(fd)
         with self.assertRaises(OSError) as raised:   # no symlink anywhere on the path
-            storage.OPENAT2(storage._AT_FDCWD, os.path.join(self.root, "link", "x"), os.O_RDONLY)
+            openat2(storage._AT_FDCWD, os.path.join(self.root, "link", "x"), os.O_RDONLY)
         self.assertEqual(raised.exception.errno, errno.ENOENT)
         os.symlink(self.root, os.path.join(self.root, "link"))
         with self.assertRaises(OSError) as raised:
-            storage.OPENAT2(storage._AT_FDCWD, os.path.join(self.root, "link", "@ledger"),
-                            os.O_RDONLY)
+            openat2(storage._AT_FDCWD, os.path.join(self.root, "link", "@ledger"), os.O_RDONLY)
         self.assertEqual(raised.exception.errno, errno.ELOOP)
+
+    def test_objects_open_after_the_store_is_closed_and_closed_files_stay_closed(self):
+        # A request still in flight when a server gives up draining and closes its store.
+        oid = self.put("repo", b"still served")[0]
+        self.store.close()
+        stored = self.store.open("repo", oid)
+        with stored:
+            self.assertEqual(stored.file.read(), b"still served")
+        for use in (lambda: stored.file.read(1), lambda: stored.file.seek(0), stored.file.tell,
+                    stored.file.fileno):
+            with self.assertRaises(ValueError):   # never another file that took its number
+                use()
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc/self/fd")
+    def test_a_store_that_fails_to_start_leaves_no_descriptor_open(self):
+        os.mkdir(os.path.join(self.root, "@ledger-to-be"))
+        self.store.close()
+        os.remove(os.path.join(self.root, "@ledger"))
+        os.rename(os.path.join(self.root, "@ledger-to-be"), os.path.join(self.root, "@ledger"))
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            with self.assertRaises(IsADirectoryError):
+                storage.DiskStore(self.root, openat2=self.store._openat2)
+        gc.collect()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
 
     @unittest.skipUnless(hasattr(os, "removexattr"), "no extended attributes here")
     def test_checksums_are_read_when_first_asked_for_and_never_after_close(self):

@@ -109,6 +109,21 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "            if path in locks:\n", "            if False:\n"),
     ("someone else's LFS lock removed without force", "lfs.py",
      'if lock["owner"]["name"] != owner and not force:', "if False:"),
+    ("sendfile on a socket without its timeout", "gateway.py",
+     "        self._sock.settimeout(self._timeouts.seconds)   # non-blocking, with poll",
+     "        pass"),
+    ("a send that waited out its timeout for a little, sent again", "gateway.py",
+     "                    raise _timed_out()   # it waited out the timeout for this little",
+     "                    pass"),
+    ("a kernel timeout read as end of input", "gateway.py",
+     "        except BlockingIOError:\n            raise _timed_out() from None\n"
+     "        if self._body_started",
+     "        except BlockingIOError:\n            return 0\n        if self._body_started"),
+    ("block checksums read through a stale descriptor", "storage.py",
+     "checksums=lambda: _recorded_checksums(file.fileno()))",
+     "checksums=lambda: _recorded_checksums(fd))"),
+    ("openat2 following symlinks", "storage.py",
+     "_RESOLVE_NO_SYMLINKS = 0x04", "_RESOLVE_NO_SYMLINKS = 0"),
 ]
 
 
