@@ -689,6 +689,10 @@ class DiskStore:
     """
 
     BLOCK_BYTES = 1 << 20
+    # A smaller object gets no block checksums: readers check it whole against
+    # its oid (the application reads objects up to 64 KiB whole), and its
+    # fsetxattr would be one more system call on every small upload.
+    CHECKSUMS_FROM_BYTES = 64 * 1024 + 1
     TEMPORARY_DIR = "@tmp"
     LEDGER_FILE = "@ledger"
     QUARANTINE_DIR = "quarantine"
@@ -799,8 +803,9 @@ class DiskStore:
             return self._put(repository, source if room is None else _WithinRoom(source, room),
                              expected_oid, held, length)
         finally:
-            with self._lock:
-                self._quota.release(held)
+            if held:   # else no lock to wait for: publishing uploads hold it a while
+                with self._lock:
+                    self._quota.release(held)
 
     def _is_stored(self, repository, oid):
         try:
@@ -813,10 +818,11 @@ class DiskStore:
         with write_errors_as_store_errors():
             fd, temporary_path = self._new_temporary_file()
             try:
-                with open(fd, "wb", buffering=0) as file:
+                with _ObjectFile(fd) as file:
                     recorder = checksums.Recorder(length)
                     oid, size = self._write(source, file, recorder, length)
-                    _record_checksums(file.fileno(), recorder.finish())
+                    if size >= self.CHECKSUMS_FROM_BYTES:
+                        _record_checksums(file.fileno(), recorder.finish())
                     self._sync_written(file)   # its bytes, before its name
                 check_digest(oid, expected_oid)
                 directory = object_directory(repository, oid)
@@ -1451,9 +1457,10 @@ def _object_problem(oid, shard_fd):
 
 
 class _ObjectFile(io.RawIOBase):
-    """An object's open file, read unbuffered as a FileIO would be, without
-    the ``fstat`` a FileIO makes when it is made (``DiskStore.open`` has just
-    made one). Closing it, or its collection, closes the descriptor."""
+    """An object's open file, read or written unbuffered as a FileIO would
+    be, without the ``fstat`` a FileIO makes when it is made (``DiskStore
+    .open`` has just made one; an upload's new file needs none). Closing it,
+    or its collection, closes the descriptor."""
 
     def __init__(self, fd):
         super().__init__()
@@ -1466,12 +1473,19 @@ class _ObjectFile(io.RawIOBase):
     def readable(self):
         return True
 
+    def writable(self):
+        return True
+
     def seekable(self):
         return True
 
     def readinto(self, buffer):
         self._checkClosed()   # its number may be another file's by now
         return os.readv(self._fd, [buffer])
+
+    def write(self, data):
+        self._checkClosed()
+        return os.write(self._fd, data)
 
     def seek(self, offset, whence=os.SEEK_SET):
         self._checkClosed()

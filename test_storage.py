@@ -813,12 +813,17 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                 self.assertEqual(recorded.block_size, checksums.block_size_for(length or 0))
                 self.assertTrue(recorded.match(data))
                 self.store.delete("repo", oid)
-        small, _ = self.put("repo", b"small")
-        with self.store.open("repo", small) as stored:
-            self.assertTrue(stored.checksums.match(b"small"))
+        for size in (storage.DiskStore.CHECKSUMS_FROM_BYTES, 0):   # from 64 KiB on
+            data = os.urandom(size)
+            with self.store.open("repo", self.put("repo", data)[0]) as stored:
+                self.assertEqual(bool(size), stored.checksums is not None)   # else checked whole
+                self.assertTrue(not size or stored.checksums.match(data))
+        with self.store.open("repo", self.put("repo", os.urandom(64 * 1024))[0]) as stored:
+            self.assertIsNone(stored.checksums)
 
     def test_damaged_or_missing_checksums_are_none(self):
-        oid, _ = self.put("repo", b"data")
+        data = b"d" * storage.DiskStore.CHECKSUMS_FROM_BYTES
+        oid, _ = self.put("repo", data)
         path = storage.object_path(self.root, "repo", oid)
         recorded = os.getxattr(path, checksums.ATTRIBUTE)
         for value in (recorded[:-1], b"\0" + recorded[1:]):
@@ -828,7 +833,7 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         os.removexattr(path, checksums.ATTRIBUTE)
         with self.store.open("repo", oid) as stored:
             self.assertIsNone(stored.checksums)
-            self.assertEqual(stored.file.read(), b"data")
+            self.assertEqual(stored.file.read(), data)
 
     def test_verify_quarantines_corrupt_objects(self):
         good, _ = self.put("repo", b"good")
