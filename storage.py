@@ -689,10 +689,6 @@ class DiskStore:
     """
 
     BLOCK_BYTES = 1 << 20
-    # A smaller object gets no block checksums: readers check it whole against
-    # its oid (the application reads objects up to 64 KiB whole), and its
-    # fsetxattr would be one more system call on every small upload.
-    CHECKSUMS_FROM_BYTES = 64 * 1024 + 1
     TEMPORARY_DIR = "@tmp"
     LEDGER_FILE = "@ledger"
     QUARANTINE_DIR = "quarantine"
@@ -821,8 +817,7 @@ class DiskStore:
                 with _ObjectFile(fd) as file:
                     recorder = checksums.Recorder(length)
                     oid, size = self._write(source, file, recorder, length)
-                    if size >= self.CHECKSUMS_FROM_BYTES:
-                        _record_checksums(file.fileno(), recorder.finish())
+                    _record_checksums(file.fileno(), recorder.finish())
                     self._sync_written(file)   # its bytes, before its name
                 check_digest(oid, expected_oid)
                 directory = object_directory(repository, oid)
@@ -1375,12 +1370,18 @@ def _write_all(file, chunk):
 _fdatasync = getattr(os, "fdatasync", os.fsync)   # macOS has no fdatasync
 
 
+# A smaller object gets no block checksums: readers check it whole against its
+# oid (the application reads objects of up to 64 KiB whole), and recording them
+# would cost every small upload one more system call.
+CHECKSUMS_FROM_BYTES = 64 * 1024 + 1
+
+
 def _record_checksums(fd, recorded):
-    """Keep ``recorded`` (BlockChecksums, or None) with the file. They are an
-    aid, not part of the object: where the file system takes no extended
-    attributes (or the platform has none) the object goes without, and is
-    checked against its oid when read."""
-    if recorded is None or not hasattr(os, "setxattr"):
+    """Keep ``recorded`` (BlockChecksums, or None) with the file, if it is
+    CHECKSUMS_FROM_BYTES or larger. They are an aid, not part of the object:
+    where the file system takes no extended attributes (or the platform has
+    none) the object goes without, and is checked against its oid when read."""
+    if recorded is None or recorded.size < CHECKSUMS_FROM_BYTES or not hasattr(os, "setxattr"):
         return
     try:
         os.setxattr(fd, checksums.ATTRIBUTE, recorded.to_bytes())

@@ -608,7 +608,7 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
         by an older version, or copied by a tool that drops extended attributes;
         a small object gets them only from an older version)."""
         oid = self.put("repo", data)
-        small = len(data) < storage.DiskStore.CHECKSUMS_FROM_BYTES   # stored without them
+        small = len(data) < storage.CHECKSUMS_FROM_BYTES   # stored without them
         if recorded and small:   # as versions before 2026-11-27 stored small objects
             recorder = checksums.Recorder(len(data))
             recorder.update(data)

@@ -813,7 +813,7 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                 self.assertEqual(recorded.block_size, checksums.block_size_for(length or 0))
                 self.assertTrue(recorded.match(data))
                 self.store.delete("repo", oid)
-        for size in (storage.DiskStore.CHECKSUMS_FROM_BYTES, 0):   # from 64 KiB on
+        for size in (storage.CHECKSUMS_FROM_BYTES, 0):   # from 64 KiB on
             data = os.urandom(size)
             with self.store.open("repo", self.put("repo", data)[0]) as stored:
                 self.assertEqual(bool(size), stored.checksums is not None)   # else checked whole
@@ -822,7 +822,7 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
             self.assertIsNone(stored.checksums)
 
     def test_damaged_or_missing_checksums_are_none(self):
-        data = b"d" * storage.DiskStore.CHECKSUMS_FROM_BYTES
+        data = b"d" * storage.CHECKSUMS_FROM_BYTES
         oid, _ = self.put("repo", data)
         path = storage.object_path(self.root, "repo", oid)
         recorded = os.getxattr(path, checksums.ATTRIBUTE)
