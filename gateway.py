@@ -21,6 +21,7 @@ application, and what ``http.server`` would get wrong:
 """
 
 import collections
+import contextlib
 import email.utils
 import errno
 import io
@@ -260,17 +261,20 @@ def _shut_down(sock):
 
 
 class SocketTimeouts:
-    """A connection's per-operation timeout, ``seconds``, kept by the kernel where it can.
+    """A connection's per-operation timeout, ``seconds``, kept without a
+    ``poll`` before every read where it can be.
 
     ``socket.settimeout`` makes CPython wait in ``poll`` before every ``recv``
     and ``send``: a second system call per operation, and with it a second
     release and re-take of the GIL, which the other connection threads queue
-    for. A blocking socket with SO_RCVTIMEO and SO_SNDTIMEO (POSIX) makes one
-    call, which fails with EAGAIN (BlockingIOError) once the timeout passes
-    without progress; the reader and writer raise ``socket.timeout`` for it, as
-    ``settimeout`` would have raised. Elsewhere (Windows, or where a timeval
-    is not two C longs) ``settimeout`` it is. Reads may be given less time
-    (``receive``); sends always get ``seconds``."""
+    for. Here (POSIX, ``KERNEL_TIMEOUTS``) the socket blocks, and reads get
+    the kernel's SO_RCVTIMEO: one call, which fails with EAGAIN
+    (BlockingIOError) once the timeout passes without a byte; the reader
+    raises ``socket.timeout`` for it. Sends do not block at all (see
+    ResponseWriter), since the kernel's send timeout is one budget for a
+    whole call rather than a limit on a pause. Elsewhere (Windows, or where
+    a timeval is not two C longs) ``settimeout`` it is. Reads may be given
+    less time (``receive``); sends always get ``seconds``."""
 
     LONGEST = 10 ** 9   # seconds: "never", and still a timeval (a timeval of 0 is "never" too)
 
@@ -279,8 +283,7 @@ class SocketTimeouts:
         self._sock = sock
         self._receive = None   # the receive timeout the socket has now
         if KERNEL_TIMEOUTS:
-            sock.settimeout(None)   # blocking: the kernel times it out
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+            sock.settimeout(None)   # blocking: the kernel times reads out
         self.receive(seconds)
 
     def receive(self, seconds):
@@ -294,17 +297,23 @@ class SocketTimeouts:
         self._receive = seconds
 
     def sending(self):
-        """Before a send: ``settimeout``'s one timeout back to ``seconds``, if a
-        read shortened it (the kernel's send timeout is separate)."""
+        """Before a send without kernel timeouts: ``settimeout``'s one timeout
+        back to ``seconds``, if a read shortened it."""
         if not KERNEL_TIMEOUTS:
             self.receive(self.seconds)
 
-    def sent_file(self):
-        """After ``ResponseWriter.sendfile``, which waits with ``settimeout``."""
-        if KERNEL_TIMEOUTS:
-            self._sock.settimeout(None)
-        else:
-            self._receive = self.seconds
+    @contextlib.contextmanager
+    def non_blocking(self):
+        """The socket made non-blocking for a while (for sendfile), then as it was."""
+        self._sock.setblocking(False)
+        try:
+            yield
+        finally:
+            if KERNEL_TIMEOUTS:
+                self._sock.setblocking(True)
+            else:
+                self._receive = None
+                self.receive(self.seconds)
 
 
 def _timeval(seconds):
@@ -315,9 +324,9 @@ def _timeval(seconds):
 
 
 def _kernel_timeouts_work():
-    """Whether sockets here take SO_RCVTIMEO and SO_SNDTIMEO as ``_timeval``
-    packs them: POSIX, and a timeval of two C longs (not a 32-bit system
-    built with a 64-bit time_t, whose timeval is wider than its longs)."""
+    """Whether sockets here take SO_RCVTIMEO as ``_timeval`` packs it: POSIX,
+    and a timeval of two C longs (not a 32-bit system built with a 64-bit
+    time_t, whose timeval is wider than its longs)."""
     if os.name != "posix":
         return False
     try:
@@ -333,8 +342,8 @@ KERNEL_TIMEOUTS = _kernel_timeouts_work()
 
 
 def _timed_out():
-    """What a socket operation that failed with EAGAIN raises: on a blocking
-    socket, only its kernel timeout makes it fail so."""
+    """What a read that failed with EAGAIN on a blocking socket (its kernel
+    timeout), or a wait for room to send that ran out, raises."""
     return socket.timeout("timed out")
 
 
@@ -391,15 +400,18 @@ class RequestReader(io.RawIOBase):
 
 class ResponseWriter(io.BufferedIOBase):
     """The connection's output: every ``write`` sent whole before it returns
-    (no buffer to flush), within the per-operation timeout.
+    (no buffer to flush). A client that takes nothing for the per-operation
+    timeout is given up on with ``socket.timeout``; one that keeps taking
+    bytes, however slowly, is not.
 
-    A client that takes nothing for a whole timeout is given up on with
-    ``socket.timeout``, and so is one that takes a little and then nothing
-    until the timeout passes: the kernel's SO_SNDTIMEO ends such a send
-    short instead of failing it, and every send after it would wait out
-    another whole timeout (a stalled download would hold its thread for
-    several). ``sendfile`` waits in ``poll`` instead: one sendfile(2) call
-    loops inside the kernel, each turn with a fresh timeout."""
+    With kernel timeouts a send never blocks (MSG_DONTWAIT; a file's
+    sendfile on the socket made non-blocking): what fits in the socket's
+    buffer goes at once, in one call, and for the rest the writer waits in
+    ``poll`` for room, up to the timeout each time. A blocking send with
+    SO_SNDTIMEO would end short once the timeout's worth of time had passed,
+    whatever the client took meanwhile, and a sendfile(2) call starts a
+    fresh timeout for each piece it sends (a stalled client held one for
+    3-4 timeouts)."""
 
     def __init__(self, sock, timeouts):
         super().__init__()
@@ -410,28 +422,53 @@ class ResponseWriter(io.BufferedIOBase):
         return True
 
     def write(self, data):
-        self._timeouts.sending()
+        if not KERNEL_TIMEOUTS:
+            self._timeouts.sending()
+            self._sock.sendall(data)
+            return len(data)
         with memoryview(data) as view, view.cast("B") as left:
-            while left:
-                started = time.monotonic()
+            while True:
                 try:
-                    sent = self._sock.send(left)
+                    left = left[self._sock.send(left, socket.MSG_DONTWAIT):]
                 except BlockingIOError:
-                    raise _timed_out() from None
-                if sent < len(left) and time.monotonic() - started >= self._timeouts.seconds:
-                    raise _timed_out()   # it waited out the timeout for this little
-                left = left[sent:]
-        return len(data)
+                    pass
+                if not left:
+                    return len(data)
+                self._wait_for_room()
 
     def sendfile(self, file, offset, count):
-        """``socket.sendfile``: ``count`` bytes of ``file`` from ``offset`` (fewer
-        if it ends first), the file left positioned after what went out, even
-        when the client stalls and it raises ``socket.timeout``."""
-        self._sock.settimeout(self._timeouts.seconds)   # non-blocking, with poll
-        try:
-            return self._sock.sendfile(file, offset, count)
-        finally:
-            self._timeouts.sent_file()
+        """Send ``count`` bytes of ``file`` from ``offset`` with sendfile(2)
+        (fewer if the file ends first); return how many went out. The file is
+        left positioned after them, even when the client stalls (socket.timeout)
+        or leaves midway, so that the caller can count what was sent."""
+        sent = 0
+        with self._timeouts.non_blocking():
+            try:
+                while sent < count:
+                    try:
+                        done = os.sendfile(self._sock.fileno(), file.fileno(), offset + sent,
+                                           count - sent)
+                    except BlockingIOError:
+                        self._wait_for_room()
+                        continue
+                    if not done:   # the file ended
+                        break
+                    sent += done
+            finally:
+                file.seek(offset + sent)
+        return sent
+
+    def _wait_for_room(self):
+        """Until the socket can take more bytes; socket.timeout if it cannot
+        within the timeout. (poll, or select where there is none.)"""
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(self._sock, select.POLLOUT)
+            ready = poller.poll(self._timeouts.seconds * 1000)
+        else:
+            ready = select.select([], [self._sock], [], self._timeouts.seconds)[1]
+        if not ready:
+            raise _timed_out()
 
 
 class Exchange:
@@ -579,7 +616,7 @@ class Exchange:
     def _send_file(self, file):
         """Send ``self.length`` bytes of ``file`` from its position with sendfile,
         counting what went out even when the client stalls or leaves midway
-        (socket.sendfile leaves the file positioned after the bytes it sent).
+        (ResponseWriter.sendfile leaves the file positioned after the bytes it sent).
         A file with ``checked_spans()`` gives the ``(offset, count)`` spans
         that may go out, as they may, and raises to cut the response short."""
         if hasattr(file, "checked_spans"):
@@ -588,7 +625,7 @@ class Exchange:
             spans = iter([(file.tell(), self.length)])
         try:
             for offset, count in spans:
-                if count:   # socket.sendfile refuses a count of 0
+                if count:
                     try:
                         self.connection.wfile.sendfile(file, offset, count)
                     finally:

@@ -457,6 +457,55 @@ class ConnectionTest(GatewayTestCase):
             while True:
                 writer.write(b"x" * 65536)
 
+    def test_a_slow_client_that_keeps_reading_is_not_cut_off(self):
+        # The timeout bounds a pause, not a send: 4 MiB in one write, read 64 KiB at a time.
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client_side = socket.socket()
+            client_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            client_side.connect(listener.getsockname())
+            server_side = listener.accept()[0]
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)   # no room for it all
+        self.addCleanup(server_side.close)
+        self.addCleanup(client_side.close)
+        writer = gateway.ResponseWriter(server_side, gateway.SocketTimeouts(server_side, 0.2))
+        received, block = [], bytearray(64 * 1024)
+
+        def read_slowly():
+            while sum(received) < 4 << 20:
+                count = client_side.recv_into(block)
+                if not count:   # the write failed
+                    return
+                received.append(count)
+                time.sleep(0.01)   # a slow client: 4 MiB take longer than the timeout
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
+        started = time.monotonic()
+        try:
+            writer.write(b"x" * (4 << 20))
+        finally:
+            server_side.close()   # the reader's end, if the write failed
+            reader.join()
+        self.assertGreater(time.monotonic() - started, 0.2)
+        self.assertEqual(sum(received), 4 << 20)
+
+    def test_a_file_sent_to_a_closed_connection_counts_nothing_sent(self):
+        # And the socket blocks again afterwards, whatever happened: its reads
+        # rely on the kernel's timeout.
+        server_side, client_side = socket.socketpair()
+        self.addCleanup(server_side.close)
+        writer = gateway.ResponseWriter(server_side, gateway.SocketTimeouts(server_side, 1.0))
+        with open(os.path.join(temporary_directory(self), "file"), "w+b") as file:
+            file.write(b"f" * 100000)
+            self.assertEqual(writer.sendfile(file, 1000, 50000), 50000)
+            self.assertEqual(client_side.recv(50000, socket.MSG_WAITALL), b"f" * 50000)
+            self.assertEqual(file.tell(), 51000)
+            self.assertEqual(server_side.getblocking(), gateway.KERNEL_TIMEOUTS)
+            client_side.close()
+            with self.assertRaises(ConnectionError):
+                writer.sendfile(file, 1000, 50000)
+            self.assertEqual(file.tell(), 1000)   # nothing went out
+            self.assertEqual(server_side.getblocking(), gateway.KERNEL_TIMEOUTS)
+
     def test_without_kernel_timeouts_a_head_s_time_left_is_not_a_send_s(self):
         # One settimeout serves reads and sends alike: a send gets the whole timeout back.
         kernel_timeouts = gateway.KERNEL_TIMEOUTS
