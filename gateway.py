@@ -13,8 +13,8 @@ application, and what ``http.server`` would get wrong:
   sent with ``sendfile``;
 - an unread body drained, or the connection closed after a lingering read, so
   it never becomes the next request (RFC 9112 §9.3);
-- per-operation timeouts kept by the kernel (``SocketTimeouts``: no ``poll``
-  before each ``recv`` and ``send``), a bound on connections that reclaims idle ones
+- per-operation timeouts without a ``poll`` before each ``recv`` and ``send``
+  (``SocketTimeouts``, ``ResponseWriter``), a bound on connections that reclaims idle ones
   (``ConnectionLimiter``), and a graceful drain at shutdown;
 - an access-log line for every response, and metrics for the responses the
   application did not give itself (protocol faults, refusals, abandoned requests).
@@ -341,6 +341,9 @@ def _kernel_timeouts_work():
 KERNEL_TIMEOUTS = _kernel_timeouts_work()
 
 
+POLL_LONGEST = (2 ** 31 - 1) / 1000   # seconds: poll's longest wait (its int of milliseconds)
+
+
 def _timed_out():
     """What a read that failed with EAGAIN on a blocking socket (its kernel
     timeout), or a wait for room to send that ran out, raises."""
@@ -401,8 +404,9 @@ class RequestReader(io.RawIOBase):
 class ResponseWriter(io.BufferedIOBase):
     """The connection's output: every ``write`` sent whole before it returns
     (no buffer to flush). A client that takes nothing for the per-operation
-    timeout is given up on with ``socket.timeout``; one that keeps taking
-    bytes, however slowly, is not.
+    timeout is given up on with ``socket.timeout``; with kernel timeouts,
+    one that keeps taking bytes, however slowly, is not (without them,
+    ``sendall``'s timeout bounds each whole write).
 
     With kernel timeouts a send never blocks (MSG_DONTWAIT; a file's
     sendfile on the socket made non-blocking): what fits in the socket's
@@ -461,12 +465,13 @@ class ResponseWriter(io.BufferedIOBase):
     def _wait_for_room(self):
         """Until the socket can take more bytes; socket.timeout if it cannot
         within the timeout. (poll, or select where there is none.)"""
+        seconds = min(self._timeouts.seconds, POLL_LONGEST)
         if hasattr(select, "poll"):
             poller = select.poll()
             poller.register(self._sock, select.POLLOUT)
-            ready = poller.poll(self._timeouts.seconds * 1000)
+            ready = poller.poll(seconds * 1000)
         else:
-            ready = select.select([], [self._sock], [], self._timeouts.seconds)[1]
+            ready = select.select([], [self._sock], [], seconds)[1]
         if not ready:
             raise _timed_out()
 

@@ -456,6 +456,8 @@ class ConnectionTest(GatewayTestCase):
         with self.assertRaises(socket.timeout):   # the peer reads nothing
             while True:
                 writer.write(b"x" * 65536)
+        # A timeout too long for poll's milliseconds (--request-timeout 1e9) is "never".
+        gateway.ResponseWriter(client_side, gateway.SocketTimeouts(client_side, 1e9))._wait_for_room()
 
     def test_a_slow_client_that_keeps_reading_is_not_cut_off(self):
         # The timeout bounds a pause, not a send: 4 MiB in one write, read 64 KiB at a time.
