@@ -244,13 +244,21 @@ class ConnectionLimiter:
 
 def _has_unread_bytes(sock):
     """True if the socket is readable now: a request, or the client's close, has arrived.
-    (A zero-timeout poll, or select where there is no poll, as on Windows; recv
-    would first wait out the socket's timeout.)"""
+    (recv would first wait out the socket's timeout.)"""
+    return _ready(sock, writing=False, seconds=0)
+
+
+def _ready(sock, writing, seconds):
+    """True if ``sock`` can be written (``writing``), else read, within
+    ``seconds``: poll, or select where there is none (Windows). A wait beyond
+    poll's 24 days (an int of milliseconds) is as good as forever."""
+    seconds = min(seconds, (2 ** 31 - 1) / 1000)
     if not hasattr(select, "poll"):
-        return bool(select.select([sock], [], [], 0)[0])
+        readers, writers = ([], [sock]) if writing else ([sock], [])
+        return any(select.select(readers, writers, [], seconds)[:2])
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+    poller.register(sock, select.POLLOUT if writing else select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
 
 
 def _shut_down(sock):
@@ -339,9 +347,6 @@ def _kernel_timeouts_work():
 
 
 KERNEL_TIMEOUTS = _kernel_timeouts_work()
-
-
-POLL_LONGEST = (2 ** 31 - 1) / 1000   # seconds: poll's longest wait (its int of milliseconds)
 
 
 def _timed_out():
@@ -464,15 +469,8 @@ class ResponseWriter(io.BufferedIOBase):
 
     def _wait_for_room(self):
         """Until the socket can take more bytes; socket.timeout if it cannot
-        within the timeout. (poll, or select where there is none.)"""
-        seconds = min(self._timeouts.seconds, POLL_LONGEST)
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(self._sock, select.POLLOUT)
-            ready = poller.poll(seconds * 1000)
-        else:
-            ready = select.select([], [self._sock], [], seconds)[1]
-        if not ready:
+        within the timeout."""
+        if not _ready(self._sock, writing=True, seconds=self._timeouts.seconds):
             raise _timed_out()
 
 

@@ -409,8 +409,8 @@ class ConnectionTest(GatewayTestCase):
         self.assertLess(record["response_bytes"], len(data))
 
     def test_a_download_whose_client_stalls_is_cut_off_after_one_timeout(self):
-        # The kernel's send timeout ends a send that took a little short, and
-        # the next one would wait a whole timeout again: several in all.
+        # The kernel's send timeout would end a send that took a little short,
+        # and the next would wait a whole timeout again: several in all.
         self.start(server.DataStorageServer(data_dir=temporary_directory(self)),
                    request_timeout=1.0, log_format="json")
         self.addCleanup(self.app.close)
@@ -418,8 +418,10 @@ class ConnectionTest(GatewayTestCase):
         for oid, kind in ((self.put("repo", data), "sendfile"),
                           (self.put("repo", data[:60000]), "one send")):
             with self.subTest(kind=kind):
-                logged = functools.partial(lambda mark: self.running.log.getvalue()[mark:],
-                                           len(self.running.log.getvalue()))
+                mark = len(self.running.log.getvalue())
+
+                def logged():   # what this subtest's request logged
+                    return self.running.log.getvalue()[mark:]
                 sock = socket.socket()
                 self.addCleanup(sock.close)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)

@@ -813,13 +813,13 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                 self.assertEqual(recorded.block_size, checksums.block_size_for(length or 0))
                 self.assertTrue(recorded.match(data))
                 self.store.delete("repo", oid)
-        for size in (storage.CHECKSUMS_FROM_BYTES, 0):   # from 64 KiB on
-            data = os.urandom(size)
+        for size in (0, 64 * 1024, storage.CHECKSUMS_FROM_BYTES):   # none up to 64 KiB:
+            data = os.urandom(size)                                    # such are checked whole
             with self.store.open("repo", self.put("repo", data)[0]) as stored:
-                self.assertEqual(bool(size), stored.checksums is not None)   # else checked whole
-                self.assertTrue(not size or stored.checksums.match(data))
-        with self.store.open("repo", self.put("repo", os.urandom(64 * 1024))[0]) as stored:
-            self.assertIsNone(stored.checksums)
+                if size < storage.CHECKSUMS_FROM_BYTES:
+                    self.assertIsNone(stored.checksums)
+                else:
+                    self.assertTrue(stored.checksums.match(data))
 
     def test_damaged_or_missing_checksums_are_none(self):
         data = b"d" * storage.CHECKSUMS_FROM_BYTES
