@@ -78,6 +78,17 @@ def temporary_directory(test):
     return directory.name
 
 
+def not_cached(path, offset=0):
+    """Put the bytes of ``path`` from ``offset`` out of the page cache, as far
+    as its filesystem lets them go (tmpfs keeps them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)   # dirty pages are not dropped
+        os.posix_fadvise(fd, offset, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def open_disk_store(test, root, **options):
     store = storage.DiskStore(root, **options)
     test.addCleanup(store.close)

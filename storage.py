@@ -48,6 +48,7 @@ import threading
 import weakref
 
 import checksums
+import nowait
 
 try:
     import fcntl   # POSIX only; the in-memory store must import anywhere
@@ -382,39 +383,53 @@ _OPENAT2_MACHINES = frozenset(("x86_64", "aarch64", "i386", "i686", "armv7l", "a
 _SYS_OPENAT2 = 437
 _AT_FDCWD = -100
 _RESOLVE_NO_SYMLINKS = 0x04   # no symlink followed anywhere on the path (nor /proc's magic links)
+_RESOLVE_CACHED = 0x20   # EAGAIN rather than look a name up on disk (Linux 5.12)
 
 
 def _load_openat2():
     """openat2(2) with RESOLVE_NO_SYMLINKS, as a function ``(dir_fd, path,
-    flags)`` that returns a descriptor or raises OSError; or None: not Linux
-    5.6 or later on a machine whose system call number is known, or a sandbox
-    refuses the call. One call opens ``repository/shard/oid`` with no symlink
-    followed on the way, where walking the directories takes five (each a
-    hand-over of the GIL: see DiskStore.open)."""
+    flags, cached=False)`` that returns a descriptor or raises OSError; or
+    None: not Linux 5.6 or later on a machine whose system call number is
+    known, or a sandbox refuses the call. One call opens
+    ``repository/shard/oid`` with no symlink followed on the way, where
+    walking the directories takes five (each a hand-over of the GIL: see
+    DiskStore.open).
+
+    With ``cached``, the call keeps the GIL and adds RESOLVE_CACHED: the
+    kernel looks the path up in its caches only, and where it would have to
+    read a directory from disk (or on Linux before 5.12) the function returns
+    None, for the caller to make the ordinary call (see ``nowait``)."""
     if sys.platform != "linux" or platform.machine() not in _OPENAT2_MACHINES:
         return None
     try:
         import ctypes   # only here: the rest of the store works without it
         syscall = ctypes.CDLL(None, use_errno=True).syscall   # releases the GIL while it runs
+        held_syscall = ctypes.PyDLL(None, use_errno=True).syscall   # keeps it
     except (ImportError, OSError, AttributeError):
         return None
-    syscall.restype = ctypes.c_long
+    syscall.restype = held_syscall.restype = ctypes.c_long
 
     class OpenHow(ctypes.Structure):   # struct open_how
         _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
                     ("resolve", ctypes.c_uint64)]
 
-    hows = {}   # flags -> open_how, made once: the kernel only reads it
+    hows = {}   # (flags, cached) -> open_how, made once: the kernel only reads it
+    cache_lookups = True   # unless the kernel refuses RESOLVE_CACHED (probed below)
 
-    def openat2(dir_fd, path, flags):
-        how = hows.get(flags)
+    def openat2(dir_fd, path, flags, cached=False):
+        if cached and not cache_lookups:
+            return None
+        how = hows.get((flags, cached))
         if how is None:
-            how = hows[flags] = OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
-        fd = syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd),
-                     ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
-                     ctypes.c_size_t(ctypes.sizeof(how)))
+            how = hows[flags, cached] = OpenHow(
+                flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS | (_RESOLVE_CACHED if cached else 0))
+        fd = (held_syscall if cached else syscall)(
+            ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(os.fsencode(path)),
+            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
         if fd < 0:
             number = ctypes.get_errno()
+            if cached and number == errno.EAGAIN:
+                return None
             raise OSError(number, os.strerror(number), path)
         return fd
 
@@ -422,6 +437,13 @@ def _load_openat2():
         os.close(openat2(_AT_FDCWD, "/", os.O_RDONLY | os.O_DIRECTORY))
     except OSError:   # ENOSYS before Linux 5.6; EPERM from a seccomp filter
         return None
+    try:
+        fd = openat2(_AT_FDCWD, "/", os.O_RDONLY | os.O_DIRECTORY, cached=True)
+    except OSError:   # EINVAL before Linux 5.12
+        cache_lookups = False
+    else:
+        if fd is not None:
+            os.close(fd)
     return openat2
 
 
@@ -700,7 +722,9 @@ class DiskStore:
         which makes everything written to a filesystem durable, uploads share
         its calls (a GroupCommit) instead. Tests pass recorders to check the
         order. ``openat2`` (by default ``openat2_function()``) opens objects
-        in one call; without it (None) their directories are walked."""
+        in one call; without it (None) their directories are walked. On a
+        local filesystem, the calls of a read that cannot wait keep the GIL
+        (see ``nowait``)."""
         if openat2 is _PROBED:
             openat2 = openat2_function()
         if not DISK_STORE_SUPPORTED:
@@ -717,6 +741,7 @@ class DiskStore:
         except FileExistsError:
             pass
         os.makedirs(temporary_root, exist_ok=True)
+        self._nowait = nowait.AVAILABLE and filesystem_type(self.root) in nowait.LOCAL_FILESYSTEMS
         # Objects are opened from here with openat2 (the root itself may be a
         # symlink). It stays open as long as the store object lives, not only
         # until ``close``: a request still in flight may open an object.
@@ -984,12 +1009,14 @@ class DiskStore:
         """Return the object as a StoredObject over an open file, or raise
         ObjectNotFound. Only a regular file is an object; nothing it opens can block.
 
-        Every system call here hands the GIL over to the other connection
+        Every ordinary system call hands the GIL over to the other connection
         threads and waits to get it back, so a GET makes as few as it can:
         one ``openat2`` (where there is none, the repository and shard
         directories are opened and closed on the way), one ``fstat`` (a
         FileIO would make another), and the block checksums' ``fgetxattr``
-        only if they are asked for."""
+        only if they are asked for. On a local filesystem the open, the
+        ``fstat``, reads of what is cached and the close keep the GIL, where
+        the kernel can make them without waiting (see ``nowait``)."""
         oid = self._canonical_oid(repository, oid)
         names = (*object_directory(repository, oid), oid)
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
@@ -999,12 +1026,16 @@ class DiskStore:
                 if error.errno in _NOT_OURS:
                     raise not_found(repository, oid) from None
                 raise
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
+        mode_and_size = nowait.status(fd) if self._nowait else None
+        if mode_and_size is None:
+            status = os.fstat(fd)
+            mode_and_size = status.st_mode, status.st_size
+        mode, size = mode_and_size
+        if not stat.S_ISREG(mode):
             os.close(fd)
             raise not_found(repository, oid)
-        file = _ObjectFile(fd)
-        return StoredObject(file, status.st_size, may_change_at_rest=True,
+        file = _ObjectFile(fd, read_only_local=self._nowait)
+        return StoredObject(file, size, may_change_at_rest=True,
                             checksums=lambda: _recorded_checksums(file.fileno()))
 
     def _open_beneath(self, names, flags):
@@ -1014,7 +1045,9 @@ class DiskStore:
         O_NOFOLLOW. Raises OSError with an errno in ``_NOT_OURS`` when one of
         them is missing or is not a real directory."""
         if self._openat2 is not None:
-            return self._openat2(self._root_fd, "/".join(names), flags)
+            path = "/".join(names)
+            fd = self._openat2(self._root_fd, path, flags, cached=True) if self._nowait else None
+            return fd if fd is not None else self._openat2(self._root_fd, path, flags)
         directory_fd = _open_directory_beneath(self.root, names[:-1])
         try:
             return os.open(names[-1], flags, dir_fd=directory_fd)
@@ -1461,11 +1494,18 @@ class _ObjectFile(io.RawIOBase):
     """An object's open file, read or written unbuffered as a FileIO would
     be, without the ``fstat`` a FileIO makes when it is made (``DiskStore
     .open`` has just made one; an upload's new file needs none). Closing it,
-    or its collection, closes the descriptor."""
+    or its collection, closes the descriptor.
 
-    def __init__(self, fd):
+    ``read_only_local``: a file opened only to be read, on a local
+    filesystem. Its reads take what is in the page cache, and its close is
+    made, keeping the GIL (see ``nowait``); a read whose bytes are not all
+    cached reads the rest the ordinary way, so that a read is whole up to
+    the end of the file, as a FileIO's is."""
+
+    def __init__(self, fd, read_only_local=False):
         super().__init__()
         self._fd = fd
+        self._read_only_local = read_only_local
 
     def fileno(self):
         self._checkClosed()
@@ -1482,7 +1522,13 @@ class _ObjectFile(io.RawIOBase):
 
     def readinto(self, buffer):
         self._checkClosed()   # its number may be another file's by now
-        return os.readv(self._fd, [buffer])
+        cached = nowait.read(self._fd, buffer) if self._read_only_local else None
+        if cached is None:
+            return os.readv(self._fd, [buffer])
+        if cached in (0, len(buffer)):
+            return cached
+        with memoryview(buffer) as view, view.cast("B") as rest:
+            return cached + os.readv(self._fd, [rest[cached:]])
 
     def write(self, data):
         self._checkClosed()
@@ -1501,7 +1547,8 @@ class _ObjectFile(io.RawIOBase):
             try:
                 super().close()
             finally:
-                os.close(self._fd)
+                if not (self._read_only_local and nowait.close(self._fd)):
+                    os.close(self._fd)
 
 
 class _Descriptor:

@@ -22,7 +22,7 @@ import urllib.parse
 import checksums
 import s3
 import storage
-from fixtures import (HERE, files_under, new_bucket, open_disk_store, run_concurrently, s3_engine,
+from fixtures import (HERE, files_under, new_bucket, not_cached, open_disk_store, run_concurrently, s3_engine,
                       in_forked_child, sha256, small_filesystem, temporary_directory,
                       wait_until)
 
@@ -580,6 +580,16 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         self.assertTrue(stat.S_ISLNK(self.quarantined("repo", oid).st_mode))
         with open(secret, "rb") as file:
             self.assertEqual(file.read(), b"outside the data directory")
+
+    @unittest.skipUnless(hasattr(os, "posix_fadvise"), "pages are put out of the cache with posix_fadvise")
+    def test_an_object_partly_out_of_the_page_cache_is_read_whole(self):
+        # Reads take what is cached without waiting, then the rest from the disk.
+        data = os.urandom(1 << 20)
+        oid = self.put("repo", data)[0]
+        for offset in (0, len(data) // 2, len(data) - 1):
+            not_cached(storage.object_path(self.root, "repo", oid), offset)
+            with self.store.open("repo", oid) as stored:
+                self.assertEqual(stored.file.read(stored.size), data)
 
     def test_a_root_reached_through_a_symlink_serves_its_objects(self):
         # Only the links below the root are refused: the root is the operator's choice.

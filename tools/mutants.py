@@ -125,6 +125,20 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "checksums=lambda: _recorded_checksums(fd))"),
     ("openat2 following symlinks", "storage.py",
      "_RESOLVE_NO_SYMLINKS = 0x04", "_RESOLVE_NO_SYMLINKS = 0"),
+    ("held: the rest of a send dropped", "gateway.py",
+     "        if sent == len(data):\n            return sent",
+     "        if sent is not None:\n            return len(data)"),
+    ("held: a read cut where the page cache ends", "storage.py",
+     "        if cached in (0, len(buffer)):", "        if True:"),
+    ("held: cached lookups following symlinks", "storage.py",
+     "_RESOLVE_NO_SYMLINKS | (_RESOLVE_CACHED if cached else 0))",
+     "(_RESOLVE_CACHED if cached else _RESOLVE_NO_SYMLINKS))"),
+    ("held: a close that leaves the file open", "nowait.py",
+     "    if _LIBC[5](fd) != 0:", "    if False:"),
+    ("held: an object's size from the wrong field", "nowait.py",
+     "_STATX_SIZE = slice(40, 48)", "_STATX_SIZE = slice(32, 40)"),
+    ("held: a send that waits, GIL and all", "nowait.py",
+     '_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | ', "_SEND_FLAGS = "),
 ]
 
 
