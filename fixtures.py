@@ -89,6 +89,21 @@ def not_cached(path, offset=0):
         os.close(fd)
 
 
+def cached_page_by_page(path):
+    """Bring all of ``path`` into the page cache a page at a time (no
+    read-ahead), so that any of its pages can leave again alone: a file read
+    or written in large pieces may be cached in large folios, which leave whole."""
+    not_cached(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        page = os.sysconf("SC_PAGE_SIZE")
+        for offset in range(0, os.fstat(fd).st_size, page):
+            os.pread(fd, page, offset)
+    finally:
+        os.close(fd)
+
+
 def open_disk_store(test, root, **options):
     store = storage.DiskStore(root, **options)
     test.addCleanup(store.close)

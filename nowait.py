@@ -1,90 +1,138 @@
-"""System calls that cannot wait, made without handing over the GIL (Linux).
+"""System calls that do not wait, made without handing over the GIL (Linux).
 
 CPython releases the GIL around every system call, so that other threads run
-while one waits. A call that cannot wait gains nothing from it, and under load
-it costs much: the thread that lets go of the GIL wakes one waiting for it, and
-on return must wait until that one lets go in turn, two thread switches for a
-call of a microsecond or two. With 16 busy connections on this project's
-2-core machine, a 1 KiB GET from the disk store (six calls) cost 225 us of CPU,
-and one from the memory store (two calls) 110 us.
+while one waits. A call that does not wait gains nothing from it, and under
+load it costs much: the thread that lets go of the GIL wakes one waiting for
+it, and on return must wait until that one lets go in turn, two thread
+switches for a call of a microsecond or two. With 16 busy connections on this
+project's 2-core machine, a 1 KiB GET from the disk store (six calls) cost
+215-225 us of CPU, and one from the memory store (two calls) 106-112 us.
 
-The calls here go through ``ctypes.PyDLL``, which keeps the GIL, and each is
-made in a form in which the kernel does not wait:
+The calls here go through ``ctypes.PyDLL``, which keeps the GIL, and each only
+where the kernel has what it needs in memory:
 
-- ``send``: with MSG_DONTWAIT;
-- ``read``: preadv2 with RWF_NOWAIT, which gives only bytes already in the
-  page cache, and fails with EAGAIN rather than read the disk;
+- ``send`` with MSG_DONTWAIT: what fits in the socket's buffer, or nothing;
 - ``status``: statx of an open file, whose inode is in memory;
-- ``close`` of a file opened only to be read, which writes nothing back.
+- ``cached``: cachestat (Linux 6.5), which tells whether a file's bytes are all
+  in the page cache; then ``read``, preadv2 with RWF_NOWAIT, for those bytes.
+  RWF_NOWAIT alone is not enough: on bytes that are not cached it starts the
+  disk read itself (read-ahead, 36-90 us here for 1 KiB, and it may sleep for
+  a free request on a busy disk) before it gives up. A read of cached bytes
+  may still set the file's access time (under relatime, once a day), which
+  takes a journal handle: up to 0.9 ms was seen under another process's fsyncs;
+- ``close`` of a file opened only to be read, if it still has a name: the last
+  close of a deleted file frees its blocks, which can wait on the journal.
+  The name is looked at just before (statx), with the GIL held, so no thread
+  of this process can delete the file in between; another process can, in
+  those microseconds, and the close then frees the file's blocks with the
+  GIL held (the disk store closes so only small files).
 
-Each returns None where the kernel would have had to wait (or the call is
-missing), and the caller then makes the ordinary call, which releases the GIL.
-The last three are free of waits on a local filesystem only (NFS may ask its
-server), so the disk store uses them only on one of ``LOCAL_FILESYSTEMS``. The
-disk store's openat2 has the same form (RESOLVE_CACHED; see
-``storage._load_openat2``).
+Each returns None (or False) where the kernel would have had to wait, or the
+call is missing, and the caller then makes the ordinary call, which releases
+the GIL. All but ``send`` are free of waits on a local filesystem only (NFS
+may ask its server), so the disk store uses them only on one of
+``LOCAL_FILESYSTEMS``, and reads only of small files (a long copy is better
+made with the GIL released) whose bytes were cached when it opened them (see
+``storage._ObjectFile``). The disk store's openat2 has the same form, with
+RESOLVE_CACHED (see ``storage._load_openat2``).
 
-Elsewhere than Linux (or without ctypes) ``AVAILABLE`` is False and every
-function returns None.
+Elsewhere than Linux (or without ctypes, or with a C library without these
+functions) ``AVAILABLE`` is False and every function returns None or False.
 """
 
+import collections
 import errno
 import os
 import socket
 import sys
+import types
 
-# Filesystems whose statx, cached reads and read-only close never wait for a
-# server or the disk. Others (NFS, CIFS, FUSE) get the ordinary calls.
+# Filesystems on which a cached lookup and open, a statx and a read of cached
+# bytes need neither a server nor the disk. Others (NFS, CIFS, FUSE) get the
+# ordinary calls.
 LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "f2fs"))
 
 # Errors after which the ordinary call is made: the call would have had to wait,
-# or this kernel or filesystem does not have it.
+# or this kernel or filesystem does not have it (or a sandbox refuses it).
 _ORDINARY_CALL_NEEDED = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR,
-                                   errno.EOPNOTSUPP, errno.ENOSYS))
+                                   errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM))
 
 _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_SYS_CACHESTAT = 451   # the same on every architecture (the table shared by new calls)
 _AT_EMPTY_PATH = 0x1000
-_STATX_TYPE_AND_SIZE = 0x0001 | 0x0200   # STATX_TYPE | STATX_SIZE
-_STATX_BYTES = 256   # sizeof(struct statx)
-_STATX_MODE = slice(28, 30)   # stx_mode, a __u16
-_STATX_SIZE = slice(40, 48)   # stx_size, a __u64
+_STATX_WANTED = 0x0001 | 0x0004 | 0x0200   # STATX_TYPE | STATX_NLINK | STATX_SIZE
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _load():
-    """The C library's functions, called with the GIL held; None if any is missing."""
+    """The C library's functions, called with the GIL held; None if any is
+    missing, or statx is refused (a sandbox's filter)."""
     if sys.platform != "linux" or not _RWF_NOWAIT:
         return None
     try:
         import ctypes
         libc = ctypes.PyDLL(None, use_errno=True)
-        functions = libc.send, libc.preadv2, libc.statx, libc.close
+        functions = libc.send, libc.preadv2, libc.statx, libc.close, libc.syscall
     except (ImportError, OSError, AttributeError):   # no ctypes; glibc < 2.28
         return None
-    send, preadv2, statx, close = functions
+    send, preadv2, statx, close, syscall = functions
     send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
     send.restype = ctypes.c_ssize_t
 
     class IOVec(ctypes.Structure):   # struct iovec
         _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
 
+    class StatX(ctypes.Structure):   # struct statx: its first fields, and room for the rest
+        _fields_ = [("mask", ctypes.c_uint32), ("blksize", ctypes.c_uint32),
+                    ("attributes", ctypes.c_uint64), ("nlink", ctypes.c_uint32),
+                    ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("mode", ctypes.c_uint16),
+                    ("spare", ctypes.c_uint16), ("ino", ctypes.c_uint64), ("size", ctypes.c_uint64),
+                    ("rest", ctypes.c_uint8 * (256 - 48))]   # sizeof(struct statx) is 256
+
+    class CacheRange(ctypes.Structure):   # struct cachestat_range
+        _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+    class CacheStat(ctypes.Structure):   # struct cachestat
+        _fields_ = [(name, ctypes.c_uint64) for name in (
+            "cached", "dirty", "writeback", "evicted", "recently_evicted")]
+
     preadv2.argtypes = [ctypes.c_int, ctypes.POINTER(IOVec), ctypes.c_int, ctypes.c_long,
                         ctypes.c_int]
     preadv2.restype = ctypes.c_ssize_t
     statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                      ctypes.c_char_p]
+                      ctypes.POINTER(StatX)]
     statx.restype = ctypes.c_int
     close.argtypes = [ctypes.c_int]
     close.restype = ctypes.c_int
-    return ctypes, IOVec, send, preadv2, statx, close
+    syscall.restype = ctypes.c_long
+    libc = types.SimpleNamespace(ctypes=ctypes, IOVec=IOVec, send=send, preadv2=preadv2,
+                                 statx=statx, close=close, syscall=syscall, StatX=StatX,
+                                 CacheRange=CacheRange, CacheStat=CacheStat)
+    if statx(-100, b"/", 0, _STATX_WANTED, ctypes.byref(StatX())) != 0:
+        return None   # -100: AT_FDCWD
+    fd = os.open(__file__, os.O_RDONLY)
+    try:
+        libc.has_cachestat = _cachestat(libc, fd, 0, CacheStat()) == 0
+    finally:
+        os.close(fd)
+    return libc
+
+
+def _cachestat(libc, fd, size, pages):
+    ctypes = libc.ctypes
+    return libc.syscall(ctypes.c_long(_SYS_CACHESTAT), ctypes.c_uint(fd),
+                        ctypes.byref(libc.CacheRange(0, size)), ctypes.byref(pages),
+                        ctypes.c_uint(0))
 
 
 _LIBC = _load()
 AVAILABLE = _LIBC is not None
 
 
-def _error(ctypes):
-    number = ctypes.get_errno()
+def _error():
+    """None if the failed call would have had to wait; else raise its error."""
+    number = _LIBC.ctypes.get_errno()
     if number in _ORDINARY_CALL_NEEDED:
         return None
     raise OSError(number, os.strerror(number))   # its subclass, as socket and os raise
@@ -97,48 +145,77 @@ def send(fd, data):
     ConnectionResetError, ...)."""
     if _LIBC is None or type(data) is not bytes:
         return None
-    ctypes, _, send_, _, _, _ = _LIBC
-    sent = send_(fd, data, len(data), _SEND_FLAGS)
-    return sent if sent >= 0 else _error(ctypes)
+    sent = _LIBC.send(fd, data, len(data), _SEND_FLAGS)
+    return sent if sent >= 0 else _error()
 
 
-def read(fd, buffer):
-    """Read into ``buffer`` (writable) from the file position of ``fd`` what is
-    in the page cache; return the count (0 at the end of the file), which may
-    be short of what the file holds: what follows is not cached. None if none
-    of it is cached, or the call is missing here (or on this filesystem)."""
-    if _LIBC is None:
-        return None
-    ctypes, IOVec, _, preadv2, _, _ = _LIBC
-    target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
-    try:
-        vector = IOVec(ctypes.addressof(target), len(buffer))
-        count = preadv2(fd, ctypes.byref(vector), 1, -1, _RWF_NOWAIT)   # -1: the file position
-    finally:
-        del target   # the buffer may be resized once no export of it is left
-    return count if count >= 0 else _error(ctypes)
+Status = collections.namedtuple("Status", "st_mode st_size st_nlink")   # as os.fstat names them
 
 
 def status(fd):
-    """``(st_mode, st_size)`` of the open file ``fd``, or None if there is no such call."""
+    """The Status of the open file ``fd`` (its type, size and links), or None
+    if there is no such call."""
     if _LIBC is None:
         return None
-    ctypes, _, _, _, statx, _ = _LIBC
-    result = ctypes.create_string_buffer(_STATX_BYTES)
-    if statx(fd, b"", _AT_EMPTY_PATH, _STATX_TYPE_AND_SIZE, result) != 0:
-        return _error(ctypes)
-    raw = result.raw
-    return (int.from_bytes(raw[_STATX_MODE], sys.byteorder),
-            int.from_bytes(raw[_STATX_SIZE], sys.byteorder))
+    result = _LIBC.StatX()
+    if _LIBC.statx(fd, b"", _AT_EMPTY_PATH, _STATX_WANTED, _LIBC.ctypes.byref(result)) != 0:
+        return _error()
+    return Status(result.mode, result.size, result.nlink)
+
+
+def cached(fd, size):
+    """True if the first ``size`` bytes of the file ``fd`` are all in the page
+    cache now; False if not, or if there is no cachestat (Linux before 6.5)."""
+    if _LIBC is None or not _LIBC.has_cachestat:
+        return False
+    pages = _LIBC.CacheStat()
+    if _cachestat(_LIBC, fd, size, pages) != 0:
+        _error()
+        return False
+    return pages.cached >= -(-size // _PAGE_BYTES)
+
+
+def reads_cached(fd):
+    """True if ``cached`` and ``read`` work on the filesystem of ``fd``, a
+    regular file (tmpfs refuses RWF_NOWAIT)."""
+    if _LIBC is None or not _LIBC.has_cachestat:
+        return False
+    ctypes = _LIBC.ctypes
+    byte = ctypes.create_string_buffer(1)
+    vector = _LIBC.IOVec(ctypes.addressof(byte), 1)
+    return (_LIBC.preadv2(fd, ctypes.byref(vector), 1, 0, _RWF_NOWAIT) >= 0
+            or ctypes.get_errno() == errno.EAGAIN)   # refused: EOPNOTSUPP
+
+
+def read(fd, buffer):
+    """Read into ``buffer`` (writable bytes) what is in the page cache, from the
+    file position of ``fd``, which moves on; return the count (0 at the end of
+    the file), which may be short of what the file holds: what follows is not
+    cached. None if none of it is cached, or the call is missing here (or on
+    this filesystem: tmpfs refuses RWF_NOWAIT). Only for bytes that ``cached``
+    found in the page cache: on others, the kernel starts reading them from
+    the disk before it gives up."""
+    if _LIBC is None:
+        return None
+    ctypes = _LIBC.ctypes
+    target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+    try:
+        vector = _LIBC.IOVec(ctypes.addressof(target), len(buffer))
+        count = _LIBC.preadv2(fd, ctypes.byref(vector), 1, -1, _RWF_NOWAIT)   # -1: the position
+    finally:
+        del target   # the buffer may be resized once no export of it is left
+    return count if count >= 0 else _error()
 
 
 def close(fd):
-    """Close ``fd``, a file opened only to be read; False if there is no such call."""
-    if _LIBC is None:
+    """Close ``fd``, a file opened only to be read, if it still has a name;
+    True if closed, False if it has none (its last close may wait), or there
+    is no such call."""
+    now = status(fd)
+    if now is None or now.st_nlink == 0:
         return False
-    ctypes = _LIBC[0]
-    if _LIBC[5](fd) != 0:
-        number = ctypes.get_errno()
+    if _LIBC.close(fd) != 0:
+        number = _LIBC.ctypes.get_errno()
         if number != errno.EINTR:   # Linux has closed it even so (close(2))
             raise OSError(number, os.strerror(number))
     return True

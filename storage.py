@@ -723,8 +723,8 @@ class DiskStore:
         its calls (a GroupCommit) instead. Tests pass recorders to check the
         order. ``openat2`` (by default ``openat2_function()``) opens objects
         in one call; without it (None) their directories are walked. On a
-        local filesystem, the calls of a read that cannot wait keep the GIL
-        (see ``nowait``)."""
+        local filesystem, a read's calls that do not wait keep the GIL (see
+        ``open`` and ``nowait``)."""
         if openat2 is _PROBED:
             openat2 = openat2_function()
         if not DISK_STORE_SUPPORTED:
@@ -765,6 +765,7 @@ class DiskStore:
                                                                  sync_filesystem)
             self._ledger_path = os.path.join(self.root, self.LEDGER_FILE)
             self._open_ledger()
+            self._reads_cached = self._nowait and nowait.reads_cached(self._ledger_fd)
             if _parse_ledger(os.pread(self._ledger_fd, 64, 0)) is None:
                 # A new root, one from before the ledger, or a damaged ledger.
                 self._write_ledger(self._count_objects())
@@ -1014,9 +1015,10 @@ class DiskStore:
         one ``openat2`` (where there is none, the repository and shard
         directories are opened and closed on the way), one ``fstat`` (a
         FileIO would make another), and the block checksums' ``fgetxattr``
-        only if they are asked for. On a local filesystem the open, the
-        ``fstat``, reads of what is cached and the close keep the GIL, where
-        the kernel can make them without waiting (see ``nowait``)."""
+        only if they are asked for. On a local filesystem the open and the
+        ``fstat`` keep the GIL, where the kernel has what they need in memory,
+        and so do the reads and the close of a small object whose bytes are
+        all in the page cache (see ``nowait`` and ``_ObjectFile``)."""
         oid = self._canonical_oid(repository, oid)
         names = (*object_directory(repository, oid), oid)
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
@@ -1026,16 +1028,17 @@ class DiskStore:
                 if error.errno in _NOT_OURS:
                     raise not_found(repository, oid) from None
                 raise
-        mode_and_size = nowait.status(fd) if self._nowait else None
-        if mode_and_size is None:
-            status = os.fstat(fd)
-            mode_and_size = status.st_mode, status.st_size
-        mode, size = mode_and_size
-        if not stat.S_ISREG(mode):
+        try:
+            status = (nowait.status(fd) if self._nowait else None) or os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise not_found(repository, oid)
+            held_calls = (self._reads_cached and status.st_size <= HELD_CALL_BYTES
+                          and nowait.cached(fd, status.st_size))
+        except BaseException:
             os.close(fd)
-            raise not_found(repository, oid)
-        file = _ObjectFile(fd, read_only_local=self._nowait)
-        return StoredObject(file, size, may_change_at_rest=True,
+            raise
+        file = _ObjectFile(fd, held_calls)
+        return StoredObject(file, status.st_size, may_change_at_rest=True,
                             checksums=lambda: _recorded_checksums(file.fileno()))
 
     def _open_beneath(self, names, flags):
@@ -1432,6 +1435,12 @@ def _recorded_checksums(fd):
         return None
 
 
+# Objects up to this size (the application reads them whole) are read, and
+# closed, keeping the GIL when cached: a longer copy is better made with the GIL
+# released, and so is the last close of a large deleted file (see nowait.close).
+HELD_CALL_BYTES = 64 * 1024
+
+
 def _parse_ledger(data):
     """``(objects, bytes)`` from the ledger's bytes, or None unless they are two
     whole numbers, not negative."""
@@ -1496,16 +1505,16 @@ class _ObjectFile(io.RawIOBase):
     .open`` has just made one; an upload's new file needs none). Closing it,
     or its collection, closes the descriptor.
 
-    ``read_only_local``: a file opened only to be read, on a local
-    filesystem. Its reads take what is in the page cache, and its close is
-    made, keeping the GIL (see ``nowait``); a read whose bytes are not all
-    cached reads the rest the ordinary way, so that a read is whole up to
-    the end of the file, as a FileIO's is."""
+    ``held_calls``: a small file opened only to be read, on a local
+    filesystem, whose bytes were all in the page cache when it was opened.
+    Its reads, and its close while it still has a name, keep the GIL (see
+    ``nowait``). Bytes that left the cache meanwhile are read the ordinary
+    way, so that a read is whole up to the end of the file, as a FileIO's is."""
 
-    def __init__(self, fd, read_only_local=False):
+    def __init__(self, fd, held_calls=False):
         super().__init__()
         self._fd = fd
-        self._read_only_local = read_only_local
+        self._held_calls = held_calls
 
     def fileno(self):
         self._checkClosed()
@@ -1522,13 +1531,15 @@ class _ObjectFile(io.RawIOBase):
 
     def readinto(self, buffer):
         self._checkClosed()   # its number may be another file's by now
-        cached = nowait.read(self._fd, buffer) if self._read_only_local else None
-        if cached is None:
+        if not self._held_calls:
             return os.readv(self._fd, [buffer])
-        if cached in (0, len(buffer)):
-            return cached
-        with memoryview(buffer) as view, view.cast("B") as rest:
-            return cached + os.readv(self._fd, [rest[cached:]])
+        with memoryview(buffer) as view, view.cast("B") as target:
+            cached = nowait.read(self._fd, target)
+            if cached is None:
+                return os.readv(self._fd, [target])
+            if cached in (0, len(target)):
+                return cached
+            return cached + os.readv(self._fd, [target[cached:]])
 
     def write(self, data):
         self._checkClosed()
@@ -1547,7 +1558,7 @@ class _ObjectFile(io.RawIOBase):
             try:
                 super().close()
             finally:
-                if not (self._read_only_local and nowait.close(self._fd)):
+                if not (self._held_calls and nowait.close(self._fd)):
                     os.close(self._fd)
 
 

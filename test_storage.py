@@ -4,6 +4,7 @@
 and inherits every test, so each backend proves the same guarantees.
 """
 
+import array
 import errno
 import functools
 import gc
@@ -22,7 +23,7 @@ import urllib.parse
 import checksums
 import s3
 import storage
-from fixtures import (HERE, files_under, new_bucket, not_cached, open_disk_store, run_concurrently, s3_engine,
+from fixtures import (HERE, cached_page_by_page, files_under, new_bucket, not_cached, open_disk_store, run_concurrently, s3_engine,
                       in_forked_child, sha256, small_filesystem, temporary_directory,
                       wait_until)
 
@@ -582,14 +583,36 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
             self.assertEqual(file.read(), b"outside the data directory")
 
     @unittest.skipUnless(hasattr(os, "posix_fadvise"), "pages are put out of the cache with posix_fadvise")
-    def test_an_object_partly_out_of_the_page_cache_is_read_whole(self):
-        # Reads take what is cached without waiting, then the rest from the disk.
-        data = os.urandom(1 << 20)
+    def test_a_small_object_that_leaves_the_page_cache_while_open_is_read_whole(self):
+        # A small object found in the page cache is read keeping the GIL
+        # (nowait); bytes that left the cache since are read the ordinary way.
+        data = os.urandom(storage.HELD_CALL_BYTES)
         oid = self.put("repo", data)[0]
-        for offset in (0, len(data) // 2, len(data) - 1):
-            not_cached(storage.object_path(self.root, "repo", oid), offset)
-            with self.store.open("repo", oid) as stored:
-                self.assertEqual(stored.file.read(stored.size), data)
+        path = storage.object_path(self.root, "repo", oid)
+        for offset in (0, len(data) // 2):
+            with self.subTest(left_the_cache_from=offset):
+                cached_page_by_page(path)
+                with self.store.open("repo", oid) as stored:
+                    not_cached(path, offset)
+                    self.assertEqual(stored.file.read(stored.size), data)
+
+    def test_a_read_into_a_buffer_of_wide_items_fills_its_bytes(self):
+        data = os.urandom(1024)
+        oid = self.put("repo", data)[0]
+        with self.store.open("repo", oid) as stored:
+            buffer = array.array("I", bytes(1024))   # 256 items of 4 bytes
+            self.assertEqual(stored.file.readinto(buffer), 1024)
+            self.assertEqual(buffer.tobytes(), data)
+
+    def test_closing_an_object_deleted_while_open_closes_it(self):
+        # Its last close frees its blocks: made the ordinary way, and made.
+        oid = self.put("repo", b"deleted while open")[0]
+        stored = self.store.open("repo", oid)
+        fd = stored.file.fileno()
+        self.store.delete("repo", oid)
+        stored.close()
+        with self.assertRaises(OSError):
+            os.fstat(fd)
 
     def test_a_root_reached_through_a_symlink_serves_its_objects(self):
         # Only the links below the root are refused: the root is the operator's choice.
@@ -613,9 +636,17 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
             openat2(storage._AT_FDCWD, os.path.join(self.root, "link", "x"), os.O_RDONLY)
         self.assertEqual(raised.exception.errno, errno.ENOENT)
         os.symlink(self.root, os.path.join(self.root, "link"))
+        through_link = os.path.join(self.root, "link", "@ledger")
         with self.assertRaises(OSError) as raised:
-            openat2(storage._AT_FDCWD, os.path.join(self.root, "link", "@ledger"), os.O_RDONLY)
+            openat2(storage._AT_FDCWD, through_link, os.O_RDONLY)
         self.assertEqual(raised.exception.errno, errno.ELOOP)
+        os.stat(through_link)   # every name on the way in the kernel's cache
+        try:   # the form that keeps the GIL, too
+            fd = openat2(storage._AT_FDCWD, through_link, os.O_RDONLY, cached=True)
+        except OSError as error:
+            self.assertEqual(error.errno, errno.ELOOP)
+        else:
+            self.assertIsNone(fd)   # Linux before 5.12: no such form; never a descriptor
 
     def test_objects_open_after_the_store_is_closed_and_closed_files_stay_closed(self):
         # A request still in flight when a server gives up draining and closes its store.
