@@ -51,18 +51,24 @@ class NoWaitTest(unittest.TestCase):
         client, server = self.connected_pair()
         # A send that waited would give up after 3 s (the socket still blocks).
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 3, 0))
-        data = os.urandom(64 << 20)   # more than any socket buffer holds
+        block = os.urandom(1 << 20)
+        went = []   # what each send took: the receiver's buffers may grow meanwhile
         started = time.monotonic()
-        sent = nowait.send(client.fileno(), data)
-        self.assertGreater(sent, 0)
-        self.assertLess(sent, len(data))
-        self.assertIsNone(nowait.send(client.fileno(), data[sent:]))   # full: the caller waits
+        for _ in range(256):   # far more than any socket's buffers hold
+            sent = nowait.send(client.fileno(), block)
+            if sent is None:   # full: the caller waits for room
+                break
+            went.append(block[:sent])
+        else:
+            self.fail("256 MiB sent to a client that reads nothing")
         self.assertLess(time.monotonic() - started, 2)
+        self.assertTrue(went)
+        expected = b"".join(went)
         server.settimeout(10)
         received = bytearray()
-        while len(received) < sent:
+        while len(received) < len(expected):
             received += server.recv(1 << 20)
-        self.assertEqual(bytes(received), data[:sent])
+        self.assertEqual(bytes(received), expected)
 
     def test_a_send_to_a_closed_connection_raises_as_socket_send_does(self):
         client, server = self.connected_pair()
