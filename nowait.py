@@ -11,21 +11,26 @@ project's 2-core machine, a 1 KiB GET from the disk store (six calls) cost
 The calls here go through ``ctypes.PyDLL``, which keeps the GIL, and each only
 where the kernel has what it needs in memory:
 
-- ``send`` with MSG_DONTWAIT: what fits in the socket's buffer, or nothing;
+- ``send`` of up to 64 KiB with MSG_DONTWAIT: what fits in the socket's
+  buffer, or nothing;
 - ``status``: statx of an open file, whose inode is in memory;
 - ``cached``: cachestat (Linux 6.5), which tells whether a file's bytes are all
   in the page cache; then ``read``, preadv2 with RWF_NOWAIT, for those bytes.
   RWF_NOWAIT alone is not enough: on bytes that are not cached it starts the
   disk read itself (read-ahead, 36-90 us here for 1 KiB, and it may sleep for
-  a free request on a busy disk) before it gives up. A read of cached bytes
+  a free request on a busy disk) before it gives up; that still happens to
+  bytes evicted between the two calls (40-140 us seen), under memory
+  pressure, as may a fault on the buffer if it was swapped out. A read of cached bytes
   may still set the file's access time (under relatime, once a day), which
   takes a journal handle: up to 0.9 ms was seen under another process's fsyncs;
 - ``close`` of a file opened only to be read, if it still has a name: the last
   close of a deleted file frees its blocks, which can wait on the journal.
-  The name is looked at just before (statx), with the GIL held, so no thread
-  of this process can delete the file in between; another process can, in
-  those microseconds, and the close then frees the file's blocks with the
-  GIL held (the disk store closes so only small files).
+  The name is looked at just before (statx). Another process, or another
+  thread (one in the kernel already, or one the interpreter switches to
+  between the two calls), may delete or replace the file in those
+  microseconds; the close then frees its blocks with the GIL held (93 us
+  typical, 287 us at most, seen for 64 KiB: the disk store closes so only
+  files that small). A re-upload of stored bytes replaces the file too.
 
 Each returns None (or False) where the kernel would have had to wait, or the
 call is missing, and the caller then makes the ordinary call, which releases
@@ -43,6 +48,7 @@ functions) ``AVAILABLE`` is False and every function returns None or False.
 import collections
 import errno
 import os
+import platform
 import socket
 import sys
 import types
@@ -57,9 +63,18 @@ LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", 
 _ORDINARY_CALL_NEEDED = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR,
                                    errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM))
 
+# The most a held call copies: a send of 256 KiB took 110 us on loopback here,
+# and a longer copy is better made with the GIL released.
+HELD_COPY_BYTES = 64 * 1024
+
 _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-_SYS_CACHESTAT = 451   # the same on every architecture (the table shared by new calls)
+# Machines on which Linux numbers its newer system calls from one shared table
+# (openat2 437, cachestat 451); MIPS and Alpha number them otherwise.
+SHARED_SYSCALL_TABLE_MACHINES = frozenset((
+    "x86_64", "aarch64", "i386", "i686", "armv7l", "armv8l", "ppc64", "ppc64le", "s390x",
+    "riscv64", "loongarch64"))
+_SYS_CACHESTAT = 451
 _AT_EMPTY_PATH = 0x1000
 _STATX_WANTED = 0x0001 | 0x0004 | 0x0200   # STATX_TYPE | STATX_NLINK | STATX_SIZE
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -111,11 +126,6 @@ def _load():
                                  CacheRange=CacheRange, CacheStat=CacheStat)
     if statx(-100, b"/", 0, _STATX_WANTED, ctypes.byref(StatX())) != 0:
         return None   # -100: AT_FDCWD
-    fd = os.open(__file__, os.O_RDONLY)
-    try:
-        libc.has_cachestat = _cachestat(libc, fd, 0, CacheStat()) == 0
-    finally:
-        os.close(fd)
     return libc
 
 
@@ -139,11 +149,11 @@ def _error():
 
 
 def send(fd, data):
-    """Send what of ``data`` (bytes) the socket ``fd`` takes at once; return how
-    many bytes went, or None if it took none (its buffer is full) or there is
-    no such call. Errors raise as ``socket.send`` raises them (BrokenPipeError,
-    ConnectionResetError, ...)."""
-    if _LIBC is None or type(data) is not bytes:
+    """Send what of ``data`` (bytes, up to HELD_COPY_BYTES) the socket ``fd``
+    takes at once; return how many bytes went, or None if it took none (its
+    buffer is full), or ``data`` is longer, or there is no such call. Errors
+    raise as ``socket.send`` raises them (BrokenPipeError, ConnectionResetError, ...)."""
+    if _LIBC is None or type(data) is not bytes or len(data) > HELD_COPY_BYTES:
         return None
     sent = _LIBC.send(fd, data, len(data), _SEND_FLAGS)
     return sent if sent >= 0 else _error()
@@ -166,7 +176,7 @@ def status(fd):
 def cached(fd, size):
     """True if the first ``size`` bytes of the file ``fd`` are all in the page
     cache now; False if not, or if there is no cachestat (Linux before 6.5)."""
-    if _LIBC is None or not _LIBC.has_cachestat:
+    if _LIBC is None:
         return False
     pages = _LIBC.CacheStat()
     if _cachestat(_LIBC, fd, size, pages) != 0:
@@ -176,15 +186,18 @@ def cached(fd, size):
 
 
 def reads_cached(fd):
-    """True if ``cached`` and ``read`` work on the filesystem of ``fd``, a
-    regular file (tmpfs refuses RWF_NOWAIT)."""
-    if _LIBC is None or not _LIBC.has_cachestat:
+    """True if ``cached`` and ``read`` work on ``fd``, a regular file of the
+    process's own: not before Linux 6.5, nor on tmpfs (it refuses RWF_NOWAIT),
+    nor on a machine without the shared system call table. (cachestat asks
+    for a file the process owns or may write, since Linux 6.14.)"""
+    if _LIBC is None or platform.machine() not in SHARED_SYSCALL_TABLE_MACHINES:
         return False
     ctypes = _LIBC.ctypes
     byte = ctypes.create_string_buffer(1)
     vector = _LIBC.IOVec(ctypes.addressof(byte), 1)
-    return (_LIBC.preadv2(fd, ctypes.byref(vector), 1, 0, _RWF_NOWAIT) >= 0
-            or ctypes.get_errno() == errno.EAGAIN)   # refused: EOPNOTSUPP
+    return (_cachestat(_LIBC, fd, 0, _LIBC.CacheStat()) == 0
+            and (_LIBC.preadv2(fd, ctypes.byref(vector), 1, 0, _RWF_NOWAIT) >= 0
+                 or ctypes.get_errno() == errno.EAGAIN))   # refused: EOPNOTSUPP
 
 
 def read(fd, buffer):
@@ -211,7 +224,10 @@ def close(fd):
     """Close ``fd``, a file opened only to be read, if it still has a name;
     True if closed, False if it has none (its last close may wait), or there
     is no such call."""
-    now = status(fd)
+    try:
+        now = status(fd)
+    except OSError:   # ENOMEM: the ordinary close follows
+        return False
     if now is None or now.st_nlink == 0:
         return False
     if _LIBC.close(fd) != 0:

@@ -377,9 +377,6 @@ def _load_syncfs():
 
 SYNCFS = _load_syncfs()
 
-# Machines on which Linux numbers openat2 437 (the table shared by new system calls).
-_OPENAT2_MACHINES = frozenset(("x86_64", "aarch64", "i386", "i686", "armv7l", "armv8l",
-                               "ppc64", "ppc64le", "s390x", "riscv64", "loongarch64"))
 _SYS_OPENAT2 = 437
 _AT_FDCWD = -100
 _RESOLVE_NO_SYMLINKS = 0x04   # no symlink followed anywhere on the path (nor /proc's magic links)
@@ -399,7 +396,7 @@ def _load_openat2():
     kernel looks the path up in its caches only, and where it would have to
     read a directory from disk (or on Linux before 5.12) the function returns
     None, for the caller to make the ordinary call (see ``nowait``)."""
-    if sys.platform != "linux" or platform.machine() not in _OPENAT2_MACHINES:
+    if sys.platform != "linux" or platform.machine() not in nowait.SHARED_SYSCALL_TABLE_MACHINES:
         return None
     try:
         import ctypes   # only here: the rest of the store works without it
@@ -1438,7 +1435,7 @@ def _recorded_checksums(fd):
 # Objects up to this size (the application reads them whole) are read, and
 # closed, keeping the GIL when cached: a longer copy is better made with the GIL
 # released, and so is the last close of a large deleted file (see nowait.close).
-HELD_CALL_BYTES = 64 * 1024
+HELD_CALL_BYTES = nowait.HELD_COPY_BYTES
 
 
 def _parse_ledger(data):
@@ -1508,8 +1505,9 @@ class _ObjectFile(io.RawIOBase):
     ``held_calls``: a small file opened only to be read, on a local
     filesystem, whose bytes were all in the page cache when it was opened.
     Its reads, and its close while it still has a name, keep the GIL (see
-    ``nowait``). Bytes that left the cache meanwhile are read the ordinary
-    way, so that a read is whole up to the end of the file, as a FileIO's is."""
+    ``nowait``). Bytes that left the cache meanwhile (the kernel has started
+    reading them) are read the ordinary way, so that a read is whole up to
+    the end of the file, as a FileIO's is."""
 
     def __init__(self, fd, held_calls=False):
         super().__init__()

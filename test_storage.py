@@ -596,6 +596,19 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                     not_cached(path, offset)
                     self.assertEqual(stored.file.read(stored.size), data)
 
+    def test_only_small_objects_found_cached_are_read_keeping_the_gil(self):
+        if not self.store._reads_cached:
+            self.skipTest("no reads keeping the GIL here (not Linux 6.5+, or tmpfs)")
+        small = self.put("repo", os.urandom(storage.HELD_CALL_BYTES))[0]
+        large = self.put("repo", os.urandom(storage.HELD_CALL_BYTES + 1))[0]
+        for oid, held in ((small, True), (large, False)):
+            cached_page_by_page(storage.object_path(self.root, "repo", oid))
+            with self.store.open("repo", oid) as stored:
+                self.assertEqual(stored.file._held_calls, held)
+        not_cached(storage.object_path(self.root, "repo", small))
+        with self.store.open("repo", small) as stored:
+            self.assertFalse(stored.file._held_calls)   # its read would start the disk's
+
     def test_a_read_into_a_buffer_of_wide_items_fills_its_bytes(self):
         data = os.urandom(1024)
         oid = self.put("repo", data)[0]
