@@ -416,9 +416,9 @@ class ResponseWriter(io.BufferedIOBase):
 
     With kernel timeouts a send never blocks (MSG_DONTWAIT; a file's
     sendfile on the socket made non-blocking): what fits in the socket's
-    buffer goes at once, in one call (keeping the GIL for bytes: see
-    ``nowait``), and for the rest the writer waits in ``poll`` for room, up
-    to the timeout each time. A blocking send with
+    buffer goes at once, in one call (keeping the GIL for bytes of up to 64
+    KiB: see ``nowait``), and for the rest the writer waits in ``poll`` for
+    room, up to the timeout each time. A blocking send with
     SO_SNDTIMEO would end short once the timeout's worth of time had passed,
     whatever the client took meanwhile, and a sendfile(2) call starts a
     fresh timeout for each piece it sends (a stalled client held one for

@@ -175,7 +175,8 @@ def status(fd):
 
 def cached(fd, size):
     """True if the first ``size`` bytes of the file ``fd`` are all in the page
-    cache now; False if not, or if there is no cachestat (Linux before 6.5)."""
+    cache now; False if not, or if cachestat is missing or refused. Only on a
+    filesystem where ``reads_cached`` said yes (it checks the machine too)."""
     if _LIBC is None:
         return False
     pages = _LIBC.CacheStat()
