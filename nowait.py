@@ -193,12 +193,9 @@ def reads_cached(fd):
     for a file the process owns or may write, since Linux 6.14.)"""
     if _LIBC is None or platform.machine() not in SHARED_SYSCALL_TABLE_MACHINES:
         return False
-    ctypes = _LIBC.ctypes
-    byte = ctypes.create_string_buffer(1)
-    vector = _LIBC.IOVec(ctypes.addressof(byte), 1)
     return (_cachestat(_LIBC, fd, 0, _LIBC.CacheStat()) == 0
-            and (_LIBC.preadv2(fd, ctypes.byref(vector), 1, 0, _RWF_NOWAIT) >= 0
-                 or ctypes.get_errno() == errno.EAGAIN))   # refused: EOPNOTSUPP
+            and (_read_without_waiting(fd, bytearray(1), 0) >= 0
+                 or _LIBC.ctypes.get_errno() == errno.EAGAIN))   # refused: EOPNOTSUPP
 
 
 def read(fd, buffer):
@@ -211,14 +208,19 @@ def read(fd, buffer):
     the disk before it gives up."""
     if _LIBC is None:
         return None
+    count = _read_without_waiting(fd, buffer, -1)   # -1: from the file position
+    return count if count >= 0 else _error()
+
+
+def _read_without_waiting(fd, buffer, offset):
+    """preadv2 with RWF_NOWAIT into ``buffer``: the count, or -1 (errno set)."""
     ctypes = _LIBC.ctypes
     target = (ctypes.c_char * len(buffer)).from_buffer(buffer)
     try:
         vector = _LIBC.IOVec(ctypes.addressof(target), len(buffer))
-        count = _LIBC.preadv2(fd, ctypes.byref(vector), 1, -1, _RWF_NOWAIT)   # -1: the position
+        return _LIBC.preadv2(fd, ctypes.byref(vector), 1, offset, _RWF_NOWAIT)
     finally:
         del target   # the buffer may be resized once no export of it is left
-    return count if count >= 0 else _error()
 
 
 def close(fd):
