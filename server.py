@@ -724,14 +724,13 @@ class DataStorageServer:
 
     def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
                  max_total_size=None, auth_token=None, public_url=None, s3_endpoint=None,
-                 spool_dir=None, group_commit=False):
+                 spool_dir=None, group_commit=None):
         if isinstance(store, str):   # "memory", or "s3://BUCKET[/PREFIX]"
             store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir,
                                group_commit)
-            data_dir = max_total_size = None
-            group_commit = False
+            data_dir = max_total_size = group_commit = None
         if store is not None and (data_dir is not None or max_total_size is not None
-                                  or group_commit):
+                                  or group_commit is not None):
             raise ValueError("data_dir, max_total_size and group_commit open a store: pass "
                              "them or a store")
         if auth_token is not None and not valid_token(auth_token):
@@ -1241,11 +1240,14 @@ def valid_token(token):
 
 
 def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None,
-               group_commit=False):
+               group_commit=None):
     """The store to serve: the S3 store for ``url`` ``s3://BUCKET[/PREFIX]``
     (checked: StoreUnavailable if the bucket cannot be used), the disk store
-    in ``data_dir`` (its uploads made durable together if ``group_commit``),
-    or a new in-memory store. ValueError for a combination that makes no sense."""
+    in ``data_dir``, or a new in-memory store. ValueError for a combination
+    that makes no sense. The disk store's uploads are made durable together
+    (``storage.GroupCommit``) if ``group_commit``, by an fsync each if it is
+    False, and by default (None) together where syncfs can be trusted with
+    that (``storage.syncfs_durable``)."""
     if group_commit and data_dir is None:
         raise ValueError("--group-commit is for the disk store: give --data-dir")
     if group_commit and storage.SYNCFS is None:
@@ -1266,15 +1268,13 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
         store.check()
         return store
     if data_dir is not None:
-        store = storage.DiskStore(data_dir, max_total_size=max_total_size,
-                                  sync_filesystem=storage.SYNCFS if group_commit else None)
-        kind = group_commit and storage.filesystem_type(data_dir)
-        if group_commit and kind not in storage.SYNCFS_DURABLE:
-            store.close()
+        durable, kind = storage.syncfs_durable(data_dir)
+        if group_commit and not durable:
             raise ValueError("--group-commit relies on syncfs, which makes data durable on %s; "
                              "this directory is on %s" % (", ".join(storage.SYNCFS_DURABLE),
                                                           kind or "a filesystem not known"))
-        return store
+        return storage.DiskStore(data_dir, max_total_size=max_total_size, sync_filesystem=(
+            storage.SYNCFS if durable and group_commit is not False else None))
     return storage.MemoryStore(max_total_size=max_total_size)
 
 
@@ -1348,11 +1348,12 @@ def parse_args(argv=None):
                         help="with an S3 store, where uploads whose oid is not known yet are "
                              "held while they are hashed (default: the system's temporary "
                              "directory)")
-    parser.add_argument("--group-commit", action="store_true",
-                        help="with --data-dir, make uploads durable by syncs of the whole "
-                             "filesystem that concurrent uploads share, instead of an fsync "
-                             "of each file and directory: fewer flushes of the disk's cache, "
-                             "for disks whose flushes are slow (Linux 5.8+; see the README)")
+    parser.add_argument("--group-commit", action=argparse.BooleanOptionalAction,
+                        help="with --data-dir, make uploads durable in batches, by syncs of "
+                             "the whole filesystem that concurrent uploads share, instead of "
+                             "an fsync of each file and directory (default: on where syncfs "
+                             "can be trusted with that: Linux 5.8+, on ext3/4, XFS, btrfs or "
+                             "overlayfs; see the README)")
     parser.add_argument("--max-total-size", type=_byte_count, metavar="BYTES",
                         help="quota on the bytes stored; uploads beyond it get 507 "
                              "(default: no quota)")
@@ -1454,7 +1455,7 @@ def main(argv=None):
                 args.max_object_size, "none" if args.max_total_size is None else args.max_total_size,
                 args.request_timeout,
                 max_connections, args.shutdown_timeout, args.workers,
-                ", group commit" if args.group_commit else ""))
+                ", group commit" if getattr(application.store, "group_commit", False) else ""))
     if args.workers > 1:
         application.close()   # it proved the store opens; each worker opens its own
         return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)

@@ -457,6 +457,18 @@ def openat2_function():
 SYNCFS_DURABLE = ("ext3", "ext4", "xfs", "btrfs", "overlay")
 
 
+def syncfs_durable(data_dir):
+    """``(durable, kind)``: whether a syncfs makes data written under
+    ``data_dir`` (or, before it is made, its parent) durable as an fsync would
+    (Linux 5.8+, and a filesystem in SYNCFS_DURABLE), and the filesystem's type."""
+    try:
+        kind = filesystem_type(data_dir if os.path.isdir(data_dir)
+                               else os.path.dirname(os.path.abspath(data_dir)))
+    except OSError:
+        kind = None
+    return SYNCFS is not None and kind in SYNCFS_DURABLE, kind
+
+
 def filesystem_type(path):
     """The type of the filesystem holding ``path``, from /proc/self/mountinfo
     (Linux), or None if it cannot be told."""
@@ -473,78 +485,131 @@ def filesystem_type(path):
 
 
 class GroupCommit:
-    """Makes the writes of many threads durable together (group commit).
+    """Publishes uploads in batches made durable by syncs of the whole
+    filesystem that each batch shares (group commit).
 
-    ``sync()`` returns once a ``sync_filesystem(fd)`` that began after it was
-    called has completed: everything written to the filesystem before the
-    call is then durable. One such sync (a syncfs: one flush of the disk's
-    cache) serves every thread that waits meanwhile; the first thread to
-    wait while none is running makes it, the others wait for it or, if one
-    was already running when they came, for the next.
+    ``commit(upload)`` queues an upload and returns once it is published and
+    durable. This object's own thread takes the uploads queued meanwhile as a
+    batch and runs a two-stage pipeline, one sync per round::
 
-    It pays where the disk's cache flushes are slow and taken one at a time
-    (rotating disks, SATA SSDs without power-loss protection): an fsync of
-    each upload's file and directory costs two flushes an upload, and here
-    16 concurrent uploads cost 0.4-1 flush each. Where flushes are cheap it
-    costs more than it saves: a syncfs writes back everything dirty on the
-    filesystem, one at a time (measured in the README), so it is an option
-    (``--group-commit``), not the default.
+        write(batch n); publish(batch n-1); sync(); acknowledge batch n-1
+
+    (``write`` and ``publish`` are the store's: write what was handed over in
+    memory into temporary files, and rename into place.) So no upload returns
+    before a sync that began once its bytes were written and ended before its
+    rename, and another that began after its rename; and each sync serves two
+    batches. A sync is a ``sync_filesystem(fd)`` (syncfs: one flush of the
+    disk's cache for all the uploads in a round, instead of two fsyncs each).
+
+    The connection threads' part of a small upload is then one wait: the
+    batch's file-system calls are made by one thread, one after the other,
+    instead of by each connection thread, each call handing the GIL over to
+    the others and queueing to get it back (measured in the README).
 
     A failed sync fails every later one too (fail-stop): syncfs reports a
-    write error once, and the data it lost is not written again, so no
-    later sync could vouch for the writes made before it."""
+    write error once, and the data it lost is not written again, so no later
+    sync could vouch for the writes made before it."""
 
-    def __init__(self, path, sync_filesystem):
-        """``path``: a directory on the filesystem to sync."""
+    def __init__(self, path, sync_filesystem, write, publish):
+        """``path``: a directory on the filesystem to sync. ``write(uploads)``
+        and ``publish(uploads)`` keep an upload's own failure in its ``error``;
+        what they raise fails every upload in the round."""
         self._path = path
         self._sync_filesystem = sync_filesystem
+        self._write = write
+        self._publish = publish
         self._failure = None   # kept across a fork: the child's writes so far are the parent's
         self._fd = None
         self._start()
         me = weakref.ref(self)   # a hook cannot be removed: it must not keep this alive
         os.register_at_fork(after_in_child=lambda: me() and me()._fd is not None and me()._start())
 
-    def close(self):
-        with self._changed:
-            os.close(self._fd)
-            self._fd = None
-
     def _start(self):
         """An open file of this process's own (syncfs reports a write error
         once per open file: one shared with a forked process could give the
-        error to it and 0 to us), and no sync running (a parent's thread
-        that was in one is not here to end it)."""
+        error to it and 0 to us), and no committer thread yet (a parent's
+        thread is not in a forked child): the first upload starts one."""
         if self._fd is not None:
             os.close(self._fd)   # the parent's open file: this process's copy only
         self._fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._changed = threading.Condition()
-        self._begun = self._ended = 0   # syncs begun, and ended, so far
-        self._running = False
+        self._arrived = threading.Condition()
+        self._queued = []
+        self._committer = None
+        self._closing = False
 
-    def sync(self):
-        with self._changed:
-            wanted = self._begun + 1   # the first sync to begin after this call
-            while self._ended < wanted:
-                if self._failure is not None:
-                    raise OSError(self._failure.errno, "an earlier sync of the disk failed (%s): "
-                                  "writes since may be lost; restart once the disk is checked"
-                                  % self._failure.strerror)
-                if self._running:
-                    self._changed.wait()
-                    continue
-                self._running = True
-                self._begun += 1
-                self._changed.release()
-                try:
-                    self._sync_filesystem(self._fd)
-                except OSError as error:
-                    self._failure = error
-                finally:
-                    self._changed.acquire()
-                    self._running = False
-                    self._changed.notify_all()
-                if self._failure is None:
-                    self._ended = self._begun
+    def close(self):
+        """Commit what is queued, then stop."""
+        with self._arrived:
+            self._closing = True
+            self._arrived.notify()
+            committer = self._committer
+        if committer is not None:
+            committer.join()
+        os.close(self._fd)
+        self._fd = None
+
+    def commit(self, upload):
+        """Queue ``upload`` (see ``_Upload``); return once it is published and
+        durable, or raise what committing it raised for it."""
+        upload.committed = threading.Lock()
+        upload.committed.acquire()   # released by the committer: the cheapest wait there is
+        with self._arrived:
+            if self._closing:
+                raise StoreUnavailable("the store is closed")
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._run, name="group commit",
+                                                   daemon=True)
+                self._committer.start()
+            self._queued.append(upload)
+            self._arrived.notify()
+        upload.committed.acquire()
+        if upload.error is not None:
+            raise upload.error
+
+    def _sync(self):
+        if self._failure is not None:
+            raise OSError(self._failure.errno, "an earlier sync of the disk failed (%s): "
+                          "writes since may be lost; restart once the disk is checked"
+                          % self._failure.strerror)
+        try:
+            self._sync_filesystem(self._fd)
+        except OSError as error:
+            self._failure = error
+            raise
+
+    def _run(self):
+        synced = []   # uploads whose bytes the last sync made durable: to be published
+        while True:
+            with self._arrived:
+                while not (self._queued or synced or self._closing):
+                    self._arrived.wait()
+                if not (self._queued or synced):
+                    return
+                written, self._queued = self._queued, []
+            try:
+                self._write(written)
+                self._publish([upload for upload in synced if upload.error is None])
+                self._sync()
+            except BaseException as error:   # for the whole round; the thread carries on
+                for upload in synced + written:
+                    upload.error = upload.error or error
+            for upload in synced + [upload for upload in written if upload.error is not None]:
+                upload.committed.release()
+            synced = [upload for upload in written if upload.error is None]
+
+
+class _Upload:
+    """An upload on its way to ``GroupCommit.commit``: its object, and either
+    its body in memory (``body``, written by the committer) or the temporary
+    file it was written to (``temporary_path``)."""
+
+    __slots__ = ("repository", "oid", "size", "held", "body", "temporary_path", "error",
+                 "committed", "shard_fd")
+
+    def __init__(self, repository, oid, size, held, body=None, temporary_path=None):
+        self.repository, self.oid, self.size, self.held = repository, oid, size, held
+        self.body, self.temporary_path = body, temporary_path
+        self.error = self.committed = self.shard_fd = None
 
 
 def _fsync_dir(path):
@@ -758,8 +823,8 @@ class DiskStore:
             self._lock_fd = os.open(self._temporary_dir, os.O_RDONLY)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Every upload is renamed from here, so this is its filesystem.
-            self._group_commit = sync_filesystem and GroupCommit(self._temporary_dir,
-                                                                 sync_filesystem)
+            self._group_commit = sync_filesystem and GroupCommit(
+                self._temporary_dir, sync_filesystem, self._write_uploads, self._publish_uploads)
             self._ledger_path = os.path.join(self.root, self.LEDGER_FILE)
             self._open_ledger()
             self._reads_cached = self._nowait and nowait.reads_cached(self._ledger_fd)
@@ -772,15 +837,20 @@ class DiskStore:
         finally:
             os.close(startup_fd)   # releases the start-up lock
 
+    @property
+    def group_commit(self):
+        """Whether uploads are made durable in batches (a GroupCommit)."""
+        return bool(self._group_commit)
+
     def close(self):
         """Release this process's temporary directory."""
         if self._lock_fd is not None:
+            if self._group_commit:
+                self._group_commit.close()   # first: it commits what is queued
             shutil.rmtree(self._temporary_dir, ignore_errors=True)
             os.close(self._lock_fd)
             if self._ledger_fd is not None:
                 os.close(self._ledger_fd)
-            if self._group_commit:
-                self._group_commit.close()
             self._lock_fd = None
 
     @staticmethod
@@ -812,9 +882,9 @@ class DiskStore:
         check_repository(repository)
         if expected_oid is not None:
             expected_oid = check_expected_oid(expected_oid)
-        stored = expected_oid is not None and self._is_stored(repository, expected_oid)
         held, room = 0, None
-        if self._quota.limit is not None and not stored:   # else there is nothing to count
+        if self._quota.limit is not None and not (   # else there is nothing to count
+                expected_oid is not None and self._is_stored(repository, expected_oid)):
             with self._lock, self._ledger(fcntl.LOCK_SH) as (_, stored_bytes):
                 held = self._quota.hold(stored_bytes, length)
                 room = None if length is not None else self._quota.room(stored_bytes)
@@ -835,14 +905,27 @@ class DiskStore:
 
     def _put(self, repository, source, expected_oid, held, length):
         with write_errors_as_store_errors():
+            first = None
+            if self._group_commit:
+                first, count = self._first_block(source, length)
+                if count < len(first) and count <= HANDED_OVER_BYTES:   # the whole body is here
+                    return self._commit_handed_over(repository, memoryview(first)[:count],
+                                                    expected_oid, held)
             fd, temporary_path = self._new_temporary_file()
             try:
                 with _ObjectFile(fd) as file:
+                    if first is None:
+                        first, count = self._first_block(source, length)
                     recorder = checksums.Recorder(length)
-                    oid, size = self._write(source, file, recorder, length)
+                    oid, size = self._write(first, count, source, file, recorder)
                     _record_checksums(file.fileno(), recorder.finish())
-                    self._sync_written(file)   # its bytes, before its name
+                    if not self._group_commit:
+                        self._sync_file(file.fileno())   # its bytes, before its name
                 check_digest(oid, expected_oid)
+                if self._group_commit:
+                    self._group_commit.commit(_Upload(repository, oid, size, held,
+                                                      temporary_path=temporary_path))
+                    return oid, size
                 directory = object_directory(repository, oid)
                 shard_fd = self._shard_directory_to_write(directory)
                 try:
@@ -852,22 +935,90 @@ class DiskStore:
             except BaseException:
                 _remove_quietly(temporary_path)
                 raise
-            self._sync_renamed(directory)
+            self._sync_directory(os.path.join(self.root, *directory))
         return oid, size
 
-    def _sync_written(self, file):
-        """Make what was written to ``file`` durable."""
-        if self._group_commit:
-            self._group_commit.sync()
-        else:
-            self._sync_file(file.fileno())
+    def _commit_handed_over(self, repository, body, expected_oid, held):
+        """Hash ``body`` and have the committer write and publish it (see GroupCommit)."""
+        oid = hashlib.sha256(body).hexdigest()
+        check_digest(oid, expected_oid)
+        upload = _Upload(repository, oid, len(body), held, body=body)
+        try:
+            self._group_commit.commit(upload)
+        except BaseException:
+            if upload.temporary_path is not None:
+                _remove_quietly(upload.temporary_path)
+            raise
+        return oid, len(body)
 
-    def _sync_renamed(self, directory):
-        """Make an entry renamed into ``directory`` (see ``object_directory``) durable."""
-        if self._group_commit:
-            self._group_commit.sync()
-        else:
-            self._sync_directory(os.path.join(self.root, *directory))
+    def _write_uploads(self, uploads):
+        """Write the bodies handed over in memory into temporary files (for the
+        GroupCommit, on its thread, before the sync that makes them durable)."""
+        for upload in uploads:
+            if upload.body is not None:
+                with _error_kept(upload):
+                    upload.temporary_path = self._write_handed_over(upload.body)
+
+    def _publish_uploads(self, uploads):
+        """Rename ``uploads`` into place (for the GroupCommit, on its thread,
+        after the sync that made their bytes durable). An upload that fails on
+        its own (a full disk, the quota, a foreign entry) gets its error and
+        leaves the others be."""
+        for upload in uploads:
+            with _error_kept(upload):
+                upload.shard_fd = self._shard_directory_to_write(
+                    object_directory(upload.repository, upload.oid))
+        try:
+            self._publish_batch([upload for upload in uploads if upload.error is None])
+        finally:
+            for upload in uploads:
+                if upload.shard_fd is not None:
+                    os.close(upload.shard_fd)
+
+    def _write_handed_over(self, body):
+        """The path of a new temporary file holding ``body`` (at most
+        HANDED_OVER_BYTES: no block checksums)."""
+        fd, temporary_path = self._new_temporary_file()
+        try:
+            with _ObjectFile(fd) as file:
+                _write_all(file, body)
+        except BaseException:
+            _remove_quietly(temporary_path)
+            raise
+        return temporary_path
+
+    def _publish_batch(self, uploads):
+        """``_publish`` for many uploads under one hold of the ledger: each new
+        object checked against the quota and counted in turn (once, if the
+        batch holds it twice), the account written once before the renames,
+        and again after them if some failed."""
+        with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
+            counted = (objects, stored_bytes)
+            unplaced = {}   # (repository, oid) -> size: new objects counted, not renamed yet
+            for upload in uploads:
+                if (upload.repository, upload.oid) in unplaced:
+                    continue   # the same object twice in one batch: counted once
+                with _error_kept(upload):
+                    present = _entry_mode(upload.oid, upload.shard_fd)
+                    if present is not None and stat.S_ISREG(present):
+                        continue   # stored: renamed over, which changes nothing
+                    self._quota.check(stored_bytes, upload.size, upload.held)
+                    if present is not None:
+                        self._quarantine(upload.repository, upload.oid, upload.shard_fd)
+                    unplaced[upload.repository, upload.oid] = upload.size
+                    objects, stored_bytes = objects + 1, stored_bytes + upload.size
+            if (objects, stored_bytes) != counted:   # counted before the renames, as in _publish
+                self._write_ledger((objects, stored_bytes))
+            estimated = (objects, stored_bytes)
+            for upload in uploads:
+                if upload.error is None:
+                    with _error_kept(upload):
+                        os.replace(upload.temporary_path, upload.oid, dst_dir_fd=upload.shard_fd)
+                        unplaced.pop((upload.repository, upload.oid), None)
+            for size in unplaced.values():   # no upload of it could be renamed
+                objects, stored_bytes = objects - 1, stored_bytes - size
+            if (objects, stored_bytes) != estimated:
+                self._write_ledger((objects, stored_bytes))
 
     def _publish(self, temporary_path, repository, oid, shard_fd, size, held):
         """Rename the finished file into place, within the quota. Whatever else
@@ -904,21 +1055,26 @@ class DiskStore:
             except FileExistsError:
                 continue
 
-    def _write(self, source, file, recorder, length):
-        """Copy ``source`` into ``file``, hashing as it goes and giving the
-        bytes to ``recorder`` (a checksums.Recorder); return ``(oid, size)``.
+    def _first_block(self, source, length):
+        """``(buffer, count)``: the first BLOCK_BYTES of ``source`` read into a
+        buffer of that size, or of ``length + 1`` when ``length`` is known and
+        smaller (zeroing 1 MiB for a small PUT cost more than the rest of its
+        hashing and writing). ``count < len(buffer)``: that is the whole body."""
+        first = bytearray(self.BLOCK_BYTES if length is None else min(self.BLOCK_BYTES, length + 1))
+        return first, _fill(source, first)
 
-        A body that fits in one buffer is hashed and written here (its buffer
-        no larger than its ``length``, when that is known: zeroing 1 MiB for
-        a small PUT cost more than the rest of its hashing and writing). A larger
+    def _write(self, first, count, source, file, recorder):
+        """Write ``first[:count]`` (see ``_first_block``) and the rest of
+        ``source`` into ``file``, hashing as it goes and giving the bytes to
+        ``recorder`` (a checksums.Recorder); return ``(oid, size)``.
+
+        A body that fits in the first block is hashed and written here. A larger
         one goes through a pipeline: this thread reads and hashes block n+1
         while a _FileWriter thread checksums and writes block n (hashlib,
         zlib and file writes all release the GIL), so an upload costs about
         the slower of the two rather than their sum.
         """
         digest = hashlib.sha256()
-        first = bytearray(self.BLOCK_BYTES if length is None else min(self.BLOCK_BYTES, length + 1))
-        count = _fill(source, first)
         digest.update(memoryview(first)[:count])
         if count < len(first):
             recorder.update(memoryview(first)[:count])
@@ -1430,6 +1586,23 @@ def _recorded_checksums(fd):
         return checksums.BlockChecksums.from_bytes(os.getxattr(fd, checksums.ATTRIBUTE))
     except OSError:
         return None
+
+
+# With group commit, bodies up to this size are handed over in memory and
+# written by the committer: one file-system call each, made by one thread.
+# They get no block checksums, so their files need no more than a write.
+HANDED_OVER_BYTES = CHECKSUMS_FROM_BYTES - 1
+
+
+@contextlib.contextmanager
+def _error_kept(upload):
+    """Keep an error raised for one upload of a batch (as the store error it
+    stands for) in ``upload.error``, and go on with the others."""
+    try:
+        with write_errors_as_store_errors():
+            yield
+    except Exception as error:
+        upload.error = error
 
 
 # Objects up to this size (the application reads them whole) are read, and

@@ -54,16 +54,22 @@ class DiskStoreProcessTest(unittest.TestCase):
         self.assertAllObjectsIntact()
 
     def test_group_commit_keeps_every_acknowledged_upload_through_sigkill(self):
-        if storage.SYNCFS is None or storage.filesystem_type(self.root) not in storage.SYNCFS_DURABLE:
+        if not storage.syncfs_durable(self.root)[0]:
             self.skipTest("--group-commit needs syncfs on one of %s" % (storage.SYNCFS_DURABLE,))
-        first = ServerProcess(self, "--data-dir", self.root, "--group-commit")
+        self.check_acknowledged_uploads_survive_sigkill("--group-commit")
+
+    def test_an_fsync_each_keeps_every_acknowledged_upload_through_sigkill(self):
+        self.check_acknowledged_uploads_survive_sigkill("--no-group-commit")
+
+    def check_acknowledged_uploads_survive_sigkill(self, sync_flag):
+        first = ServerProcess(self, "--data-dir", self.root, sync_flag)
         datas = [b"acknowledged %d" % number for number in range(12)]
         statuses = []
         run_concurrently([lambda data=data: statuses.append(
             first.request("PUT", "/data/repo", data).status) for data in datas])
         self.assertEqual(statuses, [201] * len(datas))
         self.kill_mid_upload(first)
-        second = ServerProcess(self, "--data-dir", self.root, "--group-commit")
+        second = ServerProcess(self, "--data-dir", self.root, sync_flag)
         for data in datas:
             self.assertEqual(second.request("GET", "/data/repo/" + sha256(data)).body, data)
         self.assertEqual(len(second.request("GET", "/data/repo").json()["objects"]), len(datas))
@@ -153,12 +159,32 @@ class CommandLineTest(unittest.TestCase):
         process.stdout.close()
         process.stderr.close()
 
+    def settings(self, *args):
+        """The settings line ``python server.py --port 0 ARGS`` logs at start."""
+        process, _ = self.start("--port", "0", *args)
+        settings = b""
+        while b"settings:" not in settings:
+            settings = read_line(process.stderr)
+        process.stdout.close()
+        process.stderr.close()
+        return settings.decode()
+
+    def test_group_commit_is_on_by_default_where_syncfs_makes_data_durable(self):
+        data_dir = temporary_directory(self)
+        durable, kind = storage.syncfs_durable(data_dir)
+        self.assertEqual("group commit" in self.settings("--data-dir", data_dir), durable, kind)
+        self.assertNotIn("group commit",
+                         self.settings("--data-dir", temporary_directory(self), "--no-group-commit"))
+        with small_filesystem(self) as mount_point:   # tmpfs: the default is an fsync each, no error
+            self.assertNotIn("group commit", self.settings("--data-dir", mount_point))
+
     def test_help_documents_every_flag(self):
         output = subprocess.run([sys.executable, SERVER_SCRIPT, "--help"],
                                 capture_output=True, text=True, check=True).stdout
         for flag in ("--host", "--port", "--max-object-size", "--data-dir", "--max-total-size",
                      "--request-timeout", "--max-connections", "--shutdown-timeout", "--auth-token",
-                     "--workers", "--log-format", "--log-level"):
+                     "--workers", "--log-format", "--log-level", "--group-commit",
+                     "--no-group-commit"):
             self.assertIn(flag, output)
 
     def test_rejects_malformed_numbers(self):
