@@ -1274,6 +1274,25 @@ class GroupCommitTest(unittest.TestCase):
         self.assertEqual(outcomes, [(sha256(b"twice"), 5)] * 2)
         self.assertEqual(store.usage(), (2, 5 + 5))   # "first", and this one once
 
+    def test_an_upload_whose_rename_fails_is_not_counted(self):
+        root = temporary_directory(self)
+        doomed = b"its file goes missing"
+
+        def sync_filesystem(fd):   # after the write, before the rename: the file is taken away
+            for directory, _, names in os.walk(os.path.join(root, "@tmp")):
+                for name in names:
+                    path = os.path.join(directory, name)
+                    if os.path.getsize(path) == len(doomed):
+                        os.remove(path)
+
+        store = open_disk_store(self, root, sync_filesystem=sync_filesystem)
+        with self.assertRaises(FileNotFoundError):
+            store.put("repo", io.BytesIO(doomed))
+        self.assertEqual(store.usage(), (0, 0))
+        self.assertEqual(store.put("repo", io.BytesIO(b"kept")), (sha256(b"kept"), 4))
+        self.assertEqual(store.usage(), (1, 4))
+        self.assertEqual(open_disk_store(self, root).usage(), (1, 4))   # the ledger, read again
+
     def test_uploads_in_one_batch_never_overshoot_the_quota_together(self):
         store = open_disk_store(self, temporary_directory(self), max_total_size=30,
                                 sync_filesystem=os.fsync)

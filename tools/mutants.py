@@ -142,6 +142,18 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "    return pages.cached >= -(-size // _PAGE_BYTES)", "    return True"),
     ("held: a send that waits, GIL and all", "nowait.py",
      '_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | ', "_SEND_FLAGS = "),
+    ("group commit: renames synced after their batch is acknowledged", "storage.py",
+     "                self._publish([upload for upload in synced if upload.error is None])\n"
+     "                self._sync()",
+     "                self._sync()\n"
+     "                self._publish([upload for upload in synced if upload.error is None])"),
+    ("group commit: one object twice in a batch counted twice", "storage.py",
+     "                if (upload.repository, upload.oid) in unplaced:", "                if False:"),
+    ("group commit: the account kept high after a failed rename", "storage.py",
+     "            if (objects, stored_bytes) != estimated:", "            if False:"),
+    ("group commit: one upload's failure fails its whole batch", "storage.py",
+     "    except Exception as error:\n        upload.error = error",
+     "    except Exception as error:\n        upload.error = error\n        raise"),
 ]
 
 
