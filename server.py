@@ -1247,7 +1247,8 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
     that makes no sense. The disk store's uploads are made durable together
     (``storage.GroupCommit``) if ``group_commit``, by an fsync each if it is
     False, and by default (None) together where syncfs can be trusted with
-    that (``storage.syncfs_durable``)."""
+    that (``storage.syncfs_durable``) on a filesystem of
+    ``storage.GROUP_COMMIT_BY_DEFAULT``."""
     if group_commit and data_dir is None:
         raise ValueError("--group-commit is for the disk store: give --data-dir")
     if group_commit and storage.SYNCFS is None:
@@ -1269,12 +1270,15 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
         return store
     if data_dir is not None:
         durable, kind = storage.syncfs_durable(data_dir)
-        if group_commit and not durable:
+        parent_exists = os.path.isdir(os.path.dirname(os.path.abspath(data_dir)))
+        if group_commit and not durable and parent_exists:   # else the store says what is missing
             raise ValueError("--group-commit relies on syncfs, which makes data durable on %s; "
                              "this directory is on %s" % (", ".join(storage.SYNCFS_DURABLE),
                                                           kind or "a filesystem not known"))
+        if group_commit is None:
+            group_commit = durable and kind in storage.GROUP_COMMIT_BY_DEFAULT
         return storage.DiskStore(data_dir, max_total_size=max_total_size, sync_filesystem=(
-            storage.SYNCFS if durable and group_commit is not False else None))
+            storage.SYNCFS if durable and group_commit else None))
     return storage.MemoryStore(max_total_size=max_total_size)
 
 
@@ -1352,8 +1356,8 @@ def parse_args(argv=None):
                         help="with --data-dir, make uploads durable in batches, by syncs of "
                              "the whole filesystem that concurrent uploads share, instead of "
                              "an fsync of each file and directory (default: on where syncfs "
-                             "can be trusted with that: Linux 5.8+, on ext3/4, XFS, btrfs or "
-                             "overlayfs; see the README)")
+                             "can be trusted with that: Linux 5.8+, on ext3/4, XFS or btrfs; "
+                             "on request on overlayfs; see the README)")
     parser.add_argument("--max-total-size", type=_byte_count, metavar="BYTES",
                         help="quota on the bytes stored; uploads beyond it get 507 "
                              "(default: no quota)")

@@ -218,7 +218,7 @@ class MemoryStore:
             expected_oid = check_expected_oid(expected_oid)
         with self._lock:
             stored = expected_oid in self._repositories.get(repository, {})
-            held = 0 if stored else self._quota.hold(self._bytes, length)
+            hold = _Hold() if stored else self._quota.hold(self._bytes, length)
             room = None if stored or length is not None else self._quota.room(self._bytes)
         try:
             data = (source if room is None else _WithinRoom(source, room)).read()
@@ -227,7 +227,8 @@ class MemoryStore:
             with self._lock:
                 objects = self._repositories.setdefault(repository, {})
                 if oid not in objects:
-                    self._quota.check(self._bytes, len(data), held)
+                    self._quota.check(self._bytes, len(data), hold)
+                    self._quota.release(hold)
                     objects[oid] = data
                     oids, sizes = self._ordered.setdefault(repository, ([], array.array("Q")))
                     index = bisect.bisect_left(oids, oid)
@@ -237,7 +238,7 @@ class MemoryStore:
                     self._bytes += len(data)
         finally:
             with self._lock:
-                self._quota.release(held)
+                self._quota.release(hold)
         return oid, len(data)
 
     def open(self, repository, oid):
@@ -305,31 +306,43 @@ class _Quota:
         self._held = 0   # bytes promised to uploads in flight
 
     def hold(self, used, length):
-        """Promise ``length`` bytes (None: unknown) to an upload; return what
-        was held, to pass to ``check`` and ``release``."""
+        """Promise ``length`` bytes (None: unknown) to an upload; return the
+        _Hold, to pass to ``check`` and ``release``."""
         if self.limit is None or length is None:
-            return 0
+            return _Hold()
         self._refuse_beyond(used + self._held, length)
         self._held += length
-        return length
+        return _Hold(length)
 
     def room(self, used):
         """The most bytes an upload of unknown length may have now (None: any)."""
         return None if self.limit is None else max(0, self.limit - used - self._held)
 
-    def check(self, used, size, held):
-        """Before publishing a new object of ``size`` for an upload that held ``held``."""
+    def check(self, used, size, hold):
+        """Before publishing a new object of ``size`` for an upload that holds ``hold``."""
         if self.limit is not None:
-            self._refuse_beyond(used + self._held - held, size)
+            self._refuse_beyond(used + self._held - hold.bytes, size)
 
-    def release(self, held):
-        self._held -= held
+    def release(self, hold):
+        """Give back what ``hold`` holds: once its object is counted in ``used``
+        (so that it is not counted twice meanwhile), or when the upload ends."""
+        self._held -= hold.bytes
+        hold.bytes = 0
 
     def _refuse_beyond(self, taken, size):
         if taken + size > self.limit:
             raise InsufficientStorage(
                 "storing %d more bytes would exceed the %d-byte quota (%d bytes stored or "
                 "promised to uploads in progress)" % (size, self.limit, taken))
+
+
+class _Hold:
+    """Bytes of the quota held for one upload (0: none)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self, count=0):
+        self.bytes = count
 
 
 class _WithinRoom:
@@ -455,6 +468,10 @@ def openat2_function():
 # Filesystems whose syncfs makes data durable as fsync does. Not every one's
 # does: FUSE's returns at once unless the daemon implements it, CIFS has none.
 SYNCFS_DURABLE = ("ext3", "ext4", "xfs", "btrfs", "overlay")
+# Where the disk store makes uploads durable by group commit unless told not to:
+# not on overlayfs, whose syncfs reports the upper filesystem's write errors
+# only in kernels newer than 5.8 (on request only, there).
+GROUP_COMMIT_BY_DEFAULT = ("ext3", "ext4", "xfs", "btrfs")
 
 
 def syncfs_durable(data_dir):
@@ -556,10 +573,10 @@ class GroupCommit:
         with self._arrived:
             if self._closing:
                 raise StoreUnavailable("the store is closed")
-            if self._committer is None:
-                self._committer = threading.Thread(target=self._run, name="group commit",
-                                                   daemon=True)
-                self._committer.start()
+            if self._committer is None:   # set once started: a failed start is tried again
+                committer = threading.Thread(target=self._run, name="group commit", daemon=True)
+                committer.start()
+                self._committer = committer
             self._queued.append(upload)
             self._arrived.notify()
         upload.committed.acquire()
@@ -603,11 +620,11 @@ class _Upload:
     its body in memory (``body``, written by the committer) or the temporary
     file it was written to (``temporary_path``)."""
 
-    __slots__ = ("repository", "oid", "size", "held", "body", "temporary_path", "error",
+    __slots__ = ("repository", "oid", "size", "hold", "body", "temporary_path", "error",
                  "committed", "shard_fd")
 
-    def __init__(self, repository, oid, size, held, body=None, temporary_path=None):
-        self.repository, self.oid, self.size, self.held = repository, oid, size, held
+    def __init__(self, repository, oid, size, hold, body=None, temporary_path=None):
+        self.repository, self.oid, self.size, self.hold = repository, oid, size, hold
         self.body, self.temporary_path = body, temporary_path
         self.error = self.committed = self.shard_fd = None
 
@@ -882,19 +899,19 @@ class DiskStore:
         check_repository(repository)
         if expected_oid is not None:
             expected_oid = check_expected_oid(expected_oid)
-        held, room = 0, None
+        hold, room = _Hold(), None
         if self._quota.limit is not None and not (   # else there is nothing to count
                 expected_oid is not None and self._is_stored(repository, expected_oid)):
             with self._lock, self._ledger(fcntl.LOCK_SH) as (_, stored_bytes):
-                held = self._quota.hold(stored_bytes, length)
+                hold = self._quota.hold(stored_bytes, length)
                 room = None if length is not None else self._quota.room(stored_bytes)
         try:
             return self._put(repository, source if room is None else _WithinRoom(source, room),
-                             expected_oid, held, length)
+                             expected_oid, hold, length)
         finally:
-            if held:   # else no lock to wait for: publishing uploads hold it a while
+            if hold.bytes:   # else no lock to wait for: publishing uploads hold it a while
                 with self._lock:
-                    self._quota.release(held)
+                    self._quota.release(hold)
 
     def _is_stored(self, repository, oid):
         try:
@@ -903,14 +920,16 @@ class DiskStore:
             return False
         return True
 
-    def _put(self, repository, source, expected_oid, held, length):
+    def _put(self, repository, source, expected_oid, hold, length):
         with write_errors_as_store_errors():
             first = None
             if self._group_commit:
                 first, count = self._first_block(source, length)
                 if count < len(first) and count <= HANDED_OVER_BYTES:   # the whole body is here
-                    return self._commit_handed_over(repository, memoryview(first)[:count],
-                                                    expected_oid, held)
+                    # Not a chunked upload's 1 MiB buffer kept for a small body while it waits.
+                    body = memoryview(first)[:count] if len(first) == count + 1 else first[:count]
+                    first = None
+                    return self._commit_handed_over(repository, body, expected_oid, hold)
             fd, temporary_path = self._new_temporary_file()
             try:
                 with _ObjectFile(fd) as file:
@@ -918,18 +937,19 @@ class DiskStore:
                         first, count = self._first_block(source, length)
                     recorder = checksums.Recorder(length)
                     oid, size = self._write(first, count, source, file, recorder)
+                    first = None   # not kept while the upload waits for its batch
                     _record_checksums(file.fileno(), recorder.finish())
                     if not self._group_commit:
                         self._sync_file(file.fileno())   # its bytes, before its name
                 check_digest(oid, expected_oid)
                 if self._group_commit:
-                    self._group_commit.commit(_Upload(repository, oid, size, held,
+                    self._group_commit.commit(_Upload(repository, oid, size, hold,
                                                       temporary_path=temporary_path))
                     return oid, size
                 directory = object_directory(repository, oid)
                 shard_fd = self._shard_directory_to_write(directory)
                 try:
-                    self._publish(temporary_path, repository, oid, shard_fd, size, held)
+                    self._publish(temporary_path, repository, oid, shard_fd, size, hold)
                 finally:
                     os.close(shard_fd)
             except BaseException:
@@ -938,11 +958,11 @@ class DiskStore:
             self._sync_directory(os.path.join(self.root, *directory))
         return oid, size
 
-    def _commit_handed_over(self, repository, body, expected_oid, held):
+    def _commit_handed_over(self, repository, body, expected_oid, hold):
         """Hash ``body`` and have the committer write and publish it (see GroupCommit)."""
         oid = hashlib.sha256(body).hexdigest()
         check_digest(oid, expected_oid)
-        upload = _Upload(repository, oid, len(body), held, body=body)
+        upload = _Upload(repository, oid, len(body), hold, body=body)
         try:
             self._group_commit.commit(upload)
         except BaseException:
@@ -964,6 +984,8 @@ class DiskStore:
         after the sync that made their bytes durable). An upload that fails on
         its own (a full disk, the quota, a foreign entry) gets its error and
         leaves the others be."""
+        if not uploads:
+            return   # no lock to take
         for upload in uploads:
             with _error_kept(upload):
                 upload.shard_fd = self._shard_directory_to_write(
@@ -1002,7 +1024,8 @@ class DiskStore:
                     present = _entry_mode(upload.oid, upload.shard_fd)
                     if present is not None and stat.S_ISREG(present):
                         continue   # stored: renamed over, which changes nothing
-                    self._quota.check(stored_bytes, upload.size, upload.held)
+                    self._quota.check(stored_bytes, upload.size, upload.hold)
+                    self._quota.release(upload.hold)   # counted in stored_bytes from here
                     if present is not None:
                         self._quarantine(upload.repository, upload.oid, upload.shard_fd)
                     unplaced[upload.repository, upload.oid] = upload.size
@@ -1020,7 +1043,7 @@ class DiskStore:
             if (objects, stored_bytes) != estimated:
                 self._write_ledger((objects, stored_bytes))
 
-    def _publish(self, temporary_path, repository, oid, shard_fd, size, held):
+    def _publish(self, temporary_path, repository, oid, shard_fd, size, hold):
         """Rename the finished file into place, within the quota. Whatever else
         holds the object's name (a directory, a symlink, a FIFO) is moved to the
         quarantine first: a rename cannot replace a directory, and the others
@@ -1030,7 +1053,8 @@ class DiskStore:
             if present is not None and stat.S_ISREG(present):
                 os.replace(temporary_path, oid, dst_dir_fd=shard_fd)   # stored: changes nothing
                 return
-            self._quota.check(stored_bytes, size, held)
+            self._quota.check(stored_bytes, size, hold)
+            self._quota.release(hold)   # counted in the account from here
             if present is not None:
                 self._quarantine(repository, oid, shard_fd)
             # Counted before the rename: a crash between the two leaves the

@@ -1201,6 +1201,13 @@ class GroupCommitTest(unittest.TestCase):
             thread.join(10)
         self.assertEqual(batches, [["first"], ["other"] * 5, []])   # the last round publishes only
 
+    def test_a_directory_not_made_yet_is_judged_by_its_parent(self):
+        parent = temporary_directory(self)
+        self.assertEqual(storage.syncfs_durable(os.path.join(parent, "not made yet")),
+                         storage.syncfs_durable(parent))
+        self.assertEqual(storage.syncfs_durable(os.path.join(parent, "no", "such")),
+                         (False, None))
+
     def test_a_failed_sync_fails_every_later_one(self):
         outcomes = iter([OSError(errno.EIO, "Input/output error"), None])
 
@@ -1255,6 +1262,7 @@ class GroupCommitTest(unittest.TestCase):
         os.makedirs(os.path.join(root, "taken"))
         with open(os.path.join(root, "taken", sha256(b"c")[:2]), "w"):
             pass   # a file where the shard directory belongs: not the store's to move aside
+        descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
         outcomes = self.uploads_in_one_batch(store, [
             lambda: store.put("repo", io.BytesIO(b"a")),
             lambda: store.put("taken", io.BytesIO(b"c")),
@@ -1264,6 +1272,8 @@ class GroupCommitTest(unittest.TestCase):
         self.assertIsInstance(outcomes[1], storage.ForeignEntry)
         self.assertEqual(outcomes[2], (sha256(b"b" * 70000), 70000))
         self.assertEqual(store.usage(), (3, 1 + 5 + 70000))
+        if descriptors is not None:   # the shard directories' among them: all closed again
+            self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)
         self.assertEqual(os.listdir(os.path.join(root, "@tmp", os.listdir(os.path.join(root, "@tmp"))[0])),
                          [])   # no temporary file left behind
 
@@ -1273,6 +1283,44 @@ class GroupCommitTest(unittest.TestCase):
             functools.partial(store.put, "repo", io.BytesIO(b"twice")) for _ in range(2)])
         self.assertEqual(outcomes, [(sha256(b"twice"), 5)] * 2)
         self.assertEqual(store.usage(), (2, 5 + 5))   # "first", and this one once
+
+    def test_uploads_of_known_length_in_one_batch_fill_the_quota(self):
+        store = open_disk_store(self, temporary_directory(self), max_total_size=85,
+                                sync_filesystem=os.fsync)
+        datas = [b"%d" % number * 40 for number in range(2)]   # 5 + 40 + 40 fit; each held first
+        outcomes = self.uploads_in_one_batch(store, [
+            functools.partial(store.put, "repo", io.BytesIO(data), length=40) for data in datas])
+        self.assertEqual(outcomes, [(sha256(data), 40) for data in datas])
+        self.assertEqual(store.usage(), (3, 85))
+        with self.assertRaises(storage.InsufficientStorage):   # and nothing is held any more
+            store.put("repo", io.BytesIO(b"x"), length=1)
+        self.assertEqual(store._quota._held, 0)   # noqa: SLF001
+
+    def test_closing_commits_the_uploads_queued_and_in_the_pipeline(self):
+        in_first_sync, may_end = threading.Event(), threading.Event()
+
+        def sync_filesystem(fd):
+            in_first_sync.set()
+            may_end.wait(10)
+
+        commit = storage.GroupCommit(temporary_directory(self), sync_filesystem,
+                                     lambda uploads: None, lambda uploads: None)
+        uploads = [storage._Upload("r", "o%d" % number, 1, storage._Hold()) for number in range(4)]
+        committing = [threading.Thread(target=commit.commit, args=(upload,)) for upload in uploads]
+        committing[0].start()   # in the pipeline: its round's sync is held
+        self.assertTrue(in_first_sync.wait(10))
+        for thread in committing[1:]:   # queued behind it
+            thread.start()
+        wait_until(lambda: len(commit._queued) == 3)   # noqa: SLF001
+        closing = threading.Thread(target=commit.close)
+        closing.start()
+        may_end.set()
+        for thread in committing + [closing]:
+            thread.join(10)
+            self.assertFalse(thread.is_alive())
+        self.assertEqual([upload.error for upload in uploads], [None] * 4)
+        with self.assertRaises(storage.StoreUnavailable):
+            commit.commit(storage._Upload("r", "late", 1, storage._Hold()))
 
     def test_an_upload_whose_rename_fails_is_not_counted(self):
         root = temporary_directory(self)
