@@ -946,16 +946,14 @@ class DiskStore:
                     self._group_commit.commit(_Upload(repository, oid, size, hold,
                                                       temporary_path=temporary_path))
                     return oid, size
-                directory = object_directory(repository, oid)
-                shard_fd = self._shard_directory_to_write(directory)
-                try:
-                    self._publish(temporary_path, repository, oid, shard_fd, size, hold)
-                finally:
-                    os.close(shard_fd)
+                upload = _Upload(repository, oid, size, hold, temporary_path=temporary_path)
+                self._publish_uploads([upload])
+                if upload.error is not None:
+                    raise upload.error
             except BaseException:
                 _remove_quietly(temporary_path)
                 raise
-            self._sync_directory(os.path.join(self.root, *directory))
+            self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))
         return oid, size
 
     def _commit_handed_over(self, repository, body, expected_oid, hold):
@@ -980,10 +978,10 @@ class DiskStore:
                     upload.temporary_path = self._write_handed_over(upload.body)
 
     def _publish_uploads(self, uploads):
-        """Rename ``uploads`` into place (for the GroupCommit, on its thread,
-        after the sync that made their bytes durable). An upload that fails on
-        its own (a full disk, the quota, a foreign entry) gets its error and
-        leaves the others be."""
+        """Rename ``uploads`` into place, once their bytes are durable (for the
+        GroupCommit, on its thread; or one upload on its own). An upload that
+        fails on its own (a full disk, the quota, a foreign entry) gets its
+        error and leaves the others be."""
         if not uploads:
             return   # no lock to take
         for upload in uploads:
@@ -1010,10 +1008,14 @@ class DiskStore:
         return temporary_path
 
     def _publish_batch(self, uploads):
-        """``_publish`` for many uploads under one hold of the ledger: each new
-        object checked against the quota and counted in turn (once, if the
-        batch holds it twice), the account written once before the renames,
-        and again after them if some failed."""
+        """Rename the uploads' finished files into place under one hold of the
+        ledger: each new object checked against the quota and counted in turn
+        (once, if the batch holds it twice). The account is written before the
+        renames, so a crash between the two leaves it high (a quota kept too
+        strictly), never low; and again after them if some failed. Whatever
+        else holds an object's name (a directory, a symlink, a FIFO) is moved
+        to the quarantine first: a rename cannot replace a directory, and the
+        others are not objects."""
         with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
             counted = (objects, stored_bytes)
             unplaced = {}   # (repository, oid) -> size: new objects counted, not renamed yet
@@ -1021,6 +1023,7 @@ class DiskStore:
                 if (upload.repository, upload.oid) in unplaced:
                     continue   # the same object twice in one batch: counted once
                 with _error_kept(upload):
+                    # One look: another process may publish it meanwhile.
                     present = _entry_mode(upload.oid, upload.shard_fd)
                     if present is not None and stat.S_ISREG(present):
                         continue   # stored: renamed over, which changes nothing
@@ -1030,7 +1033,7 @@ class DiskStore:
                         self._quarantine(upload.repository, upload.oid, upload.shard_fd)
                     unplaced[upload.repository, upload.oid] = upload.size
                     objects, stored_bytes = objects + 1, stored_bytes + upload.size
-            if (objects, stored_bytes) != counted:   # counted before the renames, as in _publish
+            if (objects, stored_bytes) != counted:
                 self._write_ledger((objects, stored_bytes))
             estimated = (objects, stored_bytes)
             for upload in uploads:
@@ -1042,29 +1045,6 @@ class DiskStore:
                 objects, stored_bytes = objects - 1, stored_bytes - size
             if (objects, stored_bytes) != estimated:
                 self._write_ledger((objects, stored_bytes))
-
-    def _publish(self, temporary_path, repository, oid, shard_fd, size, hold):
-        """Rename the finished file into place, within the quota. Whatever else
-        holds the object's name (a directory, a symlink, a FIFO) is moved to the
-        quarantine first: a rename cannot replace a directory, and the others
-        are not objects."""
-        with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
-            present = _entry_mode(oid, shard_fd)   # one look: another process may publish meanwhile
-            if present is not None and stat.S_ISREG(present):
-                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)   # stored: changes nothing
-                return
-            self._quota.check(stored_bytes, size, hold)
-            self._quota.release(hold)   # counted in the account from here
-            if present is not None:
-                self._quarantine(repository, oid, shard_fd)
-            # Counted before the rename: a crash between the two leaves the
-            # account high (a quota kept too strictly), never low.
-            self._write_ledger((objects + 1, stored_bytes + size))
-            try:
-                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)
-            except BaseException:
-                self._write_ledger((objects, stored_bytes))
-                raise
 
     def _new_temporary_file(self):
         """``(fd, path)`` of a new file in this process's temporary directory,
@@ -1246,7 +1226,7 @@ class DiskStore:
                 size = _regular_file_size(oid, shard_fd)
                 if size is None:
                     raise not_found(repository, oid)
-                os.unlink(oid, dir_fd=shard_fd)   # before the account goes down (see _publish)
+                os.unlink(oid, dir_fd=shard_fd)   # before the account goes down
                 self._write_ledger((objects - 1, stored_bytes - size))
         except FileNotFoundError:
             raise not_found(repository, oid) from None   # deleted meanwhile by another process

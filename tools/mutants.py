@@ -30,12 +30,13 @@ MUTANTS = [   # (name, file, snippet, replacement)
     ("no fsync of the object file", "storage.py",
      "self._sync_file(file.fileno())", "pass"),
     ("no fsync of the directory after the rename", "storage.py",
-     "            self._sync_directory(os.path.join(self.root, *directory))",
-     "            pass"),
+     "                raise\n"
+     "            self._sync_directory(os.path.join(self.root, *object_directory(repository, oid)))",
+     "                raise\n            pass"),
     ("copy instead of temp file + atomic rename", "storage.py",
-     "            try:\n                os.replace(temporary_path, oid, dst_dir_fd=shard_fd)",
-     "            try:\n                shutil.copyfile(temporary_path, "
-     "os.path.join(self.root, repository, oid[:2], oid))"),
+     "os.replace(upload.temporary_path, upload.oid, dst_dir_fd=upload.shard_fd)",
+     "shutil.copyfile(upload.temporary_path, "
+     "os.path.join(self.root, upload.repository, upload.oid[:2], upload.oid))"),
     ("no digest check on a verified PUT", "storage.py",
      "if expected_oid is not None and oid != expected_oid:", "if False:"),
     ("range end past the object", "server.py",
