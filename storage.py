@@ -31,6 +31,7 @@ Run as a program, it checks a disk store: ``python storage.py verify DIR``.
 import array
 import bisect
 import contextlib
+import copy
 import errno
 import functools
 import hashlib
@@ -609,10 +610,22 @@ class GroupCommit:
                 self._sync()
             except BaseException as error:   # for the whole round; the thread carries on
                 for upload in synced + written:
-                    upload.error = upload.error or error
+                    upload.error = upload.error or _of_its_own(error)
             for upload in synced + [upload for upload in written if upload.error is not None]:
                 upload.committed.release()
             synced = [upload for upload in written if upload.error is None]
+
+
+def _of_its_own(error):
+    """A copy of ``error`` for one of the threads that will raise it, caused
+    by it: one exception raised in several threads at once would gather all
+    their tracebacks, each thread's frames added to the others'."""
+    try:
+        copied = copy.copy(error)   # its type, arguments and attributes, not its traceback
+    except Exception:   # one whose arguments do not make it again: shared, as it is
+        return error
+    copied.__cause__ = error
+    return copied
 
 
 class _Upload:

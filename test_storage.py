@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import threading
+import traceback
 import unittest
 import urllib.parse
 
@@ -1219,6 +1220,57 @@ class GroupCommitTest(unittest.TestCase):
                 commit.commit(storage._Upload("r", "o", 1, 0))
             self.assertEqual(failed.exception.errno, errno.EIO)
         self.assertIn("restart", str(failed.exception))
+
+    def test_every_upload_of_a_failed_round_raises_an_exception_of_its_own(self):
+        # One exception object raised in several threads at once would gather
+        # the frames of all of them in its traceback.
+        in_first_sync, may_fail = threading.Event(), threading.Event()
+
+        def sync_filesystem(fd):
+            in_first_sync.set()
+            may_fail.wait(10)
+            raise OSError(errno.EIO, "Input/output error")
+
+        commit = self.group_commit(sync_filesystem)
+        raised = {}
+
+        def upload(name):
+            try:
+                commit.commit(storage._Upload("r", name, 1, 0))
+            except OSError as error:
+                raised[name] = error
+
+        first = threading.Thread(target=upload, args=("first",))
+        first.start()
+        self.assertTrue(in_first_sync.wait(10))
+        threads = [threading.Thread(target=upload, args=(name,)) for name in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(commit._queued) == 2)   # noqa: SLF001 (one round for both)
+        may_fail.set()
+        for thread in [first] + threads:
+            thread.join(10)
+        self.assertIsNot(raised["a"], raised["b"])
+        self.assertIs(raised["a"].__cause__, raised["b"].__cause__)   # the round's error
+        for error in raised.values():
+            self.assertEqual(error.errno, errno.EIO)
+            self.assertEqual(sum(frame.f_code.co_name == "upload"   # its own thread's frames only
+                                 for frame, _ in traceback.walk_tb(error.__traceback__)), 1)
+
+    def test_an_error_that_cannot_be_copied_is_raised_as_it_is(self):
+        class Unusual(Exception):
+            def __init__(self, code, reason):   # its copy would be made with args alone
+                super().__init__(reason)
+
+        failure = Unusual(7, "unusual")
+
+        def sync_filesystem(fd):
+            raise failure
+
+        commit = self.group_commit(sync_filesystem)
+        with self.assertRaises(Unusual) as raised:
+            commit.commit(storage._Upload("r", "o", 1, 0))
+        self.assertIs(raised.exception, failure)
 
     def uploads_in_one_batch(self, store, puts):
         """Run ``puts`` (functions) at once, the first sync held until all of
