@@ -147,6 +147,8 @@ class CommandLineTest(unittest.TestCase):
     def stop(process):
         process.kill()
         process.wait()
+        process.stdout.close()
+        process.stderr.close()
 
     def test_workers_auto_is_one_per_usable_cpu(self):
         process, _ = self.start("--port", "0", "--workers", "auto",
@@ -156,8 +158,6 @@ class CommandLineTest(unittest.TestCase):
         while b"settings:" not in settings:
             settings = read_line(process.stderr)
         self.assertIn(b"workers %d" % cpus, settings)
-        process.stdout.close()
-        process.stderr.close()
 
     def settings(self, *args):
         """The settings line ``python server.py --port 0 ARGS`` logs at start."""
@@ -165,8 +165,6 @@ class CommandLineTest(unittest.TestCase):
         settings = b""
         while b"settings:" not in settings:
             settings = read_line(process.stderr)
-        process.stdout.close()
-        process.stderr.close()
         return settings.decode()
 
     def test_group_commit_is_on_by_default_where_syncfs_makes_data_durable(self):
