@@ -724,10 +724,10 @@ class DataStorageServer:
 
     def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
                  max_total_size=None, auth_token=None, public_url=None, s3_endpoint=None,
-                 spool_dir=None, group_commit=None):
+                 spool_dir=None, group_commit=None, s3_timeout=None):
         if isinstance(store, str):   # "memory", or "s3://BUCKET[/PREFIX]"
             store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir,
-                               group_commit)
+                               group_commit, s3_timeout)
             data_dir = max_total_size = group_commit = None
         if store is not None and (data_dir is not None or max_total_size is not None
                                   or group_commit is not None):
@@ -1240,7 +1240,7 @@ def valid_token(token):
 
 
 def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None,
-               group_commit=None):
+               group_commit=None, s3_timeout=None):
     """The store to serve: the S3 store for ``url`` ``s3://BUCKET[/PREFIX]``
     (checked: StoreUnavailable if the bucket cannot be used), the disk store
     in ``data_dir``, or a new in-memory store. ValueError for a combination
@@ -1248,7 +1248,9 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
     (``storage.GroupCommit``) if ``group_commit``, by an fsync each if it is
     False, and by default (None) together where syncfs can be trusted with
     that (``storage.syncfs_durable``) on a filesystem of
-    ``storage.GROUP_COMMIT_BY_DEFAULT``."""
+    ``storage.GROUP_COMMIT_BY_DEFAULT``. Each connect, send and receive of a
+    call to an S3 engine may take ``s3_timeout`` seconds (by default
+    ``s3.DEFAULT_TIMEOUT``)."""
     if group_commit and data_dir is None:
         raise ValueError("--group-commit is for the disk store: give --data-dir")
     if group_commit and storage.SYNCFS is None:
@@ -1265,7 +1267,9 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
             raise ValueError("--spool-dir %s is not a directory" % spool_dir)
         credentials, region = s3.credentials_from_environment()
         endpoint = s3_endpoint or "https://s3.%s.amazonaws.com" % region
-        store = s3.S3Store(bucket, prefix, s3.Client(endpoint, region, credentials), spool_dir)
+        timeout = s3.DEFAULT_TIMEOUT if s3_timeout is None else s3_timeout
+        store = s3.S3Store(bucket, prefix, s3.Client(endpoint, region, credentials, timeout),
+                           spool_dir)
         store.check()
         return store
     if data_dir is not None:
@@ -1348,6 +1352,10 @@ def parse_args(argv=None):
     parser.add_argument("--s3-endpoint", metavar="URL",
                         help="the S3 engine's URL, e.g. http://127.0.0.1:8333 (default: AWS "
                              "in the region)")
+    parser.add_argument("--s3-timeout", type=_seconds, metavar="SECONDS",
+                        help="with an S3 store, how long each connect, send and receive of a "
+                             "call to the engine may take before the call fails (default: %s)"
+                             % s3.DEFAULT_TIMEOUT)
     parser.add_argument("--spool-dir", metavar="DIR",
                         help="with an S3 store, where uploads whose oid is not known yet are "
                              "held while they are hashed (default: the system's temporary "
@@ -1427,7 +1435,8 @@ def main(argv=None):
                                  max_object_size=args.max_object_size,
                                  max_total_size=args.max_total_size, auth_token=args.auth_token,
                                  public_url=args.public_url, s3_endpoint=args.s3_endpoint,
-                                 spool_dir=args.spool_dir, group_commit=args.group_commit)
+                                 spool_dir=args.spool_dir, group_commit=args.group_commit,
+                                 s3_timeout=args.s3_timeout)
 
     try:   # everything is checked before the port is announced
         application = make_application()

@@ -186,7 +186,8 @@ class CommandLineTest(unittest.TestCase):
             self.assertIn(flag, output)
 
     def test_rejects_malformed_numbers(self):
-        for args in (["--port", "+5"], ["--port", "70000"], ["--max-object-size", "1_0"]):
+        for args in (["--port", "+5"], ["--port", "70000"], ["--max-object-size", "1_0"],
+                     ["--s3-timeout", "0"], ["--s3-timeout", "nan"]):
             result = subprocess.run([sys.executable, SERVER_SCRIPT, *args],
                                     capture_output=True, text=True)
             self.assertEqual(result.returncode, 2, args)

@@ -384,20 +384,34 @@ class ServiceOnS3Contract(WSGIClientMixin):
 
 class SilentEngineTest(unittest.TestCase):
     """An engine that accepts connections and never answers: every call has a
-    timeout and a stuck call is not retried, so start-up ends, with one line."""
+    timeout (--s3-timeout) and a stuck call is not retried, so start-up ends,
+    with one line."""
 
-    def test_start_up_gives_up_within_one_timeout(self):
-        silent = socket.create_server(("127.0.0.1", 0))
+    def test_start_up_gives_up_after_one_timeout(self):
+        silent = socket.create_server(("127.0.0.1", 0))   # connections wait, never accepted
         self.addCleanup(silent.close)
         environment = dict(os.environ, AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, SERVER_SCRIPT, "--port", "0", "--store", "s3://bucket",
-             "--s3-endpoint", "http://127.0.0.1:%d" % silent.getsockname()[1]],
+             "--s3-endpoint", "http://127.0.0.1:%d" % silent.getsockname()[1],
+             "--s3-timeout", "1"],
             cwd=HERE, env=environment, capture_output=True, timeout=60)
+        elapsed = time.monotonic() - started
         self.assertEqual(result.returncode, 2)
         self.assertIn(b"timed out", result.stderr)
-        self.assertLess(time.monotonic() - started, 2 * s3.DEFAULT_TIMEOUT)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertGreaterEqual(elapsed, 1)
+        self.assertLess(elapsed, s3.DEFAULT_TIMEOUT)   # the option's timeout, not the default
+        silent.setblocking(False)
+        connections = 0
+        while True:   # each call, and each retry, connected anew
+            try:
+                silent.accept()[0].close()
+            except BlockingIOError:
+                break
+            connections += 1
+        self.assertEqual(connections, 1)
 
 
 class SeaweedFSServiceTest(ServiceOnS3Contract, unittest.TestCase):
