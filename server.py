@@ -728,17 +728,17 @@ class DataStorageServer:
         if isinstance(store, str):   # "memory", or "s3://BUCKET[/PREFIX]"
             store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir,
                                group_commit, s3_timeout)
-            data_dir = max_total_size = group_commit = None
-        if store is not None and (data_dir is not None or max_total_size is not None
-                                  or group_commit is not None):
-            raise ValueError("data_dir, max_total_size and group_commit open a store: pass "
-                             "them or a store")
+        elif store is not None and any(setting is not None for setting in (
+                data_dir, max_total_size, group_commit, s3_endpoint, spool_dir, s3_timeout)):
+            raise ValueError("data_dir, max_total_size, group_commit, s3_endpoint, spool_dir "
+                             "and s3_timeout open a store: pass them or a store")
         if auth_token is not None and not valid_token(auth_token):
             raise ValueError("auth_token must be printable ASCII without spaces, not empty")
         if public_url is not None and not valid_public_url(public_url):
             raise ValueError("public_url must be an http:// or https:// URL without query")
-        self.store = store if store is not None else open_store(data_dir, max_total_size,
-                                                                group_commit=group_commit)
+        self.store = store if store is not None else open_store(
+            data_dir, max_total_size, s3_endpoint=s3_endpoint, spool_dir=spool_dir,
+            group_commit=group_commit, s3_timeout=s3_timeout)
         self.locks = lfs.open_locks(self.store)
         self.max_object_size = max_object_size
         self.auth_token = auth_token.encode() if auth_token is not None else None
@@ -1239,6 +1239,10 @@ def valid_token(token):
     return bool(token) and token.isascii() and token.isprintable() and " " not in token
 
 
+S3_ONLY = ("--s3-endpoint, --spool-dir and --s3-timeout are for an S3 store: give "
+           "--store s3://BUCKET[/PREFIX]")
+
+
 def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None,
                group_commit=None, s3_timeout=None):
     """The store to serve: the S3 store for ``url`` ``s3://BUCKET[/PREFIX]``
@@ -1256,6 +1260,9 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
     if group_commit and storage.SYNCFS is None:
         raise ValueError("--group-commit needs syncfs, which reports write errors on Linux "
                          "5.8 and later only")
+    if url in (None, "memory") and any(setting is not None for setting in (
+            s3_endpoint, spool_dir, s3_timeout)):
+        raise ValueError(S3_ONLY)
     if url not in (None, "memory"):
         if data_dir is not None:
             raise ValueError("--data-dir and an S3 store are two stores: choose one")
@@ -1295,13 +1302,17 @@ def _byte_count(text):
     return int(text)
 
 
+MAX_SECONDS = 24 * 3600   # a timeout beyond it is a mistake (and from ~9e9 s, out of range)
+
+
 def _seconds(text):
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("expected a positive number of seconds, got %r" % text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError("expected a positive number of seconds, at most %d "
+                                         "(a day), got %r" % (MAX_SECONDS, text))
     return value
 
 
@@ -1406,6 +1417,9 @@ def parse_args(argv=None):
         parser.error("--public-url must be an http:// or https:// URL without query, "
                      "e.g. https://storage.example.com")
     s3_store = args.store not in (None, "memory")
+    if not s3_store and any(setting is not None for setting in (
+            args.s3_endpoint, args.spool_dir, args.s3_timeout)):
+        parser.error(S3_ONLY)
     if s3_store and args.data_dir:
         parser.error("--data-dir and --store s3://... are two stores: choose one")
     if s3_store and args.max_total_size is not None:

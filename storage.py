@@ -617,13 +617,14 @@ class GroupCommit:
 
 
 def _of_its_own(error):
-    """A copy of ``error`` for one of the threads that will raise it, caused
-    by it: one exception raised in several threads at once would gather all
-    their tracebacks, each thread's frames added to the others'."""
-    try:
-        copied = copy.copy(error)   # its type, arguments and attributes, not its traceback
-    except Exception:   # one whose arguments do not make it again: shared, as it is
+    """For one of the threads that will raise ``error``: a copy of it, caused
+    by it, if it is an OSError or a StoreError (what a round fails with),
+    whose copies keep their type, arguments and attributes; anything else as
+    it is. One exception raised in several threads at once gathers all their
+    tracebacks, each thread's frames added to the others'."""
+    if not isinstance(error, (OSError, StoreError)):
         return error
+    copied = copy.copy(error)   # not its traceback
     copied.__cause__ = error
     return copied
 

@@ -510,6 +510,17 @@ class MemoryStoreApplicationTest(ApplicationContract, unittest.TestCase):
     def make_store(self, **options):
         return storage.MemoryStore(**options)
 
+    def test_engine_settings_are_refused_beside_a_store_and_for_the_in_memory_store(self):
+        for setting in ({"s3_endpoint": "http://127.0.0.1:1"}, {"spool_dir": "/tmp"},
+                        {"s3_timeout": 5.0}):
+            with self.subTest(setting=setting):
+                with self.assertRaises(ValueError):
+                    server.DataStorageServer(self.make_store(), **setting)
+                with self.assertRaisesRegex(ValueError, "for an S3 store"):
+                    server.DataStorageServer(**setting)
+                with self.assertRaisesRegex(ValueError, "for an S3 store"):
+                    server.DataStorageServer("memory", **setting)
+
     def test_no_arguments_means_a_fresh_in_memory_store(self):
         first, second = server.DataStorageServer(), server.DataStorageServer()
         self.assertIsInstance(first.store, storage.MemoryStore)

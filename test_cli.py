@@ -182,15 +182,26 @@ class CommandLineTest(unittest.TestCase):
         for flag in ("--host", "--port", "--max-object-size", "--data-dir", "--max-total-size",
                      "--request-timeout", "--max-connections", "--shutdown-timeout", "--auth-token",
                      "--workers", "--log-format", "--log-level", "--group-commit",
-                     "--no-group-commit"):
+                     "--no-group-commit", "--s3-timeout"):
             self.assertIn(flag, output)
 
     def test_rejects_malformed_numbers(self):
         for args in (["--port", "+5"], ["--port", "70000"], ["--max-object-size", "1_0"],
-                     ["--s3-timeout", "0"], ["--s3-timeout", "nan"]):
+                     ["--s3-timeout", "0"], ["--s3-timeout", "nan"], ["--s3-timeout", "inf"],
+                     ["--request-timeout", "1e10"]):   # beyond what a socket timeout can hold
             result = subprocess.run([sys.executable, SERVER_SCRIPT, *args],
                                     capture_output=True, text=True)
             self.assertEqual(result.returncode, 2, args)
+
+    def test_s3_settings_without_an_s3_store_are_refused(self):
+        directory = temporary_directory(self)
+        for args in (["--s3-timeout", "5"], ["--spool-dir", directory],
+                     ["--s3-endpoint", "http://127.0.0.1:1", "--data-dir", directory]):
+            result = subprocess.run([sys.executable, SERVER_SCRIPT, "--port", "0", *args],
+                                    capture_output=True, text=True, timeout=60)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertTrue(result.stderr.startswith("usage:"), result.stderr)   # no store opened
+            self.assertIn("are for an S3 store", result.stderr.splitlines()[-1])
 
     def test_serves_and_stops_cleanly_on_signals(self):
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1252,14 +1252,16 @@ class GroupCommitTest(unittest.TestCase):
             thread.join(10)
         self.assertIsNot(raised["a"], raised["b"])
         self.assertIs(raised["a"].__cause__, raised["b"].__cause__)   # the round's error
+        self.assertIsInstance(raised["a"].__cause__, OSError)
+        self.assertEqual(raised["a"].__cause__.errno, errno.EIO)
         for error in raised.values():
             self.assertEqual(error.errno, errno.EIO)
             self.assertEqual(sum(frame.f_code.co_name == "upload"   # its own thread's frames only
                                  for frame, _ in traceback.walk_tb(error.__traceback__)), 1)
 
-    def test_an_error_that_cannot_be_copied_is_raised_as_it_is(self):
+    def test_an_error_of_another_kind_is_raised_as_it_is(self):
         class Unusual(Exception):
-            def __init__(self, code, reason):   # its copy would be made with args alone
+            def __init__(self, code, reason):   # a copy made from its args would fail
                 super().__init__(reason)
 
         failure = Unusual(7, "unusual")
