@@ -3,8 +3,10 @@
 Each test starts the real command line and talks to it over loopback.
 """
 
+import contextlib
 import functools
 import http.client
+import io
 import json
 import os
 import resource
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import unittest
 
+import server
 import storage
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, child_pids, files_under, read_line,
                       run_concurrently, running, sha256, small_filesystem, temporary_directory,
@@ -185,23 +188,28 @@ class CommandLineTest(unittest.TestCase):
                      "--no-group-commit", "--s3-timeout"):
             self.assertIn(flag, output)
 
+    def refused_by_the_parser(self, *args):
+        """What ``server.parse_args`` prints for ``args``, which it must refuse
+        as ``python server.py`` would (exit status 2): in-process, as starting
+        an interpreter for each would cost a second a handful."""
+        printed = io.StringIO()
+        with self.assertRaises(SystemExit) as refused, contextlib.redirect_stderr(printed):
+            server.parse_args(list(args))
+        self.assertEqual(refused.exception.code, 2, args)
+        return printed.getvalue()
+
     def test_rejects_malformed_numbers(self):
         for args in (["--port", "+5"], ["--port", "70000"], ["--max-object-size", "1_0"],
                      ["--s3-timeout", "0"], ["--s3-timeout", "nan"], ["--s3-timeout", "inf"],
                      ["--request-timeout", "1e10"]):   # beyond what a socket timeout can hold
-            result = subprocess.run([sys.executable, SERVER_SCRIPT, *args],
-                                    capture_output=True, text=True)
-            self.assertEqual(result.returncode, 2, args)
+            self.refused_by_the_parser(*args)
 
     def test_s3_settings_without_an_s3_store_are_refused(self):
-        directory = temporary_directory(self)
-        for args in (["--s3-timeout", "5"], ["--spool-dir", directory],
-                     ["--s3-endpoint", "http://127.0.0.1:1", "--data-dir", directory]):
-            result = subprocess.run([sys.executable, SERVER_SCRIPT, "--port", "0", *args],
-                                    capture_output=True, text=True, timeout=60)
-            self.assertEqual(result.returncode, 2, args)
-            self.assertTrue(result.stderr.startswith("usage:"), result.stderr)   # no store opened
-            self.assertIn("are for an S3 store", result.stderr.splitlines()[-1])
+        for args in (["--s3-timeout", "5"], ["--spool-dir", "/tmp"],
+                     ["--s3-endpoint", "http://127.0.0.1:1", "--data-dir", "/tmp"]):
+            printed = self.refused_by_the_parser("--port", "0", *args)
+            self.assertTrue(printed.startswith("usage:"), printed)   # before any store is opened
+            self.assertIn("are for an S3 store", printed.splitlines()[-1])
 
     def test_serves_and_stops_cleanly_on_signals(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
