@@ -1260,9 +1260,6 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
     if group_commit and storage.SYNCFS is None:
         raise ValueError("--group-commit needs syncfs, which reports write errors on Linux "
                          "5.8 and later only")
-    if url in (None, "memory") and any(setting is not None for setting in (
-            s3_endpoint, spool_dir, s3_timeout)):
-        raise ValueError(S3_ONLY)
     if url not in (None, "memory"):
         if data_dir is not None:
             raise ValueError("--data-dir and an S3 store are two stores: choose one")
@@ -1279,6 +1276,8 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
                            spool_dir)
         store.check()
         return store
+    if any(setting is not None for setting in (s3_endpoint, spool_dir, s3_timeout)):
+        raise ValueError(S3_ONLY)
     if data_dir is not None:
         durable, kind = storage.syncfs_durable(data_dir)
         parent_exists = os.path.isdir(os.path.dirname(os.path.abspath(data_dir)))
