@@ -1477,11 +1477,14 @@ def main(argv=None):
     if descriptors:
         log.log("warning", descriptors)
     log.log("info", "settings: max object size %d, quota %s, request timeout %ss, "
-            "max connections %d, shutdown timeout %ss, workers %d%s" % (
+            "max connections %d, shutdown timeout %ss, workers %d%s%s" % (
                 args.max_object_size, "none" if args.max_total_size is None else args.max_total_size,
                 args.request_timeout,
                 max_connections, args.shutdown_timeout, args.workers,
-                ", group commit" if getattr(application.store, "group_commit", False) else ""))
+                ", group commit" if getattr(application.store, "group_commit", False) else "",
+                ", S3 timeout %ss" % (s3.DEFAULT_TIMEOUT if args.s3_timeout is None
+                                      else args.s3_timeout)
+                if isinstance(application.store, s3.S3Store) else ""))
     if args.workers > 1:
         application.close()   # it proved the store opens; each worker opens its own
         return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)

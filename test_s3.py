@@ -18,7 +18,7 @@ import s3
 
 import server as server_module
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, WSGIClientMixin, metric_samples,
-                      new_bucket, s3_engine, sha256)
+                      new_bucket, read_line, s3_engine, sha256)
 
 
 class Relay:
@@ -380,6 +380,26 @@ class ServiceOnS3Contract(WSGIClientMixin):
                 self.assertIn(says.encode(), result.stderr.splitlines()[-1])
                 if "--max-total-size" not in args:   # that one is argparse's: usage, then a line
                     self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+
+    def test_the_settings_line_names_the_engine_calls_timeout(self):
+        for args, says in (([], b", S3 timeout 10.0s"), (["--s3-timeout", "2.5"], b", S3 timeout 2.5s")):
+            with self.subTest(args=args):
+                process = subprocess.Popen(
+                    [sys.executable, SERVER_SCRIPT, "--port", "0", "--store", "s3://%s" % self.bucket,
+                     "--s3-endpoint", self.endpoint, *args],
+                    cwd=HERE, env=self.environment, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, bufsize=0)
+                try:
+                    line = b""
+                    while b"settings:" not in line:
+                        line = read_line(process.stderr, timeout=30)
+                        self.assertTrue(line, "the server exited before its settings line")
+                finally:
+                    process.kill()
+                    process.wait()
+                    process.stderr.close()
+                self.assertIn(says, line)
 
 
 class SilentEngineTest(unittest.TestCase):
