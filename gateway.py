@@ -60,6 +60,7 @@ LINGER_SECONDS = 2.0
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade",
                         "proxy-connection", "te", "trailer"))
 JSON_ERROR_HEADERS = [("Content-Type", "application/json")]
+RETRY_AFTER = [("Retry-After", "1")]   # with a 503 for too many connections
 
 
 def fit_descriptors(connections):
@@ -134,7 +135,12 @@ class ConnectionLimiter:
     connections idle for RECLAIM_GRACE_SECONDS are closed (checked again as the
     drain waits): a connection accepted a moment ago may have a request that
     its thread has read but not yet announced. Sockets are shut down, never
-    closed, from other threads: the owning thread sees end-of-file and cleans up.
+    closed, from other threads: the owning thread sees end-of-file and cleans
+    up. An idle one is shut down for reading only: a request can still arrive
+    as it is reclaimed (its thread may have read it into its buffer just
+    before), and its thread then learns from ``busy`` that the slot is gone
+    and answers 503 without running it, on the half still open, so that the
+    client is told and may retry.
     """
 
     RECLAIM_GRACE_SECONDS = 0.5
@@ -155,10 +161,12 @@ class ConnectionLimiter:
                 victim = self._reclaimable()
                 if victim is None:
                     return False
-                self._idle.pop(victim, None)
-                self._in_head.pop(victim, None)
                 self._open.discard(victim)
-                _shut_down(victim)
+                if self._idle.pop(victim, None) is not None:
+                    _stop_reading(victim)
+                else:   # a dawdling head: nothing to answer
+                    del self._in_head[victim]
+                    _shut_down(victim)
             self._open.add(sock)
             self._idle[sock] = time.monotonic()
             return True
@@ -191,19 +199,22 @@ class ConnectionLimiter:
             for sock in victims:
                 del self._idle[sock]
                 self._open.discard(sock)
-                _shut_down(sock)
+                _stop_reading(sock)
             return len(victims)
 
     def reading_head(self, sock):
         """A request has begun to arrive on the connection."""
         with self._lock:
             self._idle.pop(sock, None)
-            self._in_head[sock] = time.monotonic()
+            if sock in self._open:   # else reclaimed: ``busy`` will say so
+                self._in_head[sock] = time.monotonic()
 
     def busy(self, sock):
-        """The request's head is read: the connection is serving it."""
+        """The request's head is read: the connection is serving it. False if
+        its slot was reclaimed meanwhile (see the class docstring)."""
         with self._lock:
             self._in_head.pop(sock, None)
+            return sock in self._open
 
     def counts(self):
         """``(open, idle, in head)`` connections right now."""
@@ -239,7 +250,7 @@ class ConnectionLimiter:
         now = time.monotonic()
         for sock, since in list(self._idle.items()):
             if now - since >= self.RECLAIM_GRACE_SECONDS and not _has_unread_bytes(sock):
-                _shut_down(sock)
+                _stop_reading(sock)
                 del self._idle[sock]
 
 
@@ -265,6 +276,15 @@ def _ready(sock, writing, seconds):
 def _shut_down(sock):
     try:
         sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _stop_reading(sock):
+    """Shut a connection down for reading: its thread's read, blocked or to
+    come, sees end-of-file; what it still has to send can go out."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
 
@@ -522,11 +542,14 @@ class Exchange:
             self.head = http11.read_header_section(self.connection.rfile, self.method,
                                                    self.target, minor)
             self.keep_alive = self.head.keep_alive
-            self.server.connections.busy(self.connection.connection)
             self.connection.reader.no_deadline()
             self.body = http11.frame_body(self.head, self.connection.rfile, self._body_begins)
-            self.continue_pending = self.head.expects_continue and not self.body.finished
-            self._call_application()
+            if not self.server.connections.busy(self.connection.connection):
+                self.keep_alive = False   # its slot went to a newcomer as the request arrived
+                self._send_error(503, "too many connections; retry shortly", RETRY_AFTER)
+            else:
+                self.continue_pending = self.head.expects_continue and not self.body.finished
+                self._call_application()
         except http11.ProtocolError as error:
             self.keep_alive = False
             self._send_error(error.status, str(error))
@@ -668,14 +691,15 @@ class Exchange:
             self.continue_pending = False
             self.connection.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _send_error(self, status, message):
+    def _send_error(self, status, message, extra_headers=()):
         """Answer with a JSON error, unless a response is already under way, in
         which case the only honest thing left is to close the connection."""
         if self.status is not None:
             self.keep_alive = False
             return
         body = json_error(message)
-        self.response, self.length = (http11.status_line(status), JSON_ERROR_HEADERS), len(body)
+        self.response, self.length = (http11.status_line(status),
+                                      [*JSON_ERROR_HEADERS, *extra_headers]), len(body)
         self._send_head(body)
 
     def _send_head(self, body=b""):
@@ -887,7 +911,7 @@ class GatewayServer(ThreadingHTTPServer):
         body = json_error("too many connections; retry shortly")
         head = http11.format_response_head(
             http11.status_line(503),
-            [*self.standard_fields(), *JSON_ERROR_HEADERS, ("Retry-After", "1"),
+            [*self.standard_fields(), *JSON_ERROR_HEADERS, *RETRY_AFTER,
              ("Content-Length", str(len(body)))],
             close=True)
         try:

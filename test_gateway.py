@@ -7,9 +7,11 @@ gateway is the service's, with the in-memory store: what the stores do is
 ``test_app.py``'s and ``test_storage.py``'s to prove, once per store.
 """
 
+import collections
 import functools
 import http.client
 import io
+import itertools
 import json
 import os
 import random
@@ -638,6 +640,55 @@ class ConnectionTest(GatewayTestCase):
         wait_until(lambda: "abandoned" in self.running.log.getvalue())
         self.assertNotIn('" 400 ', self.running.log.getvalue())   # no answer went out to log
         self.assertNotIn('status="400"', self.app.metrics.render(0, 0))
+
+    def test_an_idle_connection_reclaimed_as_its_request_arrives_can_still_answer(self):
+        limiter = gateway.ConnectionLimiter(1)
+        ours, client = socket.socketpair()
+        newcomer, newcomer_client = socket.socketpair()
+        for sock in (ours, client, newcomer, newcomer_client):
+            self.addCleanup(sock.close)
+        self.assertTrue(limiter.admit(ours))
+        self.assertTrue(limiter.idle(ours, first_request=True))
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        ours.recv(65536)   # into its thread's buffer: the kernel has nothing unread
+        self.assertTrue(limiter.admit(newcomer))   # takes the slot of the "idle" one
+        limiter.reading_head(ours)
+        self.assertIs(limiter.busy(ours), False)   # its thread answers 503, runs nothing
+        self.assertEqual(ours.recv(1), b"")        # reading is over...
+        ours.sendall(b"HTTP/1.1 503 Service Unavailable\r\n")   # ...the answer still goes out
+        self.assertEqual(client.recv(100), b"HTTP/1.1 503 Service Unavailable\r\n")
+        self.assertEqual(limiter.counts(), (1, 1, 0))   # the newcomer only, idle
+
+    def test_no_request_is_run_on_a_connection_reclaimed_under_it_without_an_answer(self):
+        self.start(max_connections=2)
+        statuses, unanswered = collections.Counter(), []
+        deadline = time.monotonic() + 1.0
+
+        def client(number):
+            for count in itertools.count():
+                if time.monotonic() > deadline:
+                    return
+                body = b"client %d upload %d" % (number, count)
+                with socket.create_connection(("127.0.0.1", self.running.port), timeout=10) as sock:
+                    sock.sendall(b"PUT /data/race HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                                 % len(body) + body)
+                    response = http.client.HTTPResponse(sock, method="PUT")
+                    try:
+                        response.begin()
+                    except http.client.RemoteDisconnected:
+                        unanswered.append(sha256(body))   # closed as idle before it was read
+                        continue
+                    statuses[response.status, response.getheader("Retry-After")] += 1
+                    response.read()
+
+        clients = [threading.Thread(target=client, args=(number,)) for number in range(4)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        self.assertLessEqual(set(statuses), {(201, None), (503, "1")})
+        self.assertEqual([oid for oid in unanswered   # none stored (run) without an answer
+                          if self.request("HEAD", "/data/race/" + oid).status != 404], [])
 
     def trickle(self, sock, data):
         """Send ``data`` a byte every 0.1 s until the server closes the
