@@ -1241,7 +1241,7 @@ class DiskStore:
                 if size is None:
                     raise not_found(repository, oid)
                 os.unlink(oid, dir_fd=shard_fd)   # before the account goes down
-                self._write_ledger((objects - 1, stored_bytes - size))
+                self._write_ledger(_taken_out((objects, stored_bytes), size))
         except FileNotFoundError:
             raise not_found(repository, oid) from None   # deleted meanwhile by another process
         finally:
@@ -1276,7 +1276,7 @@ class DiskStore:
                     raise not_found(repository, oid)   # replaced: the one now there is not the one read
                 counted = present.st_size
                 moved_to = self._quarantine(repository, oid, shard_fd)
-                self._write_ledger((objects - 1, stored_bytes - counted))
+                self._write_ledger(_taken_out((objects, stored_bytes), counted))
                 return moved_to
         finally:
             os.close(shard_fd)
@@ -1417,14 +1417,16 @@ class DiskStore:
         """None if the entry is a sound object; else quarantine it if possible
         and say what was found. FileNotFoundError if it is gone."""
         try:
-            problem = _object_problem(oid, shard_fd)
+            problem, examined = _object_problem(oid, shard_fd)
             if problem is None:
                 return None
             with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
-                counted = _regular_file_size(oid, shard_fd)   # a regular file was in the account
+                present = os.stat(oid, dir_fd=shard_fd, follow_symlinks=False)
+                if (present.st_dev, present.st_ino) != examined:
+                    return None   # replaced meanwhile by an upload, which hashed what it stored
                 moved_to = self._quarantine(repository, oid, shard_fd)
-                if counted is not None:
-                    self._write_ledger((objects - 1, stored_bytes - counted))
+                if stat.S_ISREG(present.st_mode):   # a regular file was in the account
+                    self._write_ledger(_taken_out((objects, stored_bytes), present.st_size))
             return "%s; moved to %s" % (problem, moved_to)
         except FileNotFoundError:
             raise
@@ -1659,9 +1661,10 @@ def write_errors_as_store_errors():
 
 
 def _object_problem(oid, shard_fd):
-    """None if the entry ``oid`` in ``shard_fd`` is a regular file whose bytes hash
-    to ``oid``, else what is wrong with it, in words. Follows no symlink and opens
-    a FIFO without waiting for a writer. A sound object's block checksums are
+    """``(problem, (st_dev, st_ino))`` of the entry ``oid`` in ``shard_fd``:
+    problem None if it is a regular file whose bytes hash to ``oid``, else
+    what is wrong with it, in words. Follows no symlink and opens a FIFO
+    without waiting for a writer. A sound object's block checksums are
     recorded anew when they are missing (stored by an older version, or copied
     without extended attributes) or do not match its bytes."""
     try:
@@ -1669,22 +1672,34 @@ def _object_problem(oid, shard_fd):
     except OSError as error:
         if error.errno not in _FOREIGN:
             raise
-        return "is " + _kind(os.stat(oid, dir_fd=shard_fd, follow_symlinks=False).st_mode)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+        found = os.stat(oid, dir_fd=shard_fd, follow_symlinks=False)
+        return "is " + _kind(found.st_mode), (found.st_dev, found.st_ino)
+    status = os.fstat(fd)
+    examined = (status.st_dev, status.st_ino)
+    if not stat.S_ISREG(status.st_mode):
         os.close(fd)   # before any FileIO: it refuses a directory and leaves the descriptor open
-        return "is " + _kind(mode)
+        return "is " + _kind(status.st_mode), examined
     with open(fd, "rb", buffering=0) as file:
-        found, size = _recorded_checksums(fd), os.fstat(fd).st_size
+        found, size = _recorded_checksums(fd), status.st_size
         recorder = checksums.Recorder(size, found.block_size if found and found.size == size
                                       else None)
         if _hash_file(file, recorder, size) != oid:
-            return "does not hash to its name"
+            return "does not hash to its name", examined
         recorded = recorder.finish()
         if recorded is not None and (found is None or (found.size, found.crcs) != (
                 recorded.size, recorded.crcs)):
             _record_checksums(fd, recorded)
-        return None
+        return None, examined
+
+
+def _taken_out(counts, size):
+    """The account ``(objects, bytes)`` once an object of ``size`` bytes is out
+    of it. Never below zero: an object whose size changed at rest (damage, or
+    a hand on the file) is taken out at its size now, which can be more than
+    was counted for it, and an account below zero would stop every process
+    on the root (see ``_ledger``) until a recount."""
+    objects, stored_bytes = counts
+    return max(objects - 1, 0), max(stored_bytes - size, 0)
 
 
 class _ObjectFile(io.RawIOBase):

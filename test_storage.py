@@ -8,6 +8,7 @@ import array
 import errno
 import functools
 import gc
+import inspect
 import io
 import os
 import platform
@@ -982,6 +983,35 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                 self.store.quarantine("repo", oid, read.file)
         self.assertEqual(self.read("repo", oid), b"read, then uploaded again")
         self.assertEqual(self.store.usage(), (1, 25))
+
+    def test_verify_moves_only_the_file_it_found_damaged(self):
+        data = b"found damaged, then uploaded again"
+        oid, _ = self.put("repo", data)
+        with open(storage.object_path(self.root, "repo", oid), "r+b") as file:
+            file.write(b"F")
+        second = open_disk_store(self, self.root)   # as another process on the root would
+        source, first_line = inspect.getsourcelines(storage.DiskStore._verify_entry)
+        moving = first_line + next(number for number, line in enumerate(source)
+                                   if "with self._lock" in line)
+        found = []
+        verifier = threading.Thread(target=lambda: found.append(self.store.verify(report=print)))
+        with self.store._lock:   # verify hashes the damaged file, then waits here to move it
+            verifier.start()
+            wait_until(lambda: getattr(sys._current_frames().get(verifier.ident), "f_lineno",
+                                       None) == moving)
+            second.put("repo", io.BytesIO(data))   # a sound file under the same name meanwhile
+        verifier.join()
+        self.assertEqual(found, [(1, 0)])   # what it found damaged is gone: nothing to move
+        self.assertEqual(self.read("repo", oid), data)
+        self.assertEqual(self.store.usage(), (1, len(data)))
+
+    def test_an_object_grown_at_rest_leaves_the_account_at_zero_not_below(self):
+        oid, _ = self.put("repo", b"x" * 1000)
+        with open(storage.object_path(self.root, "repo", oid), "ab") as file:
+            file.write(b"y" * 5000)   # a hand on the file: taken out at 6000 bytes
+        self.store.delete("repo", oid)
+        self.assertEqual(self.store.usage(), (0, 0))   # below zero, every call would fail
+        self.assertEqual(self.put("repo", b"fine")[1], 4)
 
     def test_quarantine_keeps_a_sound_object_and_mends_its_checksums(self):
         data = os.urandom(3 * checksums.MIN_BLOCK_BYTES)
