@@ -28,12 +28,18 @@ import time
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 MAX_PENDING_LINES = 256   # access lines held before ``flush`` is due anyway
-_CONTROL_CHARACTERS = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 
 
 def printable(text):
-    """``text`` with control characters written as ``\\xNN``."""
-    return text if text.isprintable() else text.translate(_CONTROL_CHARACTERS)
+    """``text`` with control characters written as ``\\xNN``, and ``"`` and
+    ``\\`` as ``\\"`` and ``\\\\`` (as Apache writes them): a client's request
+    line, quoted in a log line, cannot end its quotes and forge the fields
+    after them."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return text.translate(_ESCAPES)
 
 
 class Log:

@@ -534,6 +534,12 @@ class ConnectionTest(GatewayTestCase):
         self.assertNotIn("\x1b", self.running.log.getvalue())
         self.assertIn("\\x1b[2J", self.running.log.getvalue())
 
+    def test_a_request_line_cannot_forge_the_fields_of_its_access_line(self):
+        self.raw(b'GET /secret" 200 123456 "x\\ HTTP/1.1\r\nHost: x\r\n\r\n')   # a 400
+        wait_until(lambda: '" 400 ' in self.running.log.getvalue())
+        self.assertIn('"GET /secret\\" 200 123456 \\"x\\\\ HTTP/1.1" 400 ',
+                      self.running.log.getvalue())
+
     def test_large_objects_are_checked_while_sendfile_sends_them(self):
         self.start(server.DataStorageServer(data_dir=temporary_directory(self)))
         self.addCleanup(self.app.close)
