@@ -261,6 +261,7 @@ class ResponseAssertions:
     def assertJSONError(self, response, status):
         self.assertEqual(response.status, status, response.body)
         self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertEqual(response.headers["Cache-Control"], "no-store")   # an answer of the moment
         self.assertIsInstance(response.json()["error"], str)
 
     def assertNotStored(self, repository, data):

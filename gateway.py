@@ -59,7 +59,7 @@ MIN_BODY_RATE = 1024            # bytes/s a body must average once --request-tim
 LINGER_SECONDS = 2.0
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "upgrade",
                         "proxy-connection", "te", "trailer"))
-JSON_ERROR_HEADERS = [("Content-Type", "application/json")]
+JSON_ERROR_HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
 RETRY_AFTER = [("Retry-After", "1")]   # with a 503 for too many connections
 
 
