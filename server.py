@@ -1130,9 +1130,11 @@ class DataStorageServer:
             raise lfs.LFSError(415, "send the request as %s" % lfs.MEDIA_TYPE)
         if (request.body.length or 0) > lfs.MAX_DOCUMENT_BYTES:
             raise lfs.LFSError(413, "request larger than %d bytes" % lfs.MAX_DOCUMENT_BYTES)
-        request.body.limit = lfs.MAX_DOCUMENT_BYTES + 1   # not --max-object-size: the check is here
-        data = bytearray()
         block = bytearray(64 * 1024)
+        # Not --max-object-size: the check is below, and the body's own (an
+        # object's 413) must not come first, whatever a read brings.
+        request.body.limit = lfs.MAX_DOCUMENT_BYTES + len(block)
+        data = bytearray()
         for count in iter(lambda: request.body.readinto(block), 0):
             data += memoryview(block)[:count]
             if len(data) > lfs.MAX_DOCUMENT_BYTES:

@@ -31,12 +31,13 @@ class LFSContract(WSGIClientMixin):
         self.app = self.make_app()
         self.addCleanup(self.app.close)
 
-    def lfs(self, path, document=None, headers=None, method="POST", raw=None):
+    def lfs(self, path, document=None, headers=None, method="POST", raw=None, chunked=False):
         """An LFS request (a JSON document, or ``raw`` bytes) and its response,
         which must carry LFS's media type."""
         body = raw if raw is not None else (json.dumps(document).encode()
                                             if document is not None else None)
-        environ = self.environ(method, path, body, {**LFS_HEADERS, **(headers or {})})
+        environ = self.environ(method, path, body, {**LFS_HEADERS, **(headers or {})},
+                               chunked=chunked)
         environ["CONTENT_TYPE"] = environ.pop("HTTP_CONTENT_TYPE")
         response = self.call(environ)
         self.assertEqual(response.headers["Content-Type"], LFS_TYPE, response.body)
@@ -123,6 +124,15 @@ class LFSContract(WSGIClientMixin):
         self.assertLFSError(self.lfs("/lfs/bad!name/objects/batch",
                                      {"operation": "upload", "objects": []}), 400)
         self.assertEqual(self.request("GET", "/data/repo").json()["objects"], [])
+
+    def test_a_request_over_the_document_limit_is_told_so_however_framed(self):
+        for chunked in (False, True):
+            with self.subTest(chunked=chunked):
+                response = self.lfs("/lfs/repo/objects/batch", chunked=chunked,
+                                    raw=b" " * (lfs.MAX_DOCUMENT_BYTES + 100000))
+                self.assertLFSError(response, 413)
+                self.assertEqual(response.json()["message"],
+                                 "request larger than %d bytes" % lfs.MAX_DOCUMENT_BYTES)
 
     def test_hostile_json_is_a_400_not_a_500(self):
         for raw in (b"[" * 100000, b'{"a":' * 100000, b'{"operation": "upload", "objects": '
