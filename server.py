@@ -1063,7 +1063,10 @@ class DataStorageServer:
         document = self._lfs_document(request)
         storage.check_repository(repository)
         links = lfs.Links(self._base_url(request), repository, self._transfer_header(request))
-        return lfs_response(200, lfs.batch(self.store, document, links, self.max_object_size))
+        largest = self.max_object_size
+        if isinstance(self.store, s3.S3Store):   # one PUT per object: none past S3's limit for it
+            largest = min(largest, s3.MAX_SINGLE_PUT)
+        return lfs_response(200, lfs.batch(self.store, document, links, largest))
 
     def lfs_verify(self, request, repository):
         """The verify action, after an upload: 200 if stored with that size."""

@@ -362,6 +362,18 @@ class ServiceOnS3Contract(WSGIClientMixin):
             {"Content-Type": "application/vnd.git-lfs+json"})
         self.assertEqual(batch.status, 200)
 
+    def test_an_lfs_upload_over_what_s3_takes_in_one_put_is_refused_in_the_batch(self):
+        self.app = server_module.DataStorageServer(
+            s3.S3Store(self.bucket, "service/", self.client), max_object_size=10 << 30)
+        environ = self.environ("POST", "/lfs/repo/objects/batch", json.dumps(
+            {"operation": "upload", "objects": [{"oid": sha256(b"x"), "size": s3.MAX_SINGLE_PUT},
+                                                {"oid": sha256(b"y"), "size": s3.MAX_SINGLE_PUT + 1}]}
+        ).encode())
+        environ["CONTENT_TYPE"] = "application/vnd.git-lfs+json"
+        fits, too_large = self.call(environ).json()["objects"]
+        self.assertIn("upload", fits["actions"])
+        self.assertEqual(too_large["error"]["code"], 413)
+
     def test_start_up_problems_are_one_line_and_exit_2(self):
         wrong_secret = dict(self.environment, AWS_SECRET_ACCESS_KEY="wrong")
         for args, environment, says in (
