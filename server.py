@@ -366,18 +366,29 @@ def _position(digits):
     return int(digits) if len(digits) <= 19 else 1 << 64
 
 
+_ENTITY_TAG = re.compile(r'(W/)?("[^"]*")')
+
+
+def entity_tags(value):
+    """The entity-tags of an If-Match or If-None-Match value, as ``(weak,
+    quoted tag)`` pairs; None for ``*``. They are found by their quotes, not
+    split at commas: a comma may be inside one (``etagc``, RFC 9110 §8.8.3)."""
+    if value.strip(http11.WHITESPACE) == "*":
+        return None
+    return [(bool(weak), tag) for weak, tag in _ENTITY_TAG.findall(value)]
+
+
 def etag_matches(if_none_match, etag):
     """Weak comparison of an If-None-Match value with our ETag (RFC 9110 §13.1.2)."""
-    tags = http11.split_list(if_none_match)
-    return "*" in tags or any(tag[2:] == etag if tag.startswith("W/") else tag == etag
-                              for tag in tags)
+    tags = entity_tags(if_none_match)
+    return tags is None or any(tag == etag for _, tag in tags)
 
 
 def etag_matches_strongly(if_match, etag):
     """Strong comparison of an If-Match value with the ETag of an existing
     object (RFC 9110 §13.1.1): ``*``, or our ETag itself, never a weak one."""
-    tags = http11.split_list(if_match)
-    return "*" in tags or etag in tags
+    tags = entity_tags(if_match)
+    return tags is None or (False, etag) in tags
 
 
 class FileSlice:
@@ -860,13 +871,15 @@ class DataStorageServer:
 
     def put_object(self, request, repository, oid=None):
         """Store the body; with an oid in the path, only if the body hashes to it
-        (and, with If-Match, only if the object is stored already)."""
+        (and, with If-Match, only if the object is stored already; with
+        If-None-Match, only if it is not)."""
         length = request.body.length
         if length is not None and length > self.max_object_size:
             raise HTTPError(413, "object of %d bytes exceeds the %d-byte limit"
                             % (length, self.max_object_size))
-        if oid is not None and request.environ.get("HTTP_IF_MATCH") is not None:
+        if oid is not None:
             self._check_if_match(request, repository, oid)
+            self._check_if_none_match(request, repository, oid)
         oid, size = self.store.put(repository, request.body, expected_oid=oid, length=length)
         return Response.json(201, {"oid": oid, "size": size},
                              [("Location", "/data/%s/%s" % (repository, oid))])
@@ -1000,9 +1013,9 @@ class DataStorageServer:
 
     def delete_object(self, request, repository, oid):
         """Remove the object; 404 if the repository does not hold it, 412 if
-        If-Match names another."""
-        if request.environ.get("HTTP_IF_MATCH") is not None:
-            self._check_if_match(request, repository, oid)
+        If-Match names another or If-None-Match names it (or is ``*``)."""
+        self._check_if_match(request, repository, oid)
+        self._check_if_none_match(request, repository, oid)
         self.store.delete(repository, oid)
         return Response.json(200, {"deleted": oid.lower()})
 
@@ -1022,6 +1035,19 @@ class DataStorageServer:
                 raise
         if not etag_matches_strongly(if_match, '"%s"' % oid.lower()):
             raise HTTPError(412, "If-Match does not match the object's ETag")
+
+    def _check_if_none_match(self, request, repository, oid):
+        """For a PUT or DELETE: 412 if If-None-Match, when given, is ``*`` or
+        names the object's ETag, and the object is stored (RFC 9110 §13.1.2:
+        a method other than GET or HEAD is then not performed)."""
+        if_none_match = request.environ.get("HTTP_IF_NONE_MATCH")
+        if if_none_match is None or not etag_matches(if_none_match, '"%s"' % oid.lower()):
+            return
+        try:
+            self.store.open(repository, oid).close()
+        except storage.ObjectNotFound:
+            return
+        raise HTTPError(412, "If-None-Match matches the stored object")
 
     def list_objects(self, request, repository):
         """A page of the repository's objects, sorted by oid: ``?limit=N&after=OID``."""

@@ -223,8 +223,24 @@ class ApplicationContract(WSGIClientMixin):
             response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": value})
             self.assertEqual((response.status, response.body), (304, b""), value)
             self.assertEqual(response.headers["ETag"], etag)
-        response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": '"other"'})
-        self.assertEqual((response.status, response.body), (200, b"cached"))
+        for value in ('"other"', '"x,*,y"', '"x, %s"' % etag.strip('"')):   # a comma in a tag
+            response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": value})
+            self.assertEqual((response.status, response.body), (200, b"cached"), value)
+
+    def test_if_none_match_stops_a_put_or_delete_of_a_stored_object(self):
+        oid = self.put("repo", b"there")
+        path = "/data/repo/" + oid
+        for value in ("*", '"%s"' % oid, 'W/"%s"' % oid, '"other", "%s"' % oid):
+            self.assertJSONError(self.request("DELETE", path, headers={"If-None-Match": value}), 412)
+            self.assertJSONError(self.request("PUT", path, b"there",
+                                              headers={"If-None-Match": value}), 412)
+        self.assertEqual(self.request("GET", path).body, b"there")   # neither was performed
+        missing = sha256(b"new")
+        self.assertEqual(self.request("PUT", "/data/repo/" + missing, b"new",
+                                      headers={"If-None-Match": "*"}).status, 201)
+        self.assertEqual(self.request("DELETE", path, headers={"If-None-Match": '"other"'}).status,
+                         200)
+        self.assertJSONError(self.request("DELETE", path, headers={"If-None-Match": "*"}), 404)
 
     def test_if_match(self):
         oid = self.put("repo", b"matched")
@@ -234,7 +250,7 @@ class ApplicationContract(WSGIClientMixin):
             for method in ("GET", "HEAD"):
                 self.assertEqual(self.request(method, path, headers={"If-Match": value}).status,
                                  200, (method, value))
-        for value in ('"other"', "W/" + etag):   # strong comparison: never a weak tag
+        for value in ('"other"', "W/" + etag, '"x,*,y"'):   # strong only; a comma in a tag
             self.assertJSONError(self.request("GET", path, headers={"If-Match": value}), 412)
             self.assertJSONError(self.request("DELETE", path, headers={"If-Match": value}), 412)
             self.assertJSONError(self.request("PUT", path, b"matched", headers={"If-Match": value}),
