@@ -20,6 +20,9 @@ REQUEST_LINE = re.compile(r"(%s) (\S+) HTTP/(\d)\.(\d)" % TOKEN)
 FIELD_NAME = re.compile(TOKEN)
 CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+# uri-host [ ":" port ] (RFC 3986 §3.2.2): an IP literal in brackets, or a
+# reg-name (unreserved, pct-encoded, sub-delims: a comma is one), which may be empty.
+HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z.:_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 WHITESPACE = " \t"   # the only whitespace in HTTP (RFC 9110 §5.6.3); str.strip() takes more
 
 
@@ -52,6 +55,10 @@ class MalformedHeaderField(ProtocolError):
 
 class MissingHost(ProtocolError):
     """No Host field, or more than one, in an HTTP/1.1 request (RFC 9112 §3.2)."""
+
+
+class InvalidHost(ProtocolError):
+    """A Host field that is not ``uri-host [ ":" port ]`` (RFC 9112 §3.2)."""
 
 
 class UnsupportedExpectation(ProtocolError):
@@ -189,10 +196,13 @@ def read_request_head(rfile, request_line):
 
 def read_header_section(rfile, method, target, minor):
     """The RequestHead of a parsed request line, reading its header section.
-    An HTTP/1.1 request needs exactly one Host field (RFC 9112 §3.2)."""
+    An HTTP/1.1 request needs exactly one Host field, a valid one (RFC 9112 §3.2)."""
     headers = read_header_fields(rfile)
-    if minor >= 1 and len(headers.values("host")) != 1:
+    hosts = headers.values("host")
+    if minor >= 1 and len(hosts) != 1:
         raise MissingHost("an HTTP/1.1 request needs exactly one Host header field")
+    if hosts and not HOST_VALUE.fullmatch(hosts[0]):
+        raise InvalidHost("invalid Host %r" % hosts[0][:100])
     head = RequestHead(method, target, minor, headers)
     expect = headers.get("expect")
     if minor >= 1 and expect is not None and not head.expects_continue:

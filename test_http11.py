@@ -98,6 +98,21 @@ class RequestHeadTest(unittest.TestCase):
                     parse_head(raw)
         parse_head(b"GET / HTTP/1.0\r\n\r\n")   # optional before 1.1
 
+    def test_host_values(self):
+        for value, valid in ((b"example.com:8080", True), (b"127.0.0.1", True), (b"[::1]:80", True),
+                             (b"a,b", True), (b"x%41:", True),   # a reg-name may hold both
+                             (b"a b", False), (b"x/y", False), (b"[::1", False), (b"@@@", False),
+                             (b"x:8a", False), (b"\xc3\xa9", False)):
+            for version in (b"1.1", b"1.0"):
+                with self.subTest(value=value, version=version):
+                    raw = b"GET / HTTP/" + version + b"\r\nHost: " + value + b"\r\n\r\n"
+                    if valid:
+                        parse_head(raw)
+                    else:
+                        with self.assertRaises(http11.InvalidHost) as caught:
+                            parse_head(raw)
+                        self.assertEqual(caught.exception.status, 400)
+
     def test_only_space_and_tab_are_whitespace(self):
         for fields, error in ((b"Transfer-Encoding: \x0bchunked\r\n", http11.InvalidFraming),
                               (b"Transfer-Encoding: chunked\x85\r\n", http11.InvalidFraming),
