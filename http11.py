@@ -18,7 +18,8 @@ LARGEST_LENGTH = 1 << 62     # stands for a Content-Length too long to be worth 
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 REQUEST_LINE = re.compile(r"(%s) (\S+) HTTP/(\d)\.(\d)" % TOKEN)
 FIELD_NAME = re.compile(TOKEN)
-CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
+# Leading zeros are any number (the line's length bounds them); the rest at most 16 digits.
+CHUNK_SIZE_LINE = re.compile(rb"0*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 # uri-host [ ":" port ] (RFC 3986 §3.2.2): an IP literal in brackets, or a
 # reg-name (unreserved, pct-encoded, sub-delims: a comma is one), which may be empty.

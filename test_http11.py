@@ -166,7 +166,9 @@ class BodyFramingTest(unittest.TestCase):
                  b"5;ext=1\r\nhello\r\n1\r\n \r\n000005\r\nworld\r\n0\r\nX-T: 1\r\n\r\nNEXT",
                  b"hello world", b"NEXT"),
                 (b"Transfer-Encoding: Chunked\r\n", b"0\r\n\r\n", b"", b""),
-                (b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", b"abc", b"")):
+                (b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n", b"abc", b""),
+                (b"Transfer-Encoding: chunked\r\n", b"0" * 20 + b"3\r\nabc\r\n" + b"0" * 20 + b"\r\n\r\n",
+                 b"abc", b"")):
             with self.subTest(fields=fields, data=data):
                 self.assertEqual(read_body(data, fields), (body, rest))
 
