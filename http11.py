@@ -23,7 +23,9 @@ CHUNK_SIZE_LINE = re.compile(rb"0*([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 # uri-host [ ":" port ] (RFC 3986 §3.2.2): an IP literal in brackets, or a
 # reg-name (unreserved, pct-encoded, sub-delims: a comma is one), which may be empty.
-HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z.:_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+# An IPv6 literal may carry a zone, "%25eth0" (RFC 6874) or the bare "%eth0"
+# that Python's http.client up to 3.10 sends.
+HOST_VALUE = re.compile(r"(?:\[[0-9A-Za-z.:_~!$&'()*+,;=-]+(?:%[0-9A-Za-z._~%-]+)?\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 WHITESPACE = " \t"   # the only whitespace in HTTP (RFC 9110 §5.6.3); str.strip() takes more
 
 

@@ -101,6 +101,7 @@ class RequestHeadTest(unittest.TestCase):
     def test_host_values(self):
         for value, valid in ((b"example.com:8080", True), (b"127.0.0.1", True), (b"[::1]:80", True),
                              (b"a,b", True), (b"x%41:", True),   # a reg-name may hold both
+                             (b"[fe80::1%25eth0]", True), (b"[fe80::1%eth0]:8080", True),
                              (b"a b", False), (b"x/y", False), (b"[::1", False), (b"@@@", False),
                              (b"x:8a", False), (b"\xc3\xa9", False)):
             for version in (b"1.1", b"1.0"):
