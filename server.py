@@ -366,16 +366,24 @@ def _position(digits):
     return int(digits) if len(digits) <= 19 else 1 << 64
 
 
-_ENTITY_TAG = re.compile(r'(W/)?("[^"]*")')
+# entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE (RFC 9110 §8.8.3); a comma may be
+# inside one, so a list is read by its quotes, not split at commas.
+_ENTITY_TAG = r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"'
+# #entity-tag: elements separated by commas and OWS; empty ones allowed (§5.6.1).
+_ENTITY_TAG_LIST = re.compile(r"[ \t,]*{0}(?:[ \t]*,[ \t,]*{0})*[ \t,]*".format(_ENTITY_TAG))
+_ENTITY_TAG_PARTS = re.compile(r'(W/)?("[^"]*")')
 
 
 def entity_tags(value):
     """The entity-tags of an If-Match or If-None-Match value, as ``(weak,
-    quoted tag)`` pairs; None for ``*``. They are found by their quotes, not
-    split at commas: a comma may be inside one (``etagc``, RFC 9110 §8.8.3)."""
+    quoted tag)`` pairs; None for ``*``. A value that is neither ``*`` nor a
+    list of entity-tags (``w/"x"``, ``"x", *``) matches nothing: If-Match then
+    fails, as it must when the client's condition cannot be read."""
     if value.strip(http11.WHITESPACE) == "*":
         return None
-    return [(bool(weak), tag) for weak, tag in _ENTITY_TAG.findall(value)]
+    if not _ENTITY_TAG_LIST.fullmatch(value):
+        return []
+    return [(bool(weak), tag) for weak, tag in _ENTITY_TAG_PARTS.findall(value)]
 
 
 def etag_matches(if_none_match, etag):

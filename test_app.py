@@ -223,7 +223,8 @@ class ApplicationContract(WSGIClientMixin):
             response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": value})
             self.assertEqual((response.status, response.body), (304, b""), value)
             self.assertEqual(response.headers["ETag"], etag)
-        for value in ('"other"', '"x,*,y"', '"x, %s"' % etag.strip('"')):   # a comma in a tag
+        for value in ('"other"', '"x,*,y"', '"x, %s"' % etag.strip('"'),   # a comma in a tag
+                      "foo%sbar" % etag, etag + ", *"):   # not a list of entity-tags: no match
             response = self.request("GET", "/data/repo/%s" % oid, headers={"If-None-Match": value})
             self.assertEqual((response.status, response.body), (200, b"cached"), value)
 
@@ -246,11 +247,14 @@ class ApplicationContract(WSGIClientMixin):
         oid = self.put("repo", b"matched")
         path = "/data/repo/" + oid
         etag = '"%s"' % oid
-        for value in (etag, "*", '"other", ' + etag):
+        # empty list elements are allowed (RFC 9110 §5.6.1)
+        for value in (etag, "*", '"other", ' + etag, " , %s ,," % etag):
             for method in ("GET", "HEAD"):
                 self.assertEqual(self.request(method, path, headers={"If-Match": value}).status,
                                  200, (method, value))
-        for value in ('"other"', "W/" + etag, '"x,*,y"'):   # strong only; a comma in a tag
+        for value in ('"other"', "W/" + etag, '"x,*,y"',   # strong only; a comma in a tag
+                      # not an entity-tag list: the condition cannot be read, so it fails
+                      "w/" + etag, "W/ " + etag, "foo%sbar" % etag, etag + ", *", etag + etag):
             self.assertJSONError(self.request("GET", path, headers={"If-Match": value}), 412)
             self.assertJSONError(self.request("DELETE", path, headers={"If-Match": value}), 412)
             self.assertJSONError(self.request("PUT", path, b"matched", headers={"If-Match": value}),
