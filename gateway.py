@@ -137,10 +137,10 @@ class ConnectionLimiter:
     its thread has read but not yet announced. Sockets are shut down, never
     closed, from other threads: the owning thread sees end-of-file and cleans
     up. An idle one is shut down for reading only: a request can still arrive
-    as it is reclaimed (its thread may have read it into its buffer just
-    before), and its thread then learns from ``busy`` that the slot is gone
-    and answers 503 without running it, on the half still open, so that the
-    client is told and may retry.
+    as it is reclaimed or drained (its thread may have read it into its
+    buffer just before), and its thread then learns from ``busy`` that the
+    connection is closing and answers 503 without running it, on the half
+    still open, so that the client is told and may retry.
     """
 
     RECLAIM_GRACE_SECONDS = 0.5
@@ -151,6 +151,7 @@ class ConnectionLimiter:
         self._open = set()
         self._idle = collections.OrderedDict()   # socket -> idle since (monotonic), longest first
         self._in_head = collections.OrderedDict()   # socket -> head begun (monotonic), oldest first
+        self._drained = set()   # shut down for reading by the drain, open until their threads end
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
 
@@ -211,10 +212,10 @@ class ConnectionLimiter:
 
     def busy(self, sock):
         """The request's head is read: the connection is serving it. False if
-        its slot was reclaimed meanwhile (see the class docstring)."""
+        it was reclaimed or drained meanwhile (see the class docstring)."""
         with self._lock:
             self._in_head.pop(sock, None)
-            return sock in self._open
+            return sock in self._open and sock not in self._drained
 
     def counts(self):
         """``(open, idle, in head)`` connections right now."""
@@ -226,6 +227,7 @@ class ConnectionLimiter:
             self._open.discard(sock)
             self._idle.pop(sock, None)
             self._in_head.pop(sock, None)
+            self._drained.discard(sock)
             if not self._open:
                 self._all_closed.notify_all()
 
@@ -252,6 +254,7 @@ class ConnectionLimiter:
             if now - since >= self.RECLAIM_GRACE_SECONDS and not _has_unread_bytes(sock):
                 _stop_reading(sock)
                 del self._idle[sock]
+                self._drained.add(sock)
 
 
 def _has_unread_bytes(sock):
@@ -544,11 +547,12 @@ class Exchange:
             self.keep_alive = self.head.keep_alive
             self.connection.reader.no_deadline()
             self.body = http11.frame_body(self.head, self.connection.rfile, self._body_begins)
+            self.continue_pending = self.head.expects_continue and not self.body.finished
             if not self.server.connections.busy(self.connection.connection):
-                self.keep_alive = False   # its slot went to a newcomer as the request arrived
+                # Its slot went to a newcomer, or the drain closed it, as the request arrived.
+                self.keep_alive = False
                 self._send_error(503, "too many connections; retry shortly", RETRY_AFTER)
             else:
-                self.continue_pending = self.head.expects_continue and not self.body.finished
                 self._call_application()
         except http11.ProtocolError as error:
             self.keep_alive = False

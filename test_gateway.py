@@ -665,6 +665,24 @@ class ConnectionTest(GatewayTestCase):
         self.assertEqual(client.recv(100), b"HTTP/1.1 503 Service Unavailable\r\n")
         self.assertEqual(limiter.counts(), (1, 1, 0))   # the newcomer only, idle
 
+    def test_a_request_that_arrives_as_the_drain_closes_its_connection_is_not_run(self):
+        limiter = gateway.ConnectionLimiter(1)
+        limiter.RECLAIM_GRACE_SECONDS = 0   # idle long enough to be drained at once
+        ours, client = socket.socketpair()
+        for sock in (ours, client):
+            self.addCleanup(sock.close)
+        self.assertTrue(limiter.admit(ours))
+        self.assertTrue(limiter.idle(ours, first_request=True))
+        client.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+        ours.recv(65536)   # into its thread's buffer: the kernel has nothing unread
+        limiter.begin_draining()
+        self.assertEqual(ours.recv(1), b"")   # shut down for reading
+        limiter.reading_head(ours)
+        self.assertIs(limiter.busy(ours), False)   # its thread answers 503, runs nothing
+        self.assertEqual(limiter.counts(), (1, 0, 0))   # open until its thread ends
+        limiter.release(ours)
+        self.assertEqual(limiter.wait_closed(0), 0)
+
     def test_no_request_is_run_on_a_connection_reclaimed_under_it_without_an_answer(self):
         self.start(max_connections=2)
         statuses, unanswered = collections.Counter(), []
