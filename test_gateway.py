@@ -683,6 +683,19 @@ class ConnectionTest(GatewayTestCase):
         limiter.release(ours)
         self.assertEqual(limiter.wait_closed(0), 0)
 
+    def test_a_refused_request_that_awaits_100_continue_is_closed_without_a_linger(self):
+        class SlotGoneAsEachHeadIsRead(gateway.ConnectionLimiter):
+            def busy(self, sock):
+                return False
+
+        limiter = self.running.httpd.connections = SlotGoneAsEachHeadIsRead(4)
+        self.addCleanup(setattr, gateway, "LINGER_SECONDS", gateway.LINGER_SECONDS)
+        gateway.LINGER_SECONDS = 60   # far longer than wait_until waits
+        response = self.raw(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                            b"Content-Length: 5\r\n\r\n")
+        self.assertJSONError(response, 503)   # no 100 Continue: the body never comes,
+        wait_until(lambda: limiter.counts()[0] == 0)   # so its thread does not wait for it
+
     def test_no_request_is_run_on_a_connection_reclaimed_under_it_without_an_answer(self):
         self.start(max_connections=2)
         statuses, unanswered = collections.Counter(), []
