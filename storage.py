@@ -1417,17 +1417,21 @@ class DiskStore:
         """None if the entry is a sound object; else quarantine it if possible
         and say what was found. FileNotFoundError if it is gone."""
         try:
-            problem, examined = _object_problem(oid, shard_fd)
-            if problem is None:
-                return None
-            with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
-                present = os.stat(oid, dir_fd=shard_fd, follow_symlinks=False)
-                if (present.st_dev, present.st_ino) != examined:
-                    return None   # replaced meanwhile by an upload, which hashed what it stored
-                moved_to = self._quarantine(repository, oid, shard_fd)
-                if stat.S_ISREG(present.st_mode):   # a regular file was in the account
-                    self._write_ledger(_taken_out((objects, stored_bytes), present.st_size))
-            return "%s; moved to %s" % (problem, moved_to)
+            problem, examined, pin = _object_problem(oid, shard_fd)
+            try:
+                if problem is None:
+                    return None
+                with self._lock, self._ledger(fcntl.LOCK_EX) as (objects, stored_bytes):
+                    present = os.stat(oid, dir_fd=shard_fd, follow_symlinks=False)
+                    if _identity(present) != examined:
+                        return None   # replaced meanwhile by an upload, which hashed what it stored
+                    moved_to = self._quarantine(repository, oid, shard_fd)
+                    if stat.S_ISREG(present.st_mode):   # a regular file was in the account
+                        self._write_ledger(_taken_out((objects, stored_bytes), present.st_size))
+                return "%s; moved to %s" % (problem, moved_to)
+            finally:
+                if pin is not None:
+                    os.close(pin)
         except FileNotFoundError:
             raise
         except OSError as error:
@@ -1661,35 +1665,47 @@ def write_errors_as_store_errors():
 
 
 def _object_problem(oid, shard_fd):
-    """``(problem, (st_dev, st_ino))`` of the entry ``oid`` in ``shard_fd``:
+    """``(problem, identity, pin)`` of the entry ``oid`` in ``shard_fd``:
     problem None if it is a regular file whose bytes hash to ``oid``, else
     what is wrong with it, in words. Follows no symlink and opens a FIFO
     without waiting for a writer. A sound object's block checksums are
     recorded anew when they are missing (stored by an older version, or copied
-    without extended attributes) or do not match its bytes."""
+    without extended attributes) or do not match its bytes. ``pin`` is a
+    descriptor on the entry for the caller to close, so that its inode number
+    cannot go to an upload that replaces it meanwhile (``identity`` would then
+    match the newcomer); None for an entry that cannot be opened (a symlink, a
+    socket), which an upload, a regular file, cannot pass for."""
     try:
         fd = os.open(oid, _OBJECT_FLAGS, dir_fd=shard_fd)
     except OSError as error:
         if error.errno not in _FOREIGN:
             raise
         found = os.stat(oid, dir_fd=shard_fd, follow_symlinks=False)
-        return "is " + _kind(found.st_mode), (found.st_dev, found.st_ino)
-    status = os.fstat(fd)
-    examined = (status.st_dev, status.st_ino)
-    if not stat.S_ISREG(status.st_mode):
-        os.close(fd)   # before any FileIO: it refuses a directory and leaves the descriptor open
-        return "is " + _kind(status.st_mode), examined
-    with open(fd, "rb", buffering=0) as file:
+        return "is " + _kind(found.st_mode), _identity(found), None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            return "is " + _kind(status.st_mode), _identity(status), fd
         found, size = _recorded_checksums(fd), status.st_size
         recorder = checksums.Recorder(size, found.block_size if found and found.size == size
                                       else None)
-        if _hash_file(file, recorder, size) != oid:
-            return "does not hash to its name", examined
+        with open(fd, "rb", buffering=0, closefd=False) as file:
+            if _hash_file(file, recorder, size) != oid:
+                return "does not hash to its name", _identity(status), fd
         recorded = recorder.finish()
         if recorded is not None and (found is None or (found.size, found.crcs) != (
                 recorded.size, recorded.crcs)):
             _record_checksums(fd, recorded)
-        return None, examined
+        os.close(fd)
+        return None, _identity(status), None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _identity(status):
+    """Which entry a stat result is of: its device, inode and kind."""
+    return status.st_dev, status.st_ino, stat.S_IFMT(status.st_mode)
 
 
 def _taken_out(counts, size):
