@@ -258,9 +258,19 @@ class ConnectionLimiter:
 
 
 def _has_unread_bytes(sock):
-    """True if the socket is readable now: a request, or the client's close, has arrived.
-    (recv would first wait out the socket's timeout.)"""
-    return _ready(sock, writing=False, seconds=0)
+    """True if a request has begun to arrive on ``sock`` and its thread has
+    yet to read it. The client's close (end-of-file, or a reset) makes a
+    socket readable too, but leaves nothing to answer: a blocking socket
+    (every one, where kernel timeouts work) is peeked at without waiting to
+    tell the two apart, lest connections their clients have closed hold
+    slots a newcomer needs until their threads notice. (recv on a socket
+    with a timeout would first wait on poll itself: there, readable has to do.)"""
+    if sock.gettimeout() is not None or not hasattr(socket, "MSG_DONTWAIT"):
+        return _ready(sock, writing=False, seconds=0)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:   # nothing unread (EAGAIN), or reset by the client
+        return False
 
 
 def _ready(sock, writing, seconds):
