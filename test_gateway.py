@@ -647,7 +647,9 @@ class ConnectionTest(GatewayTestCase):
         self.assertNotIn('" 400 ', self.running.log.getvalue())   # no answer went out to log
         self.assertNotIn('status="400"', self.app.metrics.render(0, 0))
 
-    def test_an_idle_connection_reclaimed_as_its_request_arrives_can_still_answer(self):
+    def one_slot_taken_by_an_idle_connection(self):
+        """A limiter of one slot, taken by ``ours``, idle; ``client`` is its
+        peer, and ``newcomer`` a connection yet to be admitted."""
         limiter = gateway.ConnectionLimiter(1)
         ours, client = socket.socketpair()
         newcomer, newcomer_client = socket.socketpair()
@@ -655,6 +657,10 @@ class ConnectionTest(GatewayTestCase):
             self.addCleanup(sock.close)
         self.assertTrue(limiter.admit(ours))
         self.assertTrue(limiter.idle(ours, first_request=True))
+        return limiter, ours, client, newcomer
+
+    def test_an_idle_connection_reclaimed_as_its_request_arrives_can_still_answer(self):
+        limiter, ours, client, newcomer = self.one_slot_taken_by_an_idle_connection()
         client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         ours.recv(65536)   # into its thread's buffer: the kernel has nothing unread
         self.assertTrue(limiter.admit(newcomer))   # takes the slot of the "idle" one
@@ -666,25 +672,14 @@ class ConnectionTest(GatewayTestCase):
         self.assertEqual(limiter.counts(), (1, 1, 0))   # the newcomer only, idle
 
     def test_a_connection_its_client_has_closed_gives_its_slot_to_a_newcomer(self):
-        limiter = gateway.ConnectionLimiter(1)
-        ours, client = socket.socketpair()
-        newcomer, newcomer_client = socket.socketpair()
-        for sock in (ours, client, newcomer, newcomer_client):
-            self.addCleanup(sock.close)
-        self.assertTrue(limiter.admit(ours))
-        self.assertTrue(limiter.idle(ours, first_request=True))
+        limiter, ours, client, newcomer = self.one_slot_taken_by_an_idle_connection()
         client.close()   # readable (end-of-file), but no request: its thread has yet to see it
         self.assertTrue(limiter.admit(newcomer))
         self.assertEqual(limiter.counts(), (1, 1, 0))   # the newcomer only, idle
 
     def test_a_request_that_arrives_as_the_drain_closes_its_connection_is_not_run(self):
-        limiter = gateway.ConnectionLimiter(1)
+        limiter, ours, client, _ = self.one_slot_taken_by_an_idle_connection()
         limiter.RECLAIM_GRACE_SECONDS = 0   # idle long enough to be drained at once
-        ours, client = socket.socketpair()
-        for sock in (ours, client):
-            self.addCleanup(sock.close)
-        self.assertTrue(limiter.admit(ours))
-        self.assertTrue(limiter.idle(ours, first_request=True))
         client.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
         ours.recv(65536)   # into its thread's buffer: the kernel has nothing unread
         limiter.begin_draining()
