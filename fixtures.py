@@ -176,6 +176,22 @@ def files_under(root):
                   for top, _, names in os.walk(root) for name in names)
 
 
+def descriptors_under(root):
+    """The paths under ``root`` that this process holds open, sorted (one per
+    descriptor). Only these: a count of all its descriptors also moves with
+    the sockets that other tests' server threads are still closing."""
+    root = os.path.realpath(root)
+    paths = []
+    for number in os.listdir("/proc/self/fd"):
+        try:
+            path = os.readlink(os.path.join("/proc/self/fd", number))
+        except OSError:   # closed since the listing (the listing's own, for one)
+            continue
+        if path == root or path.startswith(root + os.sep):
+            paths.append(path)
+    return sorted(paths)
+
+
 def in_forked_child(function):
     """What ``function()`` returns (bytes) when run in a forked child process;
     b"" if it raised or the child died."""

@@ -559,14 +559,15 @@ class Exchange:
             self.body = http11.frame_body(self.head, self.connection.rfile, self._body_begins)
             self.continue_pending = self.head.expects_continue and not self.body.finished
             if not self.server.connections.busy(self.connection.connection):
-                # Its slot went to a newcomer, or the drain closed it, as the request arrived.
-                self.keep_alive = False
-                self._send_error(503, "too many connections; retry shortly", RETRY_AFTER)
+                self._refuse_closing()
             else:
                 self._call_application()
         except http11.ProtocolError as error:
-            self.keep_alive = False
-            self._send_error(error.status, str(error))
+            if self.server.connections.busy(self.connection.connection):
+                self.keep_alive = False
+                self._send_error(error.status, str(error))
+            else:   # the head may have been cut short by that closing, not by the client
+                self._refuse_closing()
         except (ConnectionError, socket.timeout):
             raise
         except Exception:
@@ -575,6 +576,12 @@ class Exchange:
             self.keep_alive = False
             self._send_error(500, "internal server error")
         self._finish_request_body()
+
+    def _refuse_closing(self):
+        """Its slot went to a newcomer, or the drain closed it, as the request
+        arrived: answer 503 without running it, so that the client retries."""
+        self.keep_alive = False
+        self._send_error(503, "too many connections; retry shortly", RETRY_AFTER)
 
     # The application's side ------------------------------------------------
 

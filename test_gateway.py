@@ -295,6 +295,13 @@ class FramingTest(GatewayTestCase):
 
 
 
+class SlotGoneAsEachHeadIsRead(gateway.ConnectionLimiter):
+    """Every request's connection reclaimed or drained as its head is read."""
+
+    def busy(self, sock):
+        return False
+
+
 class ConnectionTest(GatewayTestCase):
     """Concurrency, faults, limits, draining, logs and metrics."""
 
@@ -640,8 +647,11 @@ class ConnectionTest(GatewayTestCase):
         wait_until(lambda: self.request("GET", "/healthz").status == 200)
 
     def test_a_reclaimed_head_is_abandoned_not_answered(self):
-        self.start(max_connections=1)
+        limiter = self.start(max_connections=1).httpd.connections
         self.raw_socket().sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        # In its head, so reclaimed as a dawdler (an idle one whose thread holds
+        # its bytes unannounced gets 503: test_a_head_cut_short_as_its_slot_goes...).
+        wait_until(lambda: limiter.counts() == (1, 0, 1))
         wait_until(lambda: self.request("GET", "/healthz").status == 200)
         wait_until(lambda: "abandoned" in self.running.log.getvalue())
         self.assertNotIn('" 400 ', self.running.log.getvalue())   # no answer went out to log
@@ -691,10 +701,6 @@ class ConnectionTest(GatewayTestCase):
         self.assertEqual(limiter.wait_closed(0), 0)
 
     def test_a_refused_request_that_awaits_100_continue_is_closed_without_a_linger(self):
-        class SlotGoneAsEachHeadIsRead(gateway.ConnectionLimiter):
-            def busy(self, sock):
-                return False
-
         limiter = self.running.httpd.connections = SlotGoneAsEachHeadIsRead(4)
         self.addCleanup(setattr, gateway, "LINGER_SECONDS", gateway.LINGER_SECONDS)
         gateway.LINGER_SECONDS = 60   # far longer than wait_until waits
@@ -702,6 +708,16 @@ class ConnectionTest(GatewayTestCase):
                             b"Content-Length: 5\r\n\r\n")
         self.assertJSONError(response, 503)   # no 100 Continue: the body never comes,
         wait_until(lambda: limiter.counts()[0] == 0)   # so its thread does not wait for it
+
+    def test_a_head_cut_short_as_its_slot_goes_gets_503_not_400(self):
+        # The end-of-file may be the reclaim's shutdown, not the client's doing.
+        self.running.httpd.connections = SlotGoneAsEachHeadIsRead(4)
+        sock = self.raw_socket()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        sock.shutdown(socket.SHUT_WR)
+        response = http.client.HTTPResponse(sock, method="GET")
+        response.begin()
+        self.assertJSONError(Response.read(response), 503)
 
     def test_no_request_is_run_on_a_connection_reclaimed_under_it_without_an_answer(self):
         self.start(max_connections=2)
@@ -862,13 +878,13 @@ class ConnectionTest(GatewayTestCase):
     def test_64_clients_for_two_seconds(self):
         self.start()
         deadline = time.monotonic() + 2
-        failures, rounds = [], []
+        failures = []
 
         def client(number):
             connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=30)
             count = 0
-            try:
-                while time.monotonic() < deadline:
+            try:   # at least one round each, however late its thread starts
+                while count == 0 or time.monotonic() < deadline:
                     data = b"%d-%d " % (number, count) * (1 + count % 50)
                     put = self.request("PUT", "/data/load", data, connection=connection)
                     got = self.request("GET", "/data/load/" + sha256(data), connection=connection)
@@ -879,11 +895,9 @@ class ConnectionTest(GatewayTestCase):
                 failures.append((number, repr(error)))
             finally:
                 connection.close()
-                rounds.append(count)
 
         run_concurrently([functools.partial(client, n) for n in range(64)])
         self.assertEqual(failures, [])
-        self.assertTrue(all(rounds), rounds)
 
     def test_json_access_log(self):
         self.start(log_format="json")

@@ -25,7 +25,7 @@ import urllib.parse
 import checksums
 import s3
 import storage
-from fixtures import (HERE, cached_page_by_page, files_under, new_bucket, not_cached, open_disk_store, run_concurrently, s3_engine,
+from fixtures import (HERE, cached_page_by_page, descriptors_under, files_under, new_bucket, not_cached, open_disk_store, run_concurrently, s3_engine,
                       in_forked_child, sha256, small_filesystem, temporary_directory,
                       wait_until)
 
@@ -684,12 +684,12 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         os.remove(os.path.join(self.root, "@ledger"))
         os.rename(os.path.join(self.root, "@ledger-to-be"), os.path.join(self.root, "@ledger"))
         gc.collect()
-        before = len(os.listdir("/proc/self/fd"))
+        before = descriptors_under(self.root)   # the closed store's root, for reads still in flight
         for _ in range(5):
             with self.assertRaises(IsADirectoryError):
                 storage.DiskStore(self.root, openat2=self.store._openat2)
         gc.collect()
-        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        self.assertEqual(descriptors_under(self.root), before)
 
     @unittest.skipUnless(hasattr(os, "removexattr"), "no extended attributes here")
     def test_checksums_are_read_when_first_asked_for_and_never_after_close(self):
@@ -1343,7 +1343,7 @@ class GroupCommitTest(unittest.TestCase):
         os.makedirs(os.path.join(root, "taken"))
         with open(os.path.join(root, "taken", sha256(b"c")[:2]), "w"):
             pass   # a file where the shard directory belongs: not the store's to move aside
-        descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        descriptors = descriptors_under(root) if os.path.isdir("/proc/self/fd") else None
         outcomes = self.uploads_in_one_batch(store, [
             lambda: store.put("repo", io.BytesIO(b"a")),
             lambda: store.put("taken", io.BytesIO(b"c")),
@@ -1354,7 +1354,7 @@ class GroupCommitTest(unittest.TestCase):
         self.assertEqual(outcomes[2], (sha256(b"b" * 70000), 70000))
         self.assertEqual(store.usage(), (3, 1 + 5 + 70000))
         if descriptors is not None:   # the shard directories' among them: all closed again
-            self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)
+            self.assertEqual(descriptors_under(root), descriptors)
         self.assertEqual(os.listdir(os.path.join(root, "@tmp", os.listdir(os.path.join(root, "@tmp"))[0])),
                          [])   # no temporary file left behind
 
