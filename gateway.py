@@ -550,6 +550,7 @@ class Exchange:
         return self.keep_alive
 
     def _serve(self):
+        held = None   # whether the limiter still held the connection once the head was read
         try:
             self.method, self.target, minor = http11.parse_request_line(self.raw_request_line)
             self.head = http11.read_header_section(self.connection.rfile, self.method,
@@ -558,15 +559,18 @@ class Exchange:
             self.connection.reader.no_deadline()
             self.body = http11.frame_body(self.head, self.connection.rfile, self._body_begins)
             self.continue_pending = self.head.expects_continue and not self.body.finished
-            if not self.server.connections.busy(self.connection.connection):
-                self._refuse_closing()
-            else:
+            held = self.server.connections.busy(self.connection.connection)
+            if held:
                 self._call_application()
+            else:
+                self._refuse_closing()
         except http11.ProtocolError as error:
-            if self.server.connections.busy(self.connection.connection):
+            if held is None:   # a fault in the head: was it the limiter's closing that cut it short?
+                held = self.server.connections.busy(self.connection.connection)
+            if held:
                 self.keep_alive = False
                 self._send_error(error.status, str(error))
-            else:   # the head may have been cut short by that closing, not by the client
+            else:   # the end-of-file may be ours, so the client is not blamed for any fault
                 self._refuse_closing()
         except (ConnectionError, socket.timeout):
             raise

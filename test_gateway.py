@@ -18,6 +18,7 @@ import random
 import re
 import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -654,8 +655,9 @@ class ConnectionTest(GatewayTestCase):
         wait_until(lambda: limiter.counts() == (1, 0, 1))
         wait_until(lambda: self.request("GET", "/healthz").status == 200)
         wait_until(lambda: "abandoned" in self.running.log.getvalue())
-        self.assertNotIn('" 400 ', self.running.log.getvalue())   # no answer went out to log
-        self.assertNotIn('status="400"', self.app.metrics.render(0, 0))
+        # No answer went out to it (the newcomers refused meanwhile log "-" as their request).
+        self.assertNotRegex(self.running.log.getvalue(), r'HTTP/1\.1" (4\d\d|503) ')
+        self.assertNotRegex(self.app.metrics.render(0, 0), r'method="GET",status="(4\d\d|503)"')
 
     def one_slot_taken_by_an_idle_connection(self):
         """A limiter of one slot, taken by ``ours``, idle; ``client`` is its
@@ -681,11 +683,37 @@ class ConnectionTest(GatewayTestCase):
         self.assertEqual(client.recv(100), b"HTTP/1.1 503 Service Unavailable\r\n")
         self.assertEqual(limiter.counts(), (1, 1, 0))   # the newcomer only, idle
 
+    @unittest.skipUnless(hasattr(socket, "MSG_DONTWAIT"), "a close is told from a request by "
+                         "peeking without waiting (MSG_DONTWAIT)")
     def test_a_connection_its_client_has_closed_gives_its_slot_to_a_newcomer(self):
         limiter, ours, client, newcomer = self.one_slot_taken_by_an_idle_connection()
         client.close()   # readable (end-of-file), but no request: its thread has yet to see it
         self.assertTrue(limiter.admit(newcomer))
         self.assertEqual(limiter.counts(), (1, 1, 0))   # the newcomer only, idle
+
+    @unittest.skipUnless(hasattr(socket, "MSG_DONTWAIT"), "a reset is told from a request by "
+                         "peeking without waiting (MSG_DONTWAIT)")
+    def test_a_connection_its_client_has_reset_gives_its_slot_to_a_newcomer(self):
+        limiter = gateway.ConnectionLimiter(1)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            ours = listener.accept()[0]
+        newcomer = socket.socket()
+        for sock in (ours, client, newcomer):
+            self.addCleanup(sock.close)
+        self.assertTrue(limiter.admit(ours))
+        self.assertTrue(limiter.idle(ours, first_request=True))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()   # a reset
+        wait_until(lambda: select.select([ours], [], [], 0)[0])
+        self.assertTrue(limiter.admit(newcomer))
+
+    def test_a_request_its_client_sent_before_closing_keeps_its_slot(self):
+        limiter, ours, client, newcomer = self.one_slot_taken_by_an_idle_connection()
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)   # then end-of-file: the request still wants its answer
+        self.assertFalse(limiter.admit(newcomer))
+        self.assertEqual(limiter.counts(), (1, 1, 0))
 
     def test_a_request_that_arrives_as_the_drain_closes_its_connection_is_not_run(self):
         limiter, ours, client, _ = self.one_slot_taken_by_an_idle_connection()
@@ -730,26 +758,24 @@ class ConnectionTest(GatewayTestCase):
                     return
                 body = b"client %d upload %d" % (number, count)
                 with socket.create_connection(("127.0.0.1", self.running.port), timeout=10) as sock:
-                    sock.sendall(b"PUT /data/race HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                                 % len(body) + body)
                     response = http.client.HTTPResponse(sock, method="PUT")
                     try:
+                        sock.sendall(b"PUT /data/race HTTP/1.1\r\nHost: x\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
                         response.begin()
-                    except http.client.RemoteDisconnected:
-                        unanswered.append(sha256(body))   # closed as idle before it was read
+                    except ConnectionError:   # closed (or reset) as idle before it was read
+                        unanswered.append(sha256(body))
                         continue
                     statuses[response.status, response.getheader("Retry-After")] += 1
                     response.read()
 
-        clients = [threading.Thread(target=client, args=(number,)) for number in range(4)]
-        for thread in clients:
-            thread.start()
-        for thread in clients:
-            thread.join()
+        run_concurrently([functools.partial(client, number) for number in range(4)])
         self.assertLessEqual(set(statuses), {(201, None), (503, "1")})
-        wait_until(lambda: self.running.httpd.connections.counts()[0] == 0)   # a slot for each HEAD
-        self.assertEqual({self.request("HEAD", "/data/race/" + oid).status   # none stored (run)
-                          for oid in unanswered}, {404} if unanswered else set())   # unanswered
+        wait_until(lambda: self.running.httpd.connections.counts()[0] == 0)   # a slot for the HEADs
+        connection = self.connect()
+        self.assertEqual({self.request("HEAD", "/data/race/" + oid, connection=connection).status
+                          for oid in unanswered},   # none stored (run) unanswered
+                         {404} if unanswered else set())
 
     def trickle(self, sock, data):
         """Send ``data`` a byte every 0.1 s until the server closes the
