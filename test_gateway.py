@@ -659,11 +659,11 @@ class ConnectionTest(GatewayTestCase):
         self.assertNotRegex(self.running.log.getvalue(), r'HTTP/1\.1" (4\d\d|503) ')
         self.assertNotRegex(self.app.metrics.render(0, 0), r'method="GET",status="(4\d\d|503)"')
 
-    def one_slot_taken_by_an_idle_connection(self):
+    def one_slot_taken_by_an_idle_connection(self, connected_pair=socket.socketpair):
         """A limiter of one slot, taken by ``ours``, idle; ``client`` is its
         peer, and ``newcomer`` a connection yet to be admitted."""
         limiter = gateway.ConnectionLimiter(1)
-        ours, client = socket.socketpair()
+        ours, client = connected_pair()
         newcomer, newcomer_client = socket.socketpair()
         for sock in (ours, client, newcomer, newcomer_client):
             self.addCleanup(sock.close)
@@ -694,15 +694,12 @@ class ConnectionTest(GatewayTestCase):
     @unittest.skipUnless(hasattr(socket, "MSG_DONTWAIT"), "a reset is told from a request by "
                          "peeking without waiting (MSG_DONTWAIT)")
     def test_a_connection_its_client_has_reset_gives_its_slot_to_a_newcomer(self):
-        limiter = gateway.ConnectionLimiter(1)
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            client = socket.create_connection(listener.getsockname())
-            ours = listener.accept()[0]
-        newcomer = socket.socket()
-        for sock in (ours, client, newcomer):
-            self.addCleanup(sock.close)
-        self.assertTrue(limiter.admit(ours))
-        self.assertTrue(limiter.idle(ours, first_request=True))
+        def tcp_pair():   # a reset needs TCP
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                client = socket.create_connection(listener.getsockname())
+                return listener.accept()[0], client
+
+        limiter, ours, client, newcomer = self.one_slot_taken_by_an_idle_connection(tcp_pair)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()   # a reset
         wait_until(lambda: select.select([ours], [], [], 0)[0])
