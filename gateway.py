@@ -40,7 +40,6 @@ from http.server import ThreadingHTTPServer
 
 import http11
 import logs
-import nowait
 
 SERVER_SOFTWARE = "data-storage/1.0"
 DEFAULT_REQUEST_TIMEOUT = 60.0
@@ -449,13 +448,13 @@ class ResponseWriter(io.BufferedIOBase):
 
     With kernel timeouts a send never blocks (MSG_DONTWAIT; a file's
     sendfile on the socket made non-blocking): what fits in the socket's
-    buffer goes at once, in one call (keeping the GIL for bytes of up to 64
-    KiB: see ``nowait``), and for the rest the writer waits in ``poll`` for
-    room, up to the timeout each time. A blocking send with
-    SO_SNDTIMEO would end short once the timeout's worth of time had passed,
-    whatever the client took meanwhile, and a sendfile(2) call starts a
-    fresh timeout for each piece it sends (a stalled client held one for
-    3-4 timeouts)."""
+    buffer goes at once, in one call, and for the rest the writer waits in
+    ``poll`` for room, up to the timeout each time. The send lets go of the
+    GIL, although it does not wait: see "Fair turns" in ``nowait``. A
+    blocking send with SO_SNDTIMEO would end short once the timeout's worth
+    of time had passed, whatever the client took meanwhile, and a
+    sendfile(2) call starts a fresh timeout for each piece it sends (a
+    stalled client held one for 3-4 timeouts)."""
 
     def __init__(self, sock, timeouts):
         super().__init__()
@@ -470,11 +469,8 @@ class ResponseWriter(io.BufferedIOBase):
             self._timeouts.sending()
             self._sock.sendall(data)
             return len(data)
-        sent = nowait.send(self._sock.fileno(), data)   # keeping the GIL: a response's usual send
-        if sent == len(data):
-            return sent
         with memoryview(data) as view, view.cast("B") as whole:
-            left = whole[sent or 0:]
+            left = whole
             while True:
                 try:
                     left = left[self._sock.send(left, socket.MSG_DONTWAIT):]

@@ -11,8 +11,6 @@ project's 2-core machine, a 1 KiB GET from the disk store (six calls) cost
 The calls here go through ``ctypes.PyDLL``, which keeps the GIL, and each only
 where the kernel has what it needs in memory:
 
-- ``send`` of up to 64 KiB with MSG_DONTWAIT: what fits in the socket's
-  buffer, or nothing;
 - ``status``: statx of an open file, whose inode is in memory;
 - ``cached``: cachestat (Linux 6.5), which tells whether a file's bytes are all
   in the page cache; then ``read``, preadv2 with RWF_NOWAIT, for those bytes.
@@ -34,12 +32,25 @@ where the kernel has what it needs in memory:
 
 Each returns None (or False) where the kernel would have had to wait, or the
 call is missing, and the caller then makes the ordinary call, which releases
-the GIL. All but ``send`` are free of waits on a local filesystem only (NFS
+the GIL. They are free of waits on a local filesystem only (NFS
 may ask its server), so the disk store uses them only on one of
 ``LOCAL_FILESYSTEMS``, and reads only of small files (a long copy is better
 made with the GIL released) whose bytes were cached when it opened them (see
 ``storage._ObjectFile``). The disk store's openat2 has the same form, with
 RESOLVE_CACHED (see ``storage._load_openat2``).
+
+Fair turns. A request must still let go of the GIL once while it has work
+left, not only at the ``recv`` where it waits for the next request: the
+response's send does (``gateway.ResponseWriter``), though it never waits.
+CPython hands a released GIL to whichever thread asks first, and a thread
+whose ``recv`` has just returned, already on a CPU, beats one that has been
+queued for the GIL, asleep; the queued one's 5 ms switch interval forces no
+hand-over while other threads keep taking turns. With the send made here
+too, a request let go only at its ``recv``, and under 16 connections in one
+process a few connections were served over and over while others waited:
+p99 of 1 KiB GETs from the memory store 410-750 ms against 16-19 ms with
+the send releasing it, for 20-35% more requests served in all (see the
+README, "Round two", "Fair turns").
 
 Elsewhere than Linux (or without ctypes, or with a C library without these
 functions) ``AVAILABLE`` is False and every function returns None or False.
@@ -49,7 +60,6 @@ import collections
 import errno
 import os
 import platform
-import socket
 import sys
 import types
 
@@ -63,11 +73,10 @@ LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", 
 _ORDINARY_CALL_NEEDED = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR,
                                    errno.EOPNOTSUPP, errno.ENOSYS, errno.EPERM))
 
-# The most a held call copies: a send of 256 KiB took 110 us on loopback here,
-# and a longer copy is better made with the GIL released.
+# The most a held call copies: a copy of 256 KiB (a loopback send) took 110 us
+# here, and a longer copy is better made with the GIL released.
 HELD_COPY_BYTES = 64 * 1024
 
-_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # Machines on which Linux numbers its newer system calls from one shared table
 # (openat2 437, cachestat 451); MIPS and Alpha number them otherwise.
@@ -88,12 +97,10 @@ def _load():
     try:
         import ctypes
         libc = ctypes.PyDLL(None, use_errno=True)
-        functions = libc.send, libc.preadv2, libc.statx, libc.close, libc.syscall
+        functions = libc.preadv2, libc.statx, libc.close, libc.syscall
     except (ImportError, OSError, AttributeError):   # no ctypes; glibc < 2.28
         return None
-    send, preadv2, statx, close, syscall = functions
-    send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-    send.restype = ctypes.c_ssize_t
+    preadv2, statx, close, syscall = functions
 
     class IOVec(ctypes.Structure):   # struct iovec
         _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
@@ -121,7 +128,7 @@ def _load():
     close.argtypes = [ctypes.c_int]
     close.restype = ctypes.c_int
     syscall.restype = ctypes.c_long
-    libc = types.SimpleNamespace(ctypes=ctypes, IOVec=IOVec, send=send, preadv2=preadv2,
+    libc = types.SimpleNamespace(ctypes=ctypes, IOVec=IOVec, preadv2=preadv2,
                                  statx=statx, close=close, syscall=syscall, StatX=StatX,
                                  CacheRange=CacheRange, CacheStat=CacheStat)
     if statx(-100, b"/", 0, _STATX_WANTED, ctypes.byref(StatX())) != 0:
@@ -145,18 +152,7 @@ def _error():
     number = _LIBC.ctypes.get_errno()
     if number in _ORDINARY_CALL_NEEDED:
         return None
-    raise OSError(number, os.strerror(number))   # its subclass, as socket and os raise
-
-
-def send(fd, data):
-    """Send what of ``data`` (bytes, up to HELD_COPY_BYTES) the socket ``fd``
-    takes at once; return how many bytes went, or None if it took none (its
-    buffer is full), or ``data`` is longer, or there is no such call. Errors
-    raise as ``socket.send`` raises them (BrokenPipeError, ConnectionResetError, ...)."""
-    if _LIBC is None or type(data) is not bytes or len(data) > HELD_COPY_BYTES:
-        return None
-    sent = _LIBC.send(fd, data, len(data), _SEND_FLAGS)
-    return sent if sent >= 0 else _error()
+    raise OSError(number, os.strerror(number))   # its subclass, as os raises
 
 
 Status = collections.namedtuple("Status", "st_mode st_size st_nlink")   # as os.fstat names them

@@ -1,17 +1,14 @@
 """nowait: system calls made with the GIL held, each in a form that cannot wait.
 
 What matters is that each gives what the ordinary call would, never blocks,
-and hands back (None) whatever it cannot do at once. Real sockets on loopback
-and real files; pages are put out of the page cache with posix_fadvise
-(the reads are skipped where the filesystem refuses RWF_NOWAIT, as tmpfs does).
+and hands back (None) whatever it cannot do at once. Real files; pages are
+put out of the page cache with posix_fadvise (the reads are skipped where the
+filesystem refuses RWF_NOWAIT, as tmpfs does).
 """
 
 import os
-import socket
 import stat
-import struct
 import tempfile
-import time
 import unittest
 
 import nowait
@@ -32,64 +29,6 @@ class NoWaitTest(unittest.TestCase):
         fd = os.open(self.path, os.O_RDONLY)
         self.addCleanup(os.close, fd)
         return fd
-
-    def connected_pair(self):
-        listener = socket.create_server(("127.0.0.1", 0))
-        self.addCleanup(listener.close)
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-        self.addCleanup(client.close)
-        self.addCleanup(server.close)
-        return client, server
-
-    def test_a_send_that_fits_goes_whole(self):
-        client, server = self.connected_pair()
-        self.assertEqual(nowait.send(client.fileno(), b"a response"), 10)
-        self.assertEqual(server.recv(100), b"a response")
-
-    def test_a_send_takes_what_fits_then_nothing_and_never_waits(self):
-        client, server = self.connected_pair()
-        # A send that waited would give up after 3 s (the socket still blocks).
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 3, 0))
-        block = os.urandom(nowait.HELD_COPY_BYTES)
-        went = []   # what each send took: the receiver's buffers may grow meanwhile
-        started = time.monotonic()
-        for _ in range(4096):   # far more than any socket's buffers hold
-            sent = nowait.send(client.fileno(), block)
-            if sent is None:   # full: the caller waits for room
-                break
-            went.append(block[:sent])
-        else:
-            self.fail("256 MiB taken for a client that reads nothing")
-        self.assertLess(time.monotonic() - started, 2)
-        self.assertTrue(went)
-        expected = b"".join(went)
-        server.settimeout(10)
-        received = bytearray()
-        while len(received) < len(expected):
-            received += server.recv(1 << 20)
-        self.assertEqual(bytes(received), expected)
-
-    def test_a_send_to_a_closed_connection_raises_as_socket_send_does(self):
-        client, server = self.connected_pair()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # a reset
-        server.close()
-        client.settimeout(10)
-        with self.assertRaises(ConnectionResetError):
-            client.recv(1)   # once the reset has come
-        with self.assertRaises(BrokenPipeError):
-            nowait.send(client.fileno(), b"x")
-        with self.assertRaises(BrokenPipeError):
-            client.send(b"x")   # the same
-
-    def test_only_bytes_of_up_to_64_kib_are_sent_here(self):
-        client, server = self.connected_pair()
-        self.assertIsNone(nowait.send(client.fileno(), bytearray(b"left to socket.send")))
-        self.assertIsNone(nowait.send(client.fileno(), memoryview(b"left to socket.send")))
-        self.assertIsNone(nowait.send(client.fileno(), bytes(nowait.HELD_COPY_BYTES + 1)))
-        server.setblocking(False)
-        with self.assertRaises(BlockingIOError):
-            server.recv(1)   # nothing went
 
     def readable_without_waiting(self, fd):
         if not nowait.reads_cached(fd):
