@@ -78,32 +78,6 @@ def temporary_directory(test):
     return directory.name
 
 
-def not_cached(path, offset=0):
-    """Put the bytes of ``path`` from ``offset`` out of the page cache, as far
-    as its filesystem lets them go (tmpfs keeps them)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)   # dirty pages are not dropped
-        os.posix_fadvise(fd, offset, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def cached_page_by_page(path):
-    """Bring all of ``path`` into the page cache a page at a time (no
-    read-ahead), so that any of its pages can leave again alone: a file read
-    or written in large pieces may be cached in large folios, which leave whole."""
-    not_cached(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        page = os.sysconf("SC_PAGE_SIZE")
-        for offset in range(0, os.fstat(fd).st_size, page):
-            os.pread(fd, page, offset)
-    finally:
-        os.close(fd)
-
-
 def open_disk_store(test, root, **options):
     store = storage.DiskStore(root, **options)
     test.addCleanup(store.close)

@@ -449,12 +449,22 @@ class ResponseWriter(io.BufferedIOBase):
     With kernel timeouts a send never blocks (MSG_DONTWAIT; a file's
     sendfile on the socket made non-blocking): what fits in the socket's
     buffer goes at once, in one call, and for the rest the writer waits in
-    ``poll`` for room, up to the timeout each time. The send lets go of the
-    GIL, although it does not wait: see "Fair turns" in ``nowait``. A
-    blocking send with SO_SNDTIMEO would end short once the timeout's worth
-    of time had passed, whatever the client took meanwhile, and a
-    sendfile(2) call starts a fresh timeout for each piece it sends (a
-    stalled client held one for 3-4 timeouts)."""
+    ``poll`` for room, up to the timeout each time. A blocking send with
+    SO_SNDTIMEO would end short once the timeout's worth of time had passed,
+    whatever the client took meanwhile, and a sendfile(2) call starts a
+    fresh timeout for each piece it sends (a stalled client held one for
+    3-4 timeouts).
+
+    The send lets go of the GIL, although it does not wait, so that each
+    request lets go of it once while it still has work to do, not only at
+    the ``recv`` where its thread then sleeps. CPython gives a released GIL
+    to whichever thread asks first: a thread whose ``recv`` has just
+    returned, already on a CPU, beats one that is queued for the GIL,
+    asleep, and the queued one's switch interval (5 ms) forces a hand-over
+    only if no other thread has taken the GIL meanwhile. With the send made
+    keeping the GIL (through ctypes), a few connections were served over and
+    over while others waited: p99 of 1 KiB GETs from one process 0.4-0.75 s
+    against 16-19 ms (README, "Round two", "Fair turns")."""
 
     def __init__(self, sock, timeouts):
         super().__init__()

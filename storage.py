@@ -49,7 +49,6 @@ import threading
 import weakref
 
 import checksums
-import nowait
 
 try:
     import fcntl   # POSIX only; the in-memory store must import anywhere
@@ -392,6 +391,15 @@ def _load_syncfs():
 SYNCFS = _load_syncfs()
 
 _SYS_OPENAT2 = 437
+# Machines on which Linux numbers its newer system calls from one shared table
+# (openat2 is 437); MIPS and Alpha number them otherwise.
+SHARED_SYSCALL_TABLE_MACHINES = frozenset((
+    "x86_64", "aarch64", "i386", "i686", "armv7l", "armv8l", "ppc64", "ppc64le", "s390x",
+    "riscv64", "loongarch64"))
+# Filesystems on which a lookup of cached names needs neither a server nor the
+# disk: a GET's open may keep the GIL there (see DiskStore.open). Others (NFS,
+# CIFS, FUSE) get the ordinary call.
+LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "f2fs"))
 _AT_FDCWD = -100
 _RESOLVE_NO_SYMLINKS = 0x04   # no symlink followed anywhere on the path (nor /proc's magic links)
 _RESOLVE_CACHED = 0x20   # EAGAIN rather than look a name up on disk (Linux 5.12)
@@ -406,11 +414,13 @@ def _load_openat2():
     walking the directories takes five (each a hand-over of the GIL: see
     DiskStore.open).
 
-    With ``cached``, the call keeps the GIL and adds RESOLVE_CACHED: the
-    kernel looks the path up in its caches only, and where it would have to
-    read a directory from disk (or on Linux before 5.12) the function returns
-    None, for the caller to make the ordinary call (see ``nowait``)."""
-    if sys.platform != "linux" or platform.machine() not in nowait.SHARED_SYSCALL_TABLE_MACHINES:
+    With ``cached``, the call keeps the GIL (``ctypes.PyDLL``) and adds
+    RESOLVE_CACHED: the kernel looks the path up in its caches only, and
+    where it would have to read a directory from disk (or on Linux before
+    5.12) the function returns None, for the caller to make the ordinary
+    call. A call that cannot wait gains nothing from letting go of the GIL,
+    and under load the hand-over costs two thread switches."""
+    if sys.platform != "linux" or platform.machine() not in SHARED_SYSCALL_TABLE_MACHINES:
         return None
     try:
         import ctypes   # only here: the rest of the store works without it
@@ -816,8 +826,8 @@ class DiskStore:
         its calls (a GroupCommit) instead. Tests pass recorders to check the
         order. ``openat2`` (by default ``openat2_function()``) opens objects
         in one call; without it (None) their directories are walked. On a
-        local filesystem, a read's calls that do not wait keep the GIL (see
-        ``open`` and ``nowait``)."""
+        local filesystem, a GET's open keeps the GIL where it cannot wait (see
+        ``open``)."""
         if openat2 is _PROBED:
             openat2 = openat2_function()
         if not DISK_STORE_SUPPORTED:
@@ -834,7 +844,7 @@ class DiskStore:
         except FileExistsError:
             pass
         os.makedirs(temporary_root, exist_ok=True)
-        self._nowait = nowait.AVAILABLE and filesystem_type(self.root) in nowait.LOCAL_FILESYSTEMS
+        self._held_opens = filesystem_type(self.root) in LOCAL_FILESYSTEMS
         # Objects are opened from here with openat2 (the root itself may be a
         # symlink). It stays open as long as the store object lives, not only
         # until ``close``: a request still in flight may open an object.
@@ -858,7 +868,6 @@ class DiskStore:
                 self._temporary_dir, sync_filesystem, self._write_uploads, self._publish_uploads)
             self._ledger_path = os.path.join(self.root, self.LEDGER_FILE)
             self._open_ledger()
-            self._reads_cached = self._nowait and nowait.reads_cached(self._ledger_fd)
             if _parse_ledger(os.pread(self._ledger_fd, 64, 0)) is None:
                 # A new root, one from before the ledger, or a damaged ledger.
                 self._write_ledger(self._count_objects())
@@ -1186,10 +1195,11 @@ class DiskStore:
         one ``openat2`` (where there is none, the repository and shard
         directories are opened and closed on the way), one ``fstat`` (a
         FileIO would make another), and the block checksums' ``fgetxattr``
-        only if they are asked for. On a local filesystem the open and the
-        ``fstat`` keep the GIL, where the kernel has what they need in memory,
-        and so do the reads and the close of a small object whose bytes are
-        all in the page cache (see ``nowait`` and ``_ObjectFile``)."""
+        only if they are asked for. On a local filesystem the open keeps the
+        GIL where the kernel has the names in its caches (``_load_openat2``).
+        The other calls let go of it: measured, ctypes' own cost for each
+        outweighed the hand-overs it saved (README, "Round two", "Fair
+        turns")."""
         oid = self._canonical_oid(repository, oid)
         names = (*object_directory(repository, oid), oid)
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
@@ -1200,15 +1210,13 @@ class DiskStore:
                     raise not_found(repository, oid) from None
                 raise
         try:
-            status = (nowait.status(fd) if self._nowait else None) or os.fstat(fd)
+            status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
                 raise not_found(repository, oid)
-            held_calls = (self._reads_cached and status.st_size <= HELD_CALL_BYTES
-                          and nowait.cached(fd, status.st_size))
         except BaseException:
             os.close(fd)
             raise
-        file = _ObjectFile(fd, held_calls)
+        file = _ObjectFile(fd)
         return StoredObject(file, status.st_size, may_change_at_rest=True,
                             checksums=lambda: _recorded_checksums(file.fileno()))
 
@@ -1220,7 +1228,7 @@ class DiskStore:
         them is missing or is not a real directory."""
         if self._openat2 is not None:
             path = "/".join(names)
-            fd = self._openat2(self._root_fd, path, flags, cached=True) if self._nowait else None
+            fd = self._openat2(self._root_fd, path, flags, cached=True) if self._held_opens else None
             return fd if fd is not None else self._openat2(self._root_fd, path, flags)
         directory_fd = _open_directory_beneath(self.root, names[:-1])
         try:
@@ -1629,12 +1637,6 @@ def _error_kept(upload):
         upload.error = error
 
 
-# Objects up to this size (the application reads them whole) are read, and
-# closed, keeping the GIL when cached: a longer copy is better made with the GIL
-# released, and so is the last close of a large deleted file (see nowait.close).
-HELD_CALL_BYTES = nowait.HELD_COPY_BYTES
-
-
 def _parse_ledger(data):
     """``(objects, bytes)`` from the ledger's bytes, or None unless they are two
     whole numbers, not negative."""
@@ -1722,19 +1724,11 @@ class _ObjectFile(io.RawIOBase):
     """An object's open file, read or written unbuffered as a FileIO would
     be, without the ``fstat`` a FileIO makes when it is made (``DiskStore
     .open`` has just made one; an upload's new file needs none). Closing it,
-    or its collection, closes the descriptor.
+    or its collection, closes the descriptor."""
 
-    ``held_calls``: a small file opened only to be read, on a local
-    filesystem, whose bytes were all in the page cache when it was opened.
-    Its reads, and its close while it still has a name, keep the GIL (see
-    ``nowait``). Bytes that left the cache meanwhile (the kernel has started
-    reading them) are read the ordinary way, so that a read is whole up to
-    the end of the file, as a FileIO's is."""
-
-    def __init__(self, fd, held_calls=False):
+    def __init__(self, fd):
         super().__init__()
         self._fd = fd
-        self._held_calls = held_calls
 
     def fileno(self):
         self._checkClosed()
@@ -1751,15 +1745,7 @@ class _ObjectFile(io.RawIOBase):
 
     def readinto(self, buffer):
         self._checkClosed()   # its number may be another file's by now
-        if not self._held_calls:
-            return os.readv(self._fd, [buffer])
-        with memoryview(buffer) as view, view.cast("B") as target:
-            cached = nowait.read(self._fd, target)
-            if cached is None:
-                return os.readv(self._fd, [target])
-            if cached in (0, len(target)):
-                return cached
-            return cached + os.readv(self._fd, [target[cached:]])
+        return os.readv(self._fd, [buffer])
 
     def write(self, data):
         self._checkClosed()
@@ -1778,8 +1764,7 @@ class _ObjectFile(io.RawIOBase):
             try:
                 super().close()
             finally:
-                if not (self._held_calls and nowait.close(self._fd)):
-                    os.close(self._fd)
+                os.close(self._fd)
 
 
 class _Descriptor:

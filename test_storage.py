@@ -25,7 +25,7 @@ import urllib.parse
 import checksums
 import s3
 import storage
-from fixtures import (HERE, cached_page_by_page, descriptors_under, files_under, new_bucket, not_cached, open_disk_store, run_concurrently, s3_engine,
+from fixtures import (HERE, descriptors_under, files_under, new_bucket, open_disk_store, run_concurrently, s3_engine,
                       in_forked_child, sha256, small_filesystem, temporary_directory,
                       wait_until)
 
@@ -585,33 +585,6 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
         self.assertTrue(stat.S_ISLNK(self.quarantined("repo", oid).st_mode))
         with open(secret, "rb") as file:
             self.assertEqual(file.read(), b"outside the data directory")
-
-    @unittest.skipUnless(hasattr(os, "posix_fadvise"), "pages are put out of the cache with posix_fadvise")
-    def test_a_small_object_that_leaves_the_page_cache_while_open_is_read_whole(self):
-        # A small object found in the page cache is read keeping the GIL
-        # (nowait); bytes that left the cache since are read the ordinary way.
-        data = os.urandom(storage.HELD_CALL_BYTES)
-        oid = self.put("repo", data)[0]
-        path = storage.object_path(self.root, "repo", oid)
-        for offset in (0, len(data) // 2):
-            with self.subTest(left_the_cache_from=offset):
-                cached_page_by_page(path)
-                with self.store.open("repo", oid) as stored:
-                    not_cached(path, offset)
-                    self.assertEqual(stored.file.read(stored.size), data)
-
-    def test_only_small_objects_found_cached_are_read_keeping_the_gil(self):
-        if not self.store._reads_cached:
-            self.skipTest("no reads keeping the GIL here (not Linux 6.5+, or tmpfs)")
-        small = self.put("repo", os.urandom(storage.HELD_CALL_BYTES))[0]
-        large = self.put("repo", os.urandom(storage.HELD_CALL_BYTES + 1))[0]
-        for oid, held in ((small, True), (large, False)):
-            cached_page_by_page(storage.object_path(self.root, "repo", oid))
-            with self.store.open("repo", oid) as stored:
-                self.assertEqual(stored.file._held_calls, held)
-        not_cached(storage.object_path(self.root, "repo", small))
-        with self.store.open("repo", small) as stored:
-            self.assertFalse(stored.file._held_calls)   # its read would start the disk's
 
     def test_a_read_into_a_buffer_of_wide_items_fills_its_bytes(self):
         data = os.urandom(1024)
