@@ -844,7 +844,7 @@ class DiskStore:
         except FileExistsError:
             pass
         os.makedirs(temporary_root, exist_ok=True)
-        self._held_opens = filesystem_type(self.root) in LOCAL_FILESYSTEMS
+        self._held_opens = openat2 is not None and filesystem_type(self.root) in LOCAL_FILESYSTEMS
         # Objects are opened from here with openat2 (the root itself may be a
         # symlink). It stays open as long as the store object lives, not only
         # until ``close``: a request still in flight may open an object.
