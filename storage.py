@@ -396,61 +396,47 @@ _SYS_OPENAT2 = 437
 SHARED_SYSCALL_TABLE_MACHINES = frozenset((
     "x86_64", "aarch64", "i386", "i686", "armv7l", "armv8l", "ppc64", "ppc64le", "s390x",
     "riscv64", "loongarch64"))
-# Filesystems on which a lookup of cached names needs neither a server nor the
-# disk: a GET's open may keep the GIL there (see DiskStore.open). Others (NFS,
-# CIFS, FUSE) get the ordinary call.
-LOCAL_FILESYSTEMS = frozenset(("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "f2fs"))
 _AT_FDCWD = -100
 _RESOLVE_NO_SYMLINKS = 0x04   # no symlink followed anywhere on the path (nor /proc's magic links)
-_RESOLVE_CACHED = 0x20   # EAGAIN rather than look a name up on disk (Linux 5.12)
 
 
 def _load_openat2():
     """openat2(2) with RESOLVE_NO_SYMLINKS, as a function ``(dir_fd, path,
-    flags, cached=False)`` that returns a descriptor or raises OSError; or
+    flags)`` that returns a descriptor or raises OSError; or
     None: not Linux 5.6 or later on a machine whose system call number is
     known, or a sandbox refuses the call. One call opens
     ``repository/shard/oid`` with no symlink followed on the way, where
     walking the directories takes five (each a hand-over of the GIL: see
     DiskStore.open).
 
-    With ``cached``, the call keeps the GIL (``ctypes.PyDLL``) and adds
-    RESOLVE_CACHED: the kernel looks the path up in its caches only, and
-    where it would have to read a directory from disk (or on Linux before
-    5.12) the function returns None, for the caller to make the ordinary
-    call. A call that cannot wait gains nothing from letting go of the GIL,
-    and under load the hand-over costs two thread switches."""
+    It lets go of the GIL, as the os module's calls do: a form that kept it
+    (ctypes.PyDLL, with RESOLVE_CACHED so as never to wait) was measured no
+    faster, and it lengthened the other connections' waits (README, "Round
+    two", "Fair turns")."""
     if sys.platform != "linux" or platform.machine() not in SHARED_SYSCALL_TABLE_MACHINES:
         return None
     try:
         import ctypes   # only here: the rest of the store works without it
         syscall = ctypes.CDLL(None, use_errno=True).syscall   # releases the GIL while it runs
-        held_syscall = ctypes.PyDLL(None, use_errno=True).syscall   # keeps it
     except (ImportError, OSError, AttributeError):
         return None
-    syscall.restype = held_syscall.restype = ctypes.c_long
+    syscall.restype = ctypes.c_long
 
     class OpenHow(ctypes.Structure):   # struct open_how
         _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
                     ("resolve", ctypes.c_uint64)]
 
-    hows = {}   # (flags, cached) -> open_how, made once: the kernel only reads it
-    cache_lookups = True   # unless the kernel refuses RESOLVE_CACHED (probed below)
+    hows = {}   # flags -> open_how, made once: the kernel only reads it
 
-    def openat2(dir_fd, path, flags, cached=False):
-        if cached and not cache_lookups:
-            return None
-        how = hows.get((flags, cached))
+    def openat2(dir_fd, path, flags):
+        how = hows.get(flags)
         if how is None:
-            how = hows[flags, cached] = OpenHow(
-                flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS | (_RESOLVE_CACHED if cached else 0))
-        fd = (held_syscall if cached else syscall)(
+            how = hows[flags] = OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS)
+        fd = syscall(
             ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(os.fsencode(path)),
             ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
         if fd < 0:
             number = ctypes.get_errno()
-            if cached and number == errno.EAGAIN:
-                return None
             raise OSError(number, os.strerror(number), path)
         return fd
 
@@ -458,13 +444,6 @@ def _load_openat2():
         os.close(openat2(_AT_FDCWD, "/", os.O_RDONLY | os.O_DIRECTORY))
     except OSError:   # ENOSYS before Linux 5.6; EPERM from a seccomp filter
         return None
-    try:
-        fd = openat2(_AT_FDCWD, "/", os.O_RDONLY | os.O_DIRECTORY, cached=True)
-    except OSError:   # EINVAL before Linux 5.12
-        cache_lookups = False
-    else:
-        if fd is not None:
-            os.close(fd)
     return openat2
 
 
@@ -825,9 +804,7 @@ class DiskStore:
         which makes everything written to a filesystem durable, uploads share
         its calls (a GroupCommit) instead. Tests pass recorders to check the
         order. ``openat2`` (by default ``openat2_function()``) opens objects
-        in one call; without it (None) their directories are walked. On a
-        local filesystem, a GET's open keeps the GIL where it cannot wait (see
-        ``open``)."""
+        in one call; without it (None) their directories are walked."""
         if openat2 is _PROBED:
             openat2 = openat2_function()
         if not DISK_STORE_SUPPORTED:
@@ -844,7 +821,6 @@ class DiskStore:
         except FileExistsError:
             pass
         os.makedirs(temporary_root, exist_ok=True)
-        self._held_opens = openat2 is not None and filesystem_type(self.root) in LOCAL_FILESYSTEMS
         # Objects are opened from here with openat2 (the root itself may be a
         # symlink). It stays open as long as the store object lives, not only
         # until ``close``: a request still in flight may open an object.
@@ -1195,11 +1171,9 @@ class DiskStore:
         one ``openat2`` (where there is none, the repository and shard
         directories are opened and closed on the way), one ``fstat`` (a
         FileIO would make another), and the block checksums' ``fgetxattr``
-        only if they are asked for. On a local filesystem the open keeps the
-        GIL where the kernel has the names in its caches (``_load_openat2``).
-        The other calls let go of it: measured, ctypes' own cost for each
-        outweighed the hand-overs it saved (README, "Round two", "Fair
-        turns")."""
+        only if they are asked for. Each lets go of the GIL: forms that kept
+        it (ctypes.PyDLL) were measured no faster once a request lets go of
+        it at its send anyway (README, "Round two", "Fair turns")."""
         oid = self._canonical_oid(repository, oid)
         names = (*object_directory(repository, oid), oid)
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
@@ -1227,9 +1201,7 @@ class DiskStore:
         O_NOFOLLOW. Raises OSError with an errno in ``_NOT_OURS`` when one of
         them is missing or is not a real directory."""
         if self._openat2 is not None:
-            path = "/".join(names)
-            fd = self._openat2(self._root_fd, path, flags, cached=True) if self._held_opens else None
-            return fd if fd is not None else self._openat2(self._root_fd, path, flags)
+            return self._openat2(self._root_fd, "/".join(names), flags)
         directory_fd = _open_directory_beneath(self.root, names[:-1])
         try:
             return os.open(names[-1], flags, dir_fd=directory_fd)

@@ -127,9 +127,6 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "checksums=lambda: _recorded_checksums(fd))"),
     ("openat2 following symlinks", "storage.py",
      "_RESOLVE_NO_SYMLINKS = 0x04", "_RESOLVE_NO_SYMLINKS = 0"),
-    ("held: cached lookups following symlinks", "storage.py",
-     "_RESOLVE_NO_SYMLINKS | (_RESOLVE_CACHED if cached else 0))",
-     "(_RESOLVE_CACHED if cached else _RESOLVE_NO_SYMLINKS))"),
     ("group commit: renames synced after their batch is acknowledged", "storage.py",
      "                self._publish([upload for upload in synced if upload.error is None])\n"
      "                self._sync()",
