@@ -1166,7 +1166,7 @@ class DiskStore:
         """Return the object as a StoredObject over an open file, or raise
         ObjectNotFound. Only a regular file is an object; nothing it opens can block.
 
-        Every ordinary system call hands the GIL over to the other connection
+        Every system call hands the GIL over to the other connection
         threads and waits to get it back, so a GET makes as few as it can:
         one ``openat2`` (where there is none, the repository and shard
         directories are opened and closed on the way), one ``fstat`` (a
