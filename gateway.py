@@ -479,8 +479,7 @@ class ResponseWriter(io.BufferedIOBase):
             self._timeouts.sending()
             self._sock.sendall(data)
             return len(data)
-        with memoryview(data) as view, view.cast("B") as whole:
-            left = whole
+        with memoryview(data) as view, view.cast("B") as left:
             while True:
                 try:
                     left = left[self._sock.send(left, socket.MSG_DONTWAIT):]
