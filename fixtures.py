@@ -15,6 +15,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -386,13 +387,15 @@ class ServerProcess:
     """A server in a subprocess, started from this directory: by default
     ``python server.py --port 0 ARGS``. ``port`` comes from the first line of
     ``stream`` ("stdout" or "stderr") that ``listening`` (a pattern whose
-    group 1 is the port) matches. Stopped when the test ends, if still running."""
+    group 1 is the port) matches. ``new_session``: in a process group of its
+    own (with its workers), for ``kill``. Stopped when the test ends, if still running."""
 
     def __init__(self, test, *args, command=None, listening=r"listening on http://127\.0\.0\.1:(\d+)",
-                 stream="stdout", env=None):
+                 stream="stdout", env=None, new_session=False):
         command = command or [sys.executable, SERVER_SCRIPT, "--port", "0", *args]
         pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: subprocess.PIPE}
-        self.process = subprocess.Popen(command, cwd=HERE, bufsize=0, env=env, **pipes)
+        self.process = subprocess.Popen(command, cwd=HERE, bufsize=0, env=env,
+                                        start_new_session=new_session, **pipes)
         self.output = getattr(self.process, stream)
         test.addCleanup(self.stop)
         while True:
@@ -412,6 +415,13 @@ class ServerProcess:
             return Response.read(connection.getresponse())
         finally:
             connection.close()
+
+    def kill(self):
+        """SIGKILL to the server and its workers at once, as a power cut would
+        stop them (needs ``new_session``: killing the parent alone leaves its
+        workers to drain)."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self):
         """SIGTERM (gunicorn's workers go with their master only then), SIGKILL if that is slow."""

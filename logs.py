@@ -16,18 +16,24 @@ Request threads only append under a short lock (``_pending_lock``); writes
 are serialized by another (``_write_lock``), so a stream that blocks (a slow
 log reader) holds up requests only once MAX_PENDING_LINES are waiting. A
 stream that fails (a closed pipe) loses lines but never stops the server.
+Where the stream has bytes underneath (stderr), the lines go out in writes
+of at most PIPE_BUF bytes that end at line ends: worker processes share the
+stream, and a pipe (systemd's journal, a container's log) keeps only such
+writes whole, so no worker's line is cut by another's.
 Neither lock is re-entrant: signal handlers must not log (they run on the
 main thread, which may be in the middle of a flush).
 """
 
 import datetime
 import json
+import select
 import sys
 import threading
 import time
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 MAX_PENDING_LINES = 256   # access lines held before ``flush`` is due anyway
+ATOMIC_WRITE_BYTES = getattr(select, "PIPE_BUF", 512)   # POSIX: at least 512
 _ESCAPES = {code: "\\x%02x" % code for code in (*range(0x20), *range(0x7f, 0xa0))}
 _ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
 
@@ -101,10 +107,23 @@ class Log:
             lines, self._pending = self._pending, []
         if lines:
             try:
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
+                self._write("\n".join(lines) + "\n")
             except (OSError, ValueError):   # a closed pipe or stream: nobody reads these lines
                 pass
+
+    def _write(self, text):
+        """``text`` (whole lines) in writes that keep lines whole on a shared pipe."""
+        stream = self.stream
+        stream.flush()   # what others wrote to it first (a traceback printed to stderr)
+        raw = getattr(stream, "buffer", None)
+        if raw is None:
+            stream.write(text)
+            stream.flush()
+            return
+        for piece in line_pieces(text.encode(stream.encoding, stream.errors or "strict"),
+                                 ATOMIC_WRITE_BYTES):
+            raw.write(piece)
+            raw.flush()
 
     def _access_date(self):
         """The current time as the access log writes it, formatted at most once a second."""
@@ -113,6 +132,19 @@ class Log:
         if cached[0] != now:
             cached = self._date = (now, time.strftime("%d/%b/%Y %H:%M:%S", time.localtime(now)))
         return cached[1]
+
+
+def line_pieces(data, size):
+    """``data`` in pieces of at most ``size`` bytes that each end at a line
+    end; a longer line is a piece of its own."""
+    start = 0
+    while start < len(data):
+        end = start + size
+        if end < len(data):
+            cut = data.rfind(b"\n", start, end)
+            end = cut + 1 if cut >= 0 else (data.find(b"\n", end) + 1 or len(data))
+        yield data[start:end]
+        start = end
 
 
 class ErrorStream:

@@ -6,10 +6,14 @@ a client that has read a response finds it counted; the gateway counts the
 responses it gives itself (protocol errors, refusals, abandoned requests).
 Updates take one lock for a handful of integer operations, cheap next to a
 request's own work; ``render`` writes the text exposition format, version 0.0.4.
+
+The counts live in a ``Board``: one slot of fixed layout per process. Worker
+processes share one board, made before they are forked, so that ``/metrics``
+from any worker counts the requests of all of them.
 """
 
 import bisect
-import collections
+import mmap
 import threading
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -18,23 +22,54 @@ KNOWN_METHODS = frozenset(   # other methods are labelled "other", so clients ca
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+# A slot's layout, in 8-byte words: a request count for each method label and
+# status (PEP 3333: a status is three digits), the duration histogram's
+# buckets (the last is +Inf), then the totals.
+METHOD_LABELS = tuple(sorted(KNOWN_METHODS)) + ("other",)
+_METHOD_ROWS = {method: row for row, method in enumerate(METHOD_LABELS)}
+_STATUSES = 1000
+_BUCKETS = len(METHOD_LABELS) * _STATUSES
+_RECEIVED = _BUCKETS + len(DURATION_BUCKETS) + 1
+_SENT, _ABANDONED, _IN_FLIGHT, _DURATION_SUM = range(_RECEIVED + 1, _RECEIVED + 5)
+SLOT_BYTES = 8 * (_DURATION_SUM + 1)
+
+
+class Board:
+    """The counts of ``slots`` processes, a slot each. ``shared``: in memory
+    that processes forked after it is made share (an anonymous shared
+    mmap), else in this process's own.
+
+    A slot is written by one process only, under that process's lock;
+    ``render`` adds every slot up without a lock. Each count is an aligned
+    8-byte word, written with one store on a 64-bit machine, so a sum may
+    be a moment old (one request's counts half added) but is not torn."""
+
+    def __init__(self, slots=1, shared=False):
+        self.slots = slots
+        self._memory = mmap.mmap(-1, slots * SLOT_BYTES) if shared else bytearray(
+            slots * SLOT_BYTES)
+
+    def slot(self, index):
+        """``(unsigned words, signed words, float words)``: one slot, three ways."""
+        view = memoryview(self._memory)[index * SLOT_BYTES:(index + 1) * SLOT_BYTES]
+        return view.cast("Q"), view.cast("q"), view.cast("d")
+
 
 class Metrics:
-    """Counters, a request-duration histogram and an in-flight gauge."""
+    """Counters, a request-duration histogram and an in-flight gauge: this
+    process's counts in slot ``slot`` of ``board`` (by default a board of
+    its own), and the whole board's in ``render``."""
 
-    def __init__(self):
+    def __init__(self, board=None, slot=0):
+        self._board = board or Board()
         self._lock = threading.Lock()
-        self._requests = collections.Counter()   # (method, status) -> count
-        self._bucket_counts = [0] * (len(DURATION_BUCKETS) + 1)   # the last is +Inf
-        self._duration_sum = 0.0
-        self._received = 0
-        self._sent = 0
-        self._in_flight = 0
-        self._abandoned = 0
+        self._words, self._signed, self._floats = self._board.slot(slot)
+        # A slot passed on from a worker that died: its requests are no longer in flight.
+        self._signed[_IN_FLIGHT] = 0
 
     def request_started(self):
         with self._lock:
-            self._in_flight += 1
+            self._signed[_IN_FLIGHT] += 1
 
     def request_ended(self, method, status, seconds, received, sent):
         """Count a request that ``request_started`` counted in flight."""
@@ -44,36 +79,46 @@ class Metrics:
         """A request leaves the application unanswered (its body could not be
         read): the server answers and counts it."""
         with self._lock:
-            self._in_flight -= 1
+            self._signed[_IN_FLIGHT] -= 1
 
     def count(self, method, status, seconds, received, sent, in_flight=0):
         """Count a request; ``status`` is None if no response was sent (abandoned)."""
-        method = method if method in KNOWN_METHODS else "other"
-        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        row = _METHOD_ROWS.get(method, len(METHOD_LABELS) - 1)
+        bucket = _BUCKETS + bisect.bisect_left(DURATION_BUCKETS, seconds)
+        words = self._words
         with self._lock:
-            self._in_flight += in_flight
-            self._received += received
-            self._sent += sent
+            if in_flight:
+                self._signed[_IN_FLIGHT] += in_flight
+            words[_RECEIVED] += received
+            words[_SENT] += sent
             if status is None:
-                self._abandoned += 1
+                words[_ABANDONED] += 1
             else:
-                self._requests[method, status] += 1
-                self._bucket_counts[bucket] += 1
-                self._duration_sum += seconds
+                words[row * _STATUSES + status % _STATUSES] += 1
+                words[bucket] += 1
+                self._floats[_DURATION_SUM] += seconds
+
+    def _totals(self):
+        """Every word of every slot, added up: ``(unsigned sums, in flight, duration sum)``."""
+        slots = [self._board.slot(index) for index in range(self._board.slots)]
+        sums = [sum(column) for column in zip(*(words for words, _, _ in slots))]
+        return (sums, sum(signed[_IN_FLIGHT] for _, signed, _ in slots),
+                sum(floats[_DURATION_SUM] for _, _, floats in slots))
 
     def render(self, objects, stored_bytes, store_calls=None):
         """The exposition text, with the store's current ``objects`` and
         ``stored_bytes`` (None: not counted), and ``store_calls``, an
         ``{operation: [calls, errors, seconds]}`` of the storage engine's calls."""
-        with self._lock:
-            requests = sorted(self._requests.items())
-            buckets = list(self._bucket_counts)
-            duration_sum, received, sent = self._duration_sum, self._received, self._sent
-            in_flight, abandoned = self._in_flight, self._abandoned
+        sums, in_flight, duration_sum = self._totals()
+        requests = [(method, status, sums[row * _STATUSES + status])
+                    for row, method in enumerate(METHOD_LABELS) for status in range(_STATUSES)
+                    if sums[row * _STATUSES + status]]
+        buckets = sums[_BUCKETS:_RECEIVED]
+        received, sent, abandoned = sums[_RECEIVED], sums[_SENT], sums[_ABANDONED]
         lines = ["# HELP datastore_http_requests_total HTTP requests answered, by method and status.",
                  "# TYPE datastore_http_requests_total counter"]
-        lines += ['datastore_http_requests_total{method="%s",status="%d"} %d' % (method, status, count)
-                  for (method, status), count in requests]
+        lines += ['datastore_http_requests_total{method="%s",status="%03d"} %d' % (method, status, count)
+                  for method, status, count in requests]
         lines += ["# HELP datastore_http_request_duration_seconds Time from the request "
                   "reaching the application to its response being ready.",
                   "# TYPE datastore_http_request_duration_seconds histogram"]

@@ -1364,8 +1364,7 @@ def _positive_count(text):
 def _worker_count(text):
     """A number of workers, or ``auto``: one per CPU this process may use."""
     if text == "auto":
-        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        return len(usable) if usable else (os.cpu_count() or 1)
+        return workers.usable_cpus()
     return _positive_count(text)
 
 
@@ -1443,10 +1442,11 @@ def parse_args(argv=None):
     parser.add_argument("--log-level", choices=tuple(logs.LEVELS), default="info",
                         help="least severe service-log line written: start-up, warnings, "
                              "errors (default: %(default)s)")
-    parser.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+    parser.add_argument("--workers", type=_worker_count, metavar="N",
                         help="serve from N processes sharing the listening socket (auto: one "
-                             "per CPU); needs --data-dir or an S3 --store, since processes "
-                             "cannot share memory (default: 1)")
+                             "per CPU this process may use); needs --data-dir or an S3 "
+                             "--store, since processes cannot share memory (default: auto "
+                             "with --data-dir where there is fork, else 1)")
     args = parser.parse_args(argv)
     if args.auth_token is not None and not valid_token(args.auth_token):
         parser.error("the token (--auth-token or DATA_STORAGE_TOKEN) must be printable ASCII "
@@ -1463,6 +1463,8 @@ def parse_args(argv=None):
     if s3_store and args.max_total_size is not None:
         parser.error("--max-total-size cannot be kept for an S3 bucket: each process would "
                      "count only its own uploads")
+    if args.workers is None:
+        args.workers = workers.usable_cpus() if args.data_dir and hasattr(os, "fork") else 1
     if args.workers > 1 and not (args.data_dir or s3_store):
         parser.error("--workers above 1 needs --data-dir or an S3 --store: worker processes "
                      "cannot share the in-memory store")
@@ -1481,14 +1483,20 @@ def main(argv=None):
     shutdown (or workers kept dying), 2 if it could not start."""
     args = parse_args(argv)
     workers.block_stop_signals()
+    # Workers count into one board, so that /metrics from any of them counts all.
+    board = metrics.Board(args.workers, shared=True) if args.workers > 1 else None
 
-    def make_application():
-        return DataStorageServer(args.store, data_dir=args.data_dir,
-                                 max_object_size=args.max_object_size,
-                                 max_total_size=args.max_total_size, auth_token=args.auth_token,
-                                 public_url=args.public_url, s3_endpoint=args.s3_endpoint,
-                                 spool_dir=args.spool_dir, group_commit=args.group_commit,
-                                 s3_timeout=args.s3_timeout)
+    def make_application(slot=0):
+        application = DataStorageServer(args.store, data_dir=args.data_dir,
+                                        max_object_size=args.max_object_size,
+                                        max_total_size=args.max_total_size,
+                                        auth_token=args.auth_token, public_url=args.public_url,
+                                        s3_endpoint=args.s3_endpoint, spool_dir=args.spool_dir,
+                                        group_commit=args.group_commit,
+                                        s3_timeout=args.s3_timeout)
+        if board is not None:
+            application.metrics = metrics.Metrics(board, slot)
+        return application
 
     try:   # everything is checked before the port is announced
         application = make_application()

@@ -18,9 +18,10 @@ import unittest
 
 import server
 import storage
-from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, child_pids, files_under, read_line,
-                      run_concurrently, running, sha256, small_filesystem, temporary_directory,
-                      wait_until)
+import workers
+from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, child_pids, files_under, metric_samples,
+                      read_line, run_concurrently, running, sha256, small_filesystem,
+                      temporary_directory, wait_until)
 
 
 class DiskStoreProcessTest(unittest.TestCase):
@@ -35,18 +36,17 @@ class DiskStoreProcessTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
     def kill_mid_upload(self, server):
-        """SIGKILL ``server`` while an upload is being written to its disk."""
+        """SIGKILL ``server`` and its workers while an upload is being written to its disk."""
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         self.addCleanup(sock.close)
         sock.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n" + b"p" * 3000000)
         wait_until(lambda: any(path.startswith("@tmp") and
                                os.path.getsize(os.path.join(self.root, path)) > 0
                                for path in files_under(self.root)))
-        server.process.kill()
-        server.process.wait()
+        server.kill()
 
     def test_sigkill_mid_upload_leaves_no_partial_object(self):
-        first = ServerProcess(self, "--data-dir", self.root)
+        first = ServerProcess(self, "--data-dir", self.root, new_session=True)
         self.assertEqual(first.request("PUT", "/data/repo", b"acknowledged").status, 201)
         self.kill_mid_upload(first)
         second = ServerProcess(self, "--data-dir", self.root)
@@ -65,7 +65,7 @@ class DiskStoreProcessTest(unittest.TestCase):
         self.check_acknowledged_uploads_survive_sigkill("--no-group-commit")
 
     def check_acknowledged_uploads_survive_sigkill(self, sync_flag):
-        first = ServerProcess(self, "--data-dir", self.root, sync_flag)
+        first = ServerProcess(self, "--data-dir", self.root, sync_flag, new_session=True)
         datas = [b"acknowledged %d" % number for number in range(12)]
         statuses = []
         run_concurrently([lambda data=data: statuses.append(
@@ -148,19 +148,24 @@ class CommandLineTest(unittest.TestCase):
 
     @staticmethod
     def stop(process):
+        """SIGKILL to the server and the workers it has now (orphans would only drain)."""
+        workers_now = child_pids(process.pid) if process.poll() is None else []
         process.kill()
         process.wait()
+        for pid in workers_now:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         process.stdout.close()
         process.stderr.close()
 
     def test_workers_auto_is_one_per_usable_cpu(self):
-        process, _ = self.start("--port", "0", "--workers", "auto",
-                                "--data-dir", temporary_directory(self))
-        cpus = len(os.sched_getaffinity(0))
-        settings = b""
-        while b"settings:" not in settings:
-            settings = read_line(process.stderr)
-        self.assertIn(b"workers %d" % cpus, settings)
+        self.assertRegex(self.settings("--workers", "auto", "--data-dir", temporary_directory(self)),
+                         r"workers %d\b" % workers.usable_cpus())
+
+    def test_the_disk_store_has_a_worker_per_usable_cpu_by_default(self):
+        self.assertRegex(self.settings("--data-dir", temporary_directory(self)),
+                         r"workers %d\b" % workers.usable_cpus())
+        self.assertRegex(self.settings(), r"workers 1\b")   # the in-memory store: one process
 
     def settings(self, *args):
         """The settings line ``python server.py --port 0 ARGS`` logs at start."""
@@ -415,6 +420,38 @@ class CommandLineTest(unittest.TestCase):
             self.assertIn("datastore_objects 10\n", metrics)
             self.assertIn("datastore_bytes 100\n", metrics)
 
+    def test_metrics_count_every_worker_and_outlive_a_worker(self):
+        process, port = self.start("--port", "0", "--workers", "2",
+                                   "--data-dir", temporary_directory(self))
+        wait_until(lambda: len(child_pids(process.pid)) == 2)
+
+        def samples():   # on a new connection: from either worker
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode()
+            connection.close()
+            return metric_samples(text)
+
+        for number in range(12):   # on new connections: both workers take some
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("PUT", "/data/repo", body=b"object %d" % number)
+            self.assertEqual(connection.getresponse().status, 201)
+            connection.close()
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b"PUT /data/repo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        in_flight = "datastore_http_in_flight_requests"
+        wait_until(lambda: samples()[in_flight] == 2)   # the stalled upload and the scrape
+        first_workers = child_pids(process.pid)
+        for pid in first_workers:   # the stalled upload dies with its worker
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(child_pids(process.pid)) == 2
+                   and not set(child_pids(process.pid)) & set(first_workers))
+        for _ in range(6):
+            found = samples()
+            self.assertEqual(found['datastore_http_requests_total{method="PUT",status="201"}'], 12)
+            self.assertEqual(found[in_flight], 1)   # the scrape: the dead workers' upload is gone
+
     def test_workers_refuse_new_connections_while_draining(self):
         process, port = self.start("--port", "0", "--workers", "2",
                                    "--data-dir", temporary_directory(self))
@@ -523,6 +560,58 @@ for module, name in ((os, "fork"), (os, "sendfile"), (signal, "SIGHUP"),
                      (signal, "pthread_sigmask"), (select, "poll")):
     delattr(module, name)
 """
+
+
+class UsableCpusTest(unittest.TestCase):
+    """``--workers auto``: the affinity mask, capped by the cgroups' CPU quota."""
+
+    def cgroups(self, memberships, files):
+        """A /proc/self/cgroup and a cgroup mount, as ``(proc path, mount)``."""
+        root = temporary_directory(self)
+        for path, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(root, "fs", path)), exist_ok=True)
+            with open(os.path.join(root, "fs", path), "w") as file:
+                file.write(text)
+        with open(os.path.join(root, "cgroup"), "w") as file:
+            file.write(memberships)
+        return os.path.join(root, "cgroup"), os.path.join(root, "fs")
+
+    def test_a_cgroup_v2_quota_caps_the_count(self):
+        proc, mount = self.cgroups("0::/service/worker\n", {
+            "cpu.max": "max 100000\n",
+            "service/cpu.max": "150000 100000\n",   # 1.5 CPUs, on the parent: it binds the child
+            "service/worker/cpu.max": "max 100000\n"})
+        self.assertEqual(workers.cgroup_cpu_quota(proc, mount), 1.5)
+        self.assertEqual(workers.usable_cpus(proc, mount), min(self.uncapped(mount), 2))   # rounded up
+
+    def test_a_cgroup_v1_quota_caps_the_count(self):
+        proc, mount = self.cgroups("4:memory:/x\n2:cpu,cpuacct:/docker/abc\n", {
+            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "100000\n",
+            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+            "cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+            "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
+        self.assertEqual(workers.cgroup_cpu_quota(proc, mount), 1.0)
+        self.assertEqual(workers.usable_cpus(proc, mount), 1)
+
+    def test_in_a_container_the_mounts_own_root_counts(self):
+        # The path is the host's; the container sees its own cgroup at the mount's root.
+        proc, mount = self.cgroups("0::/system.slice/docker-abc.scope\n",
+                                   {"cpu.max": "50000 100000\n"})
+        self.assertEqual(workers.cgroup_cpu_quota(proc, mount), 0.5)
+        self.assertEqual(workers.usable_cpus(proc, mount), 1)   # at least one
+
+    def test_without_a_quota_every_cpu_of_the_affinity_mask(self):
+        proc, mount = self.cgroups("0::/\n", {"cpu.max": "max 100000\n"})
+        self.assertIsNone(workers.cgroup_cpu_quota(proc, mount))
+        self.assertIsNone(workers.cgroup_cpu_quota(os.path.join(mount, "missing"), mount))
+        self.assertEqual(workers.usable_cpus(proc, mount), self.uncapped(mount))
+        if hasattr(os, "sched_getaffinity"):
+            self.assertEqual(self.uncapped(mount), len(os.sched_getaffinity(0)))
+
+    @staticmethod
+    def uncapped(mount):
+        """The count without cgroups to read."""
+        return workers.usable_cpus(os.path.join(mount, "missing"), mount)
 
 
 class PortableStartTest(unittest.TestCase):

@@ -8,6 +8,7 @@ makes each worker drain and exit if the parent itself disappears.
 """
 
 import collections
+import math
 import os
 import signal
 import threading
@@ -20,6 +21,78 @@ import gateway
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
 FAST_CRASH_SECONDS = 1.0   # a worker dying sooner is restarted only after this pause
 RESTART_LIMIT = (5, 10.0)   # more than 5 restarts within 10 s: give up (as systemd's start limit)
+
+
+def usable_cpus(proc_cgroup="/proc/self/cgroup", cgroup_root="/sys/fs/cgroup"):
+    """How many CPUs this process may use (``--workers auto``): those of its
+    affinity mask (all, where there is none), fewer where its cgroups' CPU
+    quota (a container's ``--cpus``) allows less, rounded up; at least one."""
+    if hasattr(os, "sched_getaffinity"):
+        cpus = len(os.sched_getaffinity(0))
+    else:
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, cgroup_root)
+    return max(1, min(cpus, math.ceil(quota)) if quota is not None else cpus)
+
+
+def cgroup_cpu_quota(proc_cgroup, cgroup_root):
+    """The CPUs' worth of time this process's cgroups allow it (quota over
+    period, the least along its cgroup's path and those above it), or None
+    without a quota: cgroup v2's ``cpu.max``, v1's ``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us``. In a container the path it is given may not be
+    under its mount: the cgroups that are, up to the mount's root, count."""
+    try:
+        with open(proc_cgroup) as memberships:
+            lines = memberships.read().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":   # v2: one hierarchy, mounted at the root
+            directory, read = cgroup_root, _cpu_max
+        elif "cpu" in controllers.split(","):
+            directory, read = os.path.join(cgroup_root, controllers), _cfs_quota
+        else:
+            continue
+        names = [name for name in path.split("/") if name]
+        for depth in range(len(names), -1, -1):
+            quota = read(os.path.join(directory, *names[:depth]))
+            if quota is not None:
+                quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _cpu_max(directory):
+    """A v2 cgroup's quota in CPUs, from ``cpu.max`` ("max 100000": none)."""
+    fields = _read_fields(os.path.join(directory, "cpu.max"))
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    return _ratio(fields[0], fields[1])
+
+
+def _cfs_quota(directory):
+    """A v1 cgroup's quota in CPUs, from ``cpu.cfs_quota_us`` (-1: none)."""
+    quota = _read_fields(os.path.join(directory, "cpu.cfs_quota_us"))
+    period = _read_fields(os.path.join(directory, "cpu.cfs_period_us"))
+    if len(quota) != 1 or len(period) != 1:
+        return None
+    return _ratio(quota[0], period[0])
+
+
+def _ratio(quota, period):
+    """``quota / period`` if both are positive whole numbers, else None."""
+    if not (quota.isdigit() and period.isdigit()) or int(quota) == 0 or int(period) == 0:
+        return None
+    return int(quota) / int(period)
+
+
+def _read_fields(path):
+    try:
+        with open(path) as file:
+            return file.read().split()
+    except OSError:
+        return []
 
 
 def block_stop_signals(block=True):
@@ -85,18 +158,19 @@ def serve_application(server, application, shutdown_timeout, second_signal_stops
 
 def run_workers(server, count, make_application, shutdown_timeout):
     """Fork ``count`` processes that accept on the server's one listening
-    socket, each serving its own ``make_application()``, and return the exit
-    status. Restart a worker that dies, but give up (status 1) beyond
+    socket, each serving its own ``make_application(slot)`` (``slot``: 0 to
+    ``count - 1``, which a restarted worker takes over from the one that
+    died), and return the exit status. Restart a worker that dies, but give up (status 1) beyond
     RESTART_LIMIT: workers that cannot run must not be forked for ever. On a
     stop signal, close the
     listening socket here at once, pass SIGTERM on and wait for all to drain
     (status 1 if any cut requests off); a second signal kills them (status 1)."""
-    workers = {}   # pid -> start time
+    workers = {}   # pid -> (start time, slot)
     stopping = False
     status = 0
     parent = os.getpid()
 
-    def start_worker():
+    def start_worker(slot):
         block_stop_signals()   # no signal between fork and the worker's own handlers
         pid = os.fork()
         if pid == 0:
@@ -104,13 +178,13 @@ def run_workers(server, count, make_application, shutdown_timeout):
             try:
                 handle_stop_signals(signal.SIG_DFL)   # not the parent's handler
                 threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
-                code = serve_application(server, make_application(), shutdown_timeout,
+                code = serve_application(server, make_application(slot), shutdown_timeout,
                                          second_signal_stops=False)
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        workers[pid] = time.monotonic()
+        workers[pid] = (time.monotonic(), slot)
         block_stop_signals(False)
 
     def stop(signum, frame):
@@ -130,14 +204,14 @@ def run_workers(server, count, make_application, shutdown_timeout):
     # others must get EAGAIN from accept() (which socketserver ignores), not
     # block there, deaf to shutdown, until the next connection.
     server.socket.setblocking(False)
-    for _ in range(count):
-        start_worker()
+    for slot in range(count):
+        start_worker(slot)
     restarts = collections.deque()   # when recent restarts happened
     while workers:
         pid, wait_status = os.wait()
-        started = workers.pop(pid, None)
-        if started is None:
+        if pid not in workers:
             continue
+        started, slot = workers.pop(pid)
         if stopping:
             status = status or (1 if wait_status else 0)
             continue
@@ -155,7 +229,7 @@ def run_workers(server, count, make_application, shutdown_timeout):
             status = 1
         elif not stopping:
             restarts.append(now)
-            start_worker()
+            start_worker(slot)
     server.server_close()
     return status
 

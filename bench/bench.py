@@ -301,8 +301,10 @@ def bench_durable_puts(options, report, data_root):
     runs = {}
     directories = [tempfile.mkdtemp(dir=data_root) for _ in range(2)]
     servers = {"memory": our_server(),
-               "disk": our_server("--data-dir", directories[0], "--no-group-commit"),
-               "group": our_server("--data-dir", directories[1], "--group-commit")}
+               "disk": our_server("--data-dir", directories[0], "--workers", "1",
+                                  "--no-group-commit"),
+               "group": our_server("--data-dir", directories[1], "--workers", "1",
+                                   "--group-commit")}
     try:
         for _ in range(options.rounds):
             for name, server in servers.items():
@@ -474,8 +476,8 @@ def bench_large_objects(options, report, data_root):
         write_rate = write_fsync_throughput(work, size)
         sendfile_rate = sendfile_throughput(path)
 
-        server = our_server("--data-dir", os.path.join(work, "store"),
-                            "--max-object-size", str(size))
+        server = our_server("--data-dir", os.path.join(work, "store"), "--workers", "1",
+                            "--max-object-size", str(size))   # one process: its RSS is the figure
         try:
             rss_before = server.memory_kib("VmRSS")
             os.sync()   # the test file's and earlier runs' dirty pages must not compete
