@@ -396,6 +396,7 @@ class ServerProcess:
         pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: subprocess.PIPE}
         self.process = subprocess.Popen(command, cwd=HERE, bufsize=0, env=env,
                                         start_new_session=new_session, **pipes)
+        self.new_session = new_session
         self.output = getattr(self.process, stream)
         test.addCleanup(self.stop)
         while True:
@@ -420,6 +421,7 @@ class ServerProcess:
         """SIGKILL to the server and its workers at once, as a power cut would
         stop them (needs ``new_session``: killing the parent alone leaves its
         workers to drain)."""
+        assert self.new_session, "kill() needs ServerProcess(..., new_session=True)"
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 

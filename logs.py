@@ -19,13 +19,16 @@ stream that fails (a closed pipe) loses lines but never stops the server.
 Where the stream has bytes underneath (stderr), the lines go out in writes
 of at most PIPE_BUF bytes that end at line ends: worker processes share the
 stream, and a pipe (systemd's journal, a container's log) keeps only such
-writes whole, so no worker's line is cut by another's.
+writes whole, so no worker's line is cut by another's. A line longer than
+PIPE_BUF (a traceback, a request line of kilobytes) is one write of its own,
+which a pipe may interleave with another's.
 Neither lock is re-entrant: signal handlers must not log (they run on the
 main thread, which may be in the middle of a flush).
 """
 
 import datetime
 import json
+import os
 import select
 import sys
 import threading
@@ -102,7 +105,7 @@ class Log:
             self._write_pending()
 
     def _write_pending(self):
-        """One write for every pending line (``_write_lock`` held)."""
+        """Write the pending lines, together (``_write_lock`` held)."""
         with self._pending_lock:
             lines, self._pending = self._pending, []
         if lines:
@@ -112,17 +115,25 @@ class Log:
                 pass
 
     def _write(self, text):
-        """``text`` (whole lines) in writes that keep lines whole on a shared pipe."""
+        """``text`` (whole lines) in writes that keep lines whole on a shared
+        pipe, where the stream has bytes underneath and a line end is one
+        "\n" (else, as text: a Windows console's line ends are the text layer's)."""
         stream = self.stream
         stream.flush()   # what others wrote to it first (a traceback printed to stderr)
         raw = getattr(stream, "buffer", None)
-        if raw is None:
+        if raw is None or os.linesep != "\n":
             stream.write(text)
             stream.flush()
             return
-        for piece in line_pieces(text.encode(stream.encoding, stream.errors or "strict"),
-                                 ATOMIC_WRITE_BYTES):
-            raw.write(piece)
+        data = text.encode(getattr(stream, "encoding", None) or "utf-8",
+                           getattr(stream, "errors", None) or "strict")
+        for piece in line_pieces(data, ATOMIC_WRITE_BYTES):
+            with memoryview(piece) as left:
+                while left:   # a raw stream (python -u) may take part of it
+                    written = raw.write(left)
+                    if written is None:   # a non-blocking stream that is full: the rest is lost
+                        raise BlockingIOError("log stream full")
+                    left = left[written:]
             raw.flush()
 
     def _access_date(self):

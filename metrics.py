@@ -23,8 +23,8 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # A slot's layout, in 8-byte words: a request count for each method label and
-# status (PEP 3333: a status is three digits), the duration histogram's
-# buckets (the last is +Inf), then the totals.
+# status (PEP 3333: a status is three digits; anything else counts as 0), the
+# duration histogram's buckets (the last is +Inf), then the totals.
 METHOD_LABELS = tuple(sorted(KNOWN_METHODS)) + ("other",)
 _METHOD_ROWS = {method: row for row, method in enumerate(METHOD_LABELS)}
 _STATUSES = 1000
@@ -32,6 +32,10 @@ _BUCKETS = len(METHOD_LABELS) * _STATUSES
 _RECEIVED = _BUCKETS + len(DURATION_BUCKETS) + 1
 _SENT, _ABANDONED, _IN_FLIGHT, _DURATION_SUM = range(_RECEIVED + 1, _RECEIVED + 5)
 SLOT_BYTES = 8 * (_DURATION_SUM + 1)
+# Request counts are added up a block of statuses at a time: a service answers
+# few statuses, and an empty block is passed over in one comparison.
+_BLOCK = 100
+_EMPTY_BLOCK = bytes(8 * _BLOCK)
 
 
 class Board:
@@ -40,7 +44,7 @@ class Board:
     mmap), else in this process's own.
 
     A slot is written by one process only, under that process's lock;
-    ``render`` adds every slot up without a lock. Each count is an aligned
+    ``totals`` adds every slot up without a lock. Each count is an aligned
     8-byte word, written with one store on a 64-bit machine, so a sum may
     be a moment old (one request's counts half added) but is not torn."""
 
@@ -50,9 +54,34 @@ class Board:
             slots * SLOT_BYTES)
 
     def slot(self, index):
-        """``(unsigned words, signed words, float words)``: one slot, three ways."""
+        """``(bytes, unsigned words, signed words, float words)``: one slot, four ways."""
         view = memoryview(self._memory)[index * SLOT_BYTES:(index + 1) * SLOT_BYTES]
-        return view.cast("Q"), view.cast("q"), view.cast("d")
+        return view, view.cast("Q"), view.cast("q"), view.cast("d")
+
+    def forget_in_flight(self, index):
+        """The requests in flight in slot ``index`` died with its process:
+        they are in flight no more (its parent says so once it has reaped it)."""
+        self.slot(index)[2][_IN_FLIGHT] = 0
+
+    def totals(self):
+        """Every slot added up: ``({word index: count} of the request counts
+        that are not 0, [the words from the histogram's first to the
+        abandoned requests], requests in flight, the durations' sum)``."""
+        requests = {}
+        tail = [0] * (_IN_FLIGHT - _BUCKETS)
+        in_flight = duration_sum = 0
+        for index in range(self.slots):
+            view, words, signed, floats = self.slot(index)
+            for start in range(0, _BUCKETS, _BLOCK):
+                if bytes(view[8 * start:8 * (start + _BLOCK)]) != _EMPTY_BLOCK:
+                    for word, count in enumerate(words[start:start + _BLOCK], start):
+                        if count:
+                            requests[word] = requests.get(word, 0) + count
+            for offset, count in enumerate(words[_BUCKETS:_IN_FLIGHT]):
+                tail[offset] += count
+            in_flight += signed[_IN_FLIGHT]
+            duration_sum += floats[_DURATION_SUM]
+        return requests, tail, in_flight, duration_sum
 
 
 class Metrics:
@@ -63,9 +92,7 @@ class Metrics:
     def __init__(self, board=None, slot=0):
         self._board = board or Board()
         self._lock = threading.Lock()
-        self._words, self._signed, self._floats = self._board.slot(slot)
-        # A slot passed on from a worker that died: its requests are no longer in flight.
-        self._signed[_IN_FLIGHT] = 0
+        _, self._words, self._signed, self._floats = self._board.slot(slot)
 
     def request_started(self):
         with self._lock:
@@ -94,30 +121,22 @@ class Metrics:
             if status is None:
                 words[_ABANDONED] += 1
             else:
-                words[row * _STATUSES + status % _STATUSES] += 1
+                words[row * _STATUSES + (status if 0 <= status < _STATUSES else 0)] += 1
                 words[bucket] += 1
                 self._floats[_DURATION_SUM] += seconds
-
-    def _totals(self):
-        """Every word of every slot, added up: ``(unsigned sums, in flight, duration sum)``."""
-        slots = [self._board.slot(index) for index in range(self._board.slots)]
-        sums = [sum(column) for column in zip(*(words for words, _, _ in slots))]
-        return (sums, sum(signed[_IN_FLIGHT] for _, signed, _ in slots),
-                sum(floats[_DURATION_SUM] for _, _, floats in slots))
 
     def render(self, objects, stored_bytes, store_calls=None):
         """The exposition text, with the store's current ``objects`` and
         ``stored_bytes`` (None: not counted), and ``store_calls``, an
         ``{operation: [calls, errors, seconds]}`` of the storage engine's calls."""
-        sums, in_flight, duration_sum = self._totals()
-        requests = [(method, status, sums[row * _STATUSES + status])
-                    for row, method in enumerate(METHOD_LABELS) for status in range(_STATUSES)
-                    if sums[row * _STATUSES + status]]
-        buckets = sums[_BUCKETS:_RECEIVED]
-        received, sent, abandoned = sums[_RECEIVED], sums[_SENT], sums[_ABANDONED]
+        counts, tail, in_flight, duration_sum = self._board.totals()
+        requests = sorted((METHOD_LABELS[word // _STATUSES], word % _STATUSES, count)
+                          for word, count in counts.items())
+        buckets = tail[:_RECEIVED - _BUCKETS]
+        received, sent, abandoned = tail[_RECEIVED - _BUCKETS:]
         lines = ["# HELP datastore_http_requests_total HTTP requests answered, by method and status.",
                  "# TYPE datastore_http_requests_total counter"]
-        lines += ['datastore_http_requests_total{method="%s",status="%03d"} %d' % (method, status, count)
+        lines += ['datastore_http_requests_total{method="%s",status="%d"} %d' % (method, status, count)
                   for method, status, count in requests]
         lines += ["# HELP datastore_http_request_duration_seconds Time from the request "
                   "reaching the application to its response being ready.",

@@ -1534,7 +1534,8 @@ def main(argv=None):
                 if isinstance(application.store, s3.S3Store) else ""))
     if args.workers > 1:
         application.close()   # it proved the store opens; each worker opens its own
-        return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout)
+        return workers.run_workers(server, args.workers, make_application, args.shutdown_timeout,
+                                   worker_exited=board.forget_in_flight)
     return workers.serve_application(server, application, args.shutdown_timeout)
 
 

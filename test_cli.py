@@ -149,7 +149,10 @@ class CommandLineTest(unittest.TestCase):
     @staticmethod
     def stop(process):
         """SIGKILL to the server and the workers it has now (orphans would only drain)."""
-        workers_now = child_pids(process.pid) if process.poll() is None else []
+        try:
+            workers_now = child_pids(process.pid)
+        except OSError:   # it has exited
+            workers_now = []
         process.kill()
         process.wait()
         for pid in workers_now:
@@ -599,6 +602,16 @@ class UsableCpusTest(unittest.TestCase):
                                    {"cpu.max": "50000 100000\n"})
         self.assertEqual(workers.cgroup_cpu_quota(proc, mount), 0.5)
         self.assertEqual(workers.usable_cpus(proc, mount), 1)   # at least one
+
+    def test_lines_it_cannot_read_are_passed_over(self):
+        proc, mount = self.cgroups("\ngarbage\n1:name=systemd:/\n0::/\n", {
+            "cpu.max": "200000 100000\n"})
+        self.assertEqual(workers.cgroup_cpu_quota(proc, mount), 2.0)
+        with open(proc, "wb") as file:   # a name that is not UTF-8, with a NUL in it
+            file.write(b"0::/\xff\x00x\n")
+        self.assertEqual(workers.cgroup_cpu_quota(proc, mount), 2.0)
+        proc, mount = self.cgroups("0::/\n", {"cpu.max": "\u00b2 100000\n"})   # digit-like, not digits
+        self.assertIsNone(workers.cgroup_cpu_quota(proc, mount))
 
     def test_without_a_quota_every_cpu_of_the_affinity_mask(self):
         proc, mount = self.cgroups("0::/\n", {"cpu.max": "max 100000\n"})

@@ -1103,32 +1103,42 @@ class LogStreamTest(unittest.TestCase):
         log.flush()
         self.assertEqual(log.stream.getvalue().count("GET / HTTP/1.1"), 2)
 
-
     def test_log_lines_go_out_in_writes_a_shared_pipe_keeps_whole(self):
-        writes = []
-
         class Recorder(io.RawIOBase):   # the writes the operating system would get
+            def __init__(self, most):
+                super().__init__()
+                self.writes, self.most = [], most
+
             def writable(self):
                 return True
 
             def write(self, data):
-                writes.append(bytes(data))
-                return len(data)
+                self.writes.append(bytes(data[:self.most]))
+                return len(self.writes[-1])
 
-        stream = io.TextIOWrapper(io.BufferedWriter(Recorder()), encoding="utf-8",
-                                  line_buffering=True)
-        log = logs.Log(stream)
-        for number in range(200):   # ~19 KiB of lines, each with a two-byte character
-            log.access("127.0.0.1", "GET", "/", "GET /é%03d HTTP/1.1" % number, 200, 0, 0, 0.001)
-        log.log("error", "x" * (2 * logs.ATOMIC_WRITE_BYTES))   # a line longer than a write
-        self.assertGreaterEqual(len(writes), 5)   # not one write of it all
-        for data in writes:
+        buffered, partial = Recorder(most=1 << 20), Recorder(most=1000)
+        streams = {   # name -> (stream, its recorder)
+            "buffered (stderr)": (io.TextIOWrapper(io.BufferedWriter(buffered), "utf-8",
+                                                   line_buffering=True), buffered),
+            "unbuffered (python -u), taking 1000 bytes a write": (
+                io.TextIOWrapper(partial, "utf-8", write_through=True), partial)}
+        for name, (stream, recorder) in streams.items():
+            with self.subTest(name):
+                log = logs.Log(stream)
+                for number in range(200):   # ~19 KiB of lines, each with a two-byte character
+                    log.access("127.0.0.1", "GET", "/", "GET /é%03d HTTP/1.1" % number, 200, 0,
+                               0, 0.001)
+                log.log("error", "x" * (2 * logs.ATOMIC_WRITE_BYTES))   # longer than a write
+                lines = b"".join(recorder.writes).decode().splitlines()
+                self.assertEqual([line.split('"')[1] for line in lines[:200]],
+                                 ["GET /é%03d HTTP/1.1" % number for number in range(200)])
+                self.assertTrue(lines[200].endswith("x" * (2 * logs.ATOMIC_WRITE_BYTES)))
+                self.assertEqual(len(lines), 201)
+        self.assertGreaterEqual(len(buffered.writes), 5)   # not one write of it all
+        for data in buffered.writes:
             self.assertTrue(data.endswith(b"\n"))
             self.assertTrue(len(data) <= logs.ATOMIC_WRITE_BYTES or data.count(b"\n") == 1)
-        lines = b"".join(writes).decode().splitlines()
-        self.assertEqual([line.split('"')[1] for line in lines[:200]],
-                         ["GET /é%03d HTTP/1.1" % number for number in range(200)])
-        self.assertTrue(lines[200].endswith("x" * (2 * logs.ATOMIC_WRITE_BYTES)))
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -42,12 +42,14 @@ def cgroup_cpu_quota(proc_cgroup, cgroup_root):
     ``cpu.cfs_period_us``. In a container the path it is given may not be
     under its mount: the cgroups that are, up to the mount's root, count."""
     try:
-        with open(proc_cgroup) as memberships:
+        with open(proc_cgroup, errors="replace") as memberships:
             lines = memberships.read().splitlines()
     except OSError:
         return None
     quotas = []
     for line in lines:
+        if line.count(":") < 2:
+            continue   # not "id:controllers:path": nothing to read there
         _, controllers, path = line.split(":", 2)
         if controllers == "":   # v2: one hierarchy, mounted at the root
             directory, read = cgroup_root, _cpu_max
@@ -82,16 +84,17 @@ def _cfs_quota(directory):
 
 def _ratio(quota, period):
     """``quota / period`` if both are positive whole numbers, else None."""
-    if not (quota.isdigit() and period.isdigit()) or int(quota) == 0 or int(period) == 0:
+    if not (quota.isascii() and quota.isdigit() and period.isascii() and period.isdigit()) or (
+            int(quota) == 0 or int(period) == 0):
         return None
     return int(quota) / int(period)
 
 
 def _read_fields(path):
     try:
-        with open(path) as file:
+        with open(path, errors="replace") as file:
             return file.read().split()
-    except OSError:
+    except (OSError, ValueError):   # ValueError: a NUL in a path made of a cgroup's name
         return []
 
 
@@ -156,11 +159,12 @@ def serve_application(server, application, shutdown_timeout, second_signal_stops
         application.close()
 
 
-def run_workers(server, count, make_application, shutdown_timeout):
+def run_workers(server, count, make_application, shutdown_timeout, worker_exited=None):
     """Fork ``count`` processes that accept on the server's one listening
     socket, each serving its own ``make_application(slot)`` (``slot``: 0 to
     ``count - 1``, which a restarted worker takes over from the one that
-    died), and return the exit status. Restart a worker that dies, but give up (status 1) beyond
+    died; ``worker_exited(slot)`` is called once a worker is reaped), and
+    return the exit status. Restart a worker that dies, but give up (status 1) beyond
     RESTART_LIMIT: workers that cannot run must not be forked for ever. On a
     stop signal, close the
     listening socket here at once, pass SIGTERM on and wait for all to drain
@@ -212,6 +216,8 @@ def run_workers(server, count, make_application, shutdown_timeout):
         if pid not in workers:
             continue
         started, slot = workers.pop(pid)
+        if worker_exited is not None:
+            worker_exited(slot)
         if stopping:
             status = status or (1 if wait_status else 0)
             continue
