@@ -145,6 +145,13 @@ MUTANTS = [   # (name, file, snippet, replacement)
     ("group commit: one upload's failure fails its whole batch", "storage.py",
      "    except Exception as error:\n        upload.error = error",
      "    except Exception as error:\n        upload.error = error\n        raise"),
+    ("workers: each counts only its own metrics", "server.py",
+     "board = metrics.Board(args.workers, shared=True) if args.workers > 1 else None",
+     "board = None"),
+    ("workers: a dead worker's requests kept in flight", "workers.py",
+     "            worker_exited(slot)", "            pass"),
+    ("log lines: a partial write taken as whole", "logs.py",
+     "                    left = left[written:]", "                    left = left[len(left):]"),
 ]
 
 
