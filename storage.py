@@ -30,6 +30,7 @@ Run as a program, it checks a disk store: ``python storage.py verify DIR``.
 
 import array
 import bisect
+import collections
 import contextlib
 import copy
 import errno
@@ -734,6 +735,48 @@ def _kind(mode):
     return next((name for is_kind, name in kinds if is_kind(mode)), "a device")
 
 
+class _CheckedObjects:
+    """Small objects' bytes, kept in this process once read whole and found
+    to hash to their oid, ``limit`` bytes in all, the least recently read
+    dropped first. An object's bytes never change (its name is their
+    digest), so a copy is right for as long as the object is stored: the
+    store asks the disk whether it still is (one ``fstatat``) before it
+    serves one, since another process may have deleted it."""
+
+    def __init__(self, limit):
+        self._limit = limit
+        self._bytes = 0
+        self._objects = collections.OrderedDict()   # (repository, oid) -> bytes, oldest first
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        """The bytes kept for ``key``, or None."""
+        with self._lock:
+            data = self._objects.get(key)
+            if data is not None:
+                self._objects.move_to_end(key)
+            return data
+
+    def keep(self, key, data):
+        if len(data) > self._limit:
+            return
+        with self._lock:
+            self._drop(key)
+            self._objects[key] = data
+            self._bytes += len(data)
+            while self._bytes > self._limit:
+                self._drop(next(iter(self._objects)))
+
+    def drop(self, key):
+        with self._lock:
+            self._drop(key)
+
+    def _drop(self, key):
+        data = self._objects.pop(key, None)
+        if data is not None:
+            self._bytes -= len(data)
+
+
 class DiskStore:
     """Objects as files under ``root``, laid out as ``root/<repository>/<oid[:2]>/<oid>``.
 
@@ -812,6 +855,7 @@ class DiskStore:
         self._sync_file = sync_file
         self._sync_directory = sync_directory
         self._openat2 = openat2
+        self._checked = _CheckedObjects(CHECKED_OBJECTS_BYTES)
         self.root = os.path.abspath(root)
         self._quota = _Quota(max_total_size)
         self._lock = threading.Lock()
@@ -1163,8 +1207,16 @@ class DiskStore:
             raise
 
     def open(self, repository, oid):
-        """Return the object as a StoredObject over an open file, or raise
-        ObjectNotFound. Only a regular file is an object; nothing it opens can block.
+        """Return the object as a StoredObject, or raise ObjectNotFound. Only
+        a regular file is an object; nothing it opens can block.
+
+        An object of up to HANDED_OVER_BYTES (one that has no block checksums,
+        which a reader checks whole) is read whole here and checked against
+        its oid; if sound, its bytes are kept (``_CheckedObjects``) and it is
+        served from memory, now and while it stays stored: one ``fstatat``
+        says it still is, instead of four calls to open and read it, and no
+        check again. Damaged, it is returned over its file like a larger
+        object, for the reader to check and find damaged.
 
         Every system call hands the GIL over to the other connection
         threads and waits to get it back, so a GET makes as few as it can:
@@ -1176,6 +1228,9 @@ class DiskStore:
         it at its send anyway (README, "Round two", "Fair turns")."""
         oid = self._canonical_oid(repository, oid)
         names = (*object_directory(repository, oid), oid)
+        kept = self._checked.get((repository, oid))
+        if kept is not None and self._still_stored(names):
+            return StoredObject(io.BytesIO(kept), len(kept))   # BytesIO shares bytes: no copy
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
             try:
                 fd = self._open_beneath(names, _OBJECT_FLAGS)
@@ -1187,12 +1242,32 @@ class DiskStore:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
                 raise not_found(repository, oid)
+            if status.st_size <= HANDED_OVER_BYTES:
+                data = os.pread(fd, status.st_size + 1, 0)
+                if hashlib.sha256(data).hexdigest() == oid:
+                    self._checked.keep((repository, oid), data)
+                    os.close(fd)
+                    return StoredObject(io.BytesIO(data), len(data))
         except BaseException:
             os.close(fd)
             raise
         file = _ObjectFile(fd)
         return StoredObject(file, status.st_size, may_change_at_rest=True,
                             checksums=lambda: _recorded_checksums(file.fileno()))
+
+    def _still_stored(self, names):
+        """Whether ``root/names[0]/.../names[-1]`` is a regular file still,
+        with one ``fstatat`` (following a symlink on the way, which
+        ``_open_beneath`` would refuse: the bytes served are the ones kept,
+        whatever it finds; it only asks whether the object is still stored)."""
+        try:
+            if self._root_fd is not None:
+                status = os.stat("/".join(names), dir_fd=self._root_fd, follow_symlinks=False)
+            else:
+                status = os.stat(os.path.join(self.root, *names), follow_symlinks=False)
+        except (OSError, ValueError):   # gone; or let the ordinary open say what is wrong
+            return False
+        return stat.S_ISREG(status.st_mode)
 
     def _open_beneath(self, names, flags):
         """A descriptor on ``root/names[0]/.../names[-1]`` (two names or more)
@@ -1213,6 +1288,7 @@ class DiskStore:
         lacks it. Only a regular file in the store's own directories is removed,
         through their descriptors, so nothing outside the root can be unlinked."""
         oid = self._canonical_oid(repository, oid)
+        self._checked.drop((repository, oid))
         shard_fd = self._open_shard_directory(repository, oid)
         try:
             with self._lock, write_errors_as_store_errors(), \
@@ -1596,6 +1672,10 @@ def _recorded_checksums(fd):
 # written by the committer: one file-system call each, made by one thread.
 # They get no block checksums, so their files need no more than a write.
 HANDED_OVER_BYTES = CHECKSUMS_FROM_BYTES - 1
+
+# Bytes of small objects a disk store keeps in memory once read and checked
+# (per process: each worker keeps its own). See _CheckedObjects.
+CHECKED_OBJECTS_BYTES = 32 * 1024 * 1024
 
 
 @contextlib.contextmanager

@@ -596,7 +596,8 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
 
     def test_closing_an_object_deleted_while_open_closes_it(self):
         # Its last close frees its blocks: a descriptor left open would hold them.
-        oid = self.put("repo", b"deleted while open")[0]
+        # (Larger than what is kept in memory: served from its file.)
+        oid = self.put("repo", b"deleted while open" * 4000)[0]
         stored = self.store.open("repo", oid)
         fd = stored.file.fileno()
         self.store.delete("repo", oid)
@@ -939,16 +940,53 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                     file.write(damage)
                 self.assertEqual(open_disk_store(self, self.root).usage(), (1, 7))
 
+    def test_a_small_object_is_served_from_memory_once_checked(self):
+        data = b"kept once checked"
+        oid, _ = self.put("repo", data)
+        self.assertEqual(self.read("repo", oid), data)   # read whole and checked: kept
+        with open(storage.object_path(self.root, "repo", oid), "r+b") as file:
+            file.write(b"K")   # damaged at rest after that
+        with self.store.open("repo", oid) as stored:
+            self.assertFalse(stored.may_change_at_rest)   # bytes in memory: no check again
+            self.assertEqual(stored.file.read(), data)
+        self.assertEqual(self.store.verify(report=lambda line: None), (1, 1))   # the disk's copy
+        with self.assertRaises(storage.ObjectNotFound):   # out of service, for this process too
+            self.store.open("repo", oid)
+
+    def test_an_object_kept_in_memory_is_gone_once_another_process_deletes_it(self):
+        data = b"kept, then deleted by another process"
+        oid, _ = self.put("repo", data)
+        self.assertEqual(self.read("repo", oid), data)
+        open_disk_store(self, self.root).delete("repo", oid)   # as another worker would
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.open("repo", oid)
+        self.put("repo", data)
+        self.assertEqual(self.read("repo", oid), data)   # kept again
+        open_disk_store(self, self.root).delete("repo", oid)
+        os.mkdir(storage.object_path(self.root, "repo", oid))   # no object holds its name now
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.open("repo", oid)
+
+    def test_a_small_object_damaged_before_its_first_read_is_not_kept(self):
+        oid, _ = self.put("repo", b"damaged before its first read")
+        with open(storage.object_path(self.root, "repo", oid), "r+b") as file:
+            file.write(b"D")
+        for _ in range(2):   # each time its file, for the reader to check and find damaged
+            with self.store.open("repo", oid) as stored:
+                self.assertTrue(stored.may_change_at_rest)
+                self.assertEqual(stored.file.read(), b"Damaged before its first read")
+
     def test_quarantine_moves_only_the_file_that_was_read(self):
-        oid, _ = self.put("repo", b"read, then uploaded again")
+        data = b"read, then uploaded again" * 3000   # served from its file, not from memory
+        oid, _ = self.put("repo", data)
         with self.store.open("repo", oid) as read:
             with open("/proc/self/fd/%d" % read.file.fileno(), "r+b") as damaged:
                 damaged.write(b"R")   # the file that was read, damaged
-            self.put("repo", b"read, then uploaded again")   # a new file under the same name
+            self.put("repo", data)   # a new file under the same name
             with self.assertRaises(storage.ObjectNotFound):
                 self.store.quarantine("repo", oid, read.file)
-        self.assertEqual(self.read("repo", oid), b"read, then uploaded again")
-        self.assertEqual(self.store.usage(), (1, 25))
+        self.assertEqual(self.read("repo", oid), data)
+        self.assertEqual(self.store.usage(), (1, len(data)))
 
     def test_verify_moves_only_the_file_it_found_damaged(self):
         data = b"found damaged, then uploaded again"
@@ -1082,6 +1120,23 @@ class DiskStoreGroupCommitTest(DiskStoreTest):
     # An upload makes its temporary file only once its first block is read
     # (a body within that block is written by the committer).
     temporary_files_before_the_first_block = 0
+
+
+class CheckedObjectsTest(unittest.TestCase):
+    def test_what_is_kept_is_bounded_and_the_least_recently_read_goes_first(self):
+        kept = storage._CheckedObjects(limit=10)
+        kept.keep("a", b"aaaa")
+        kept.keep("b", b"bbbb")
+        self.assertEqual(kept.get("a"), b"aaaa")   # read again: "b" is the least recent now
+        kept.keep("c", b"cccc")
+        self.assertEqual([kept.get(key) for key in "abc"], [b"aaaa", None, b"cccc"])
+        kept.keep("c", b"cc")   # kept again: counted once
+        kept.keep("d", b"dddd")
+        self.assertEqual([kept.get(key) for key in "acd"], [b"aaaa", b"cc", b"dddd"])
+        kept.keep("e", b"e" * 11)   # larger than all of it: not kept, nothing dropped for it
+        self.assertEqual([kept.get(key) for key in "acde"], [b"aaaa", b"cc", b"dddd", None])
+        kept.drop("a")
+        self.assertIsNone(kept.get("a"))
 
 
 class GroupCommitTest(unittest.TestCase):
