@@ -974,6 +974,8 @@ class DataStorageServer:
             if whole and hashlib.sha256(body).hexdigest() != oid:
                 self._failed_check(request, repository, oid, stored)
                 raise self._integrity_error(oid, sound=True)   # it changed between two reads
+            if whole:
+                stored.checked(body)   # the store may serve it from memory from now on
         body = body[first:first + count] if whole else body
         if len(body) != count:
             raise OSError("stored object shorter than its recorded size")

@@ -148,13 +148,21 @@ class StoredObject:
     are any, else against the oid. A store may give, instead of the
     checksums, a function that fetches them; it is called the first time they
     are asked for (a HEAD never asks, nor does the read of a small object,
-    which is checked whole). Close it (or use ``with``) when done."""
+    which is checked whole). A reader that has read the whole object and
+    found it hash to its oid says so with ``checked(data)``: a store may
+    keep it (``on_checked``). Close it (or use ``with``) when done."""
 
-    def __init__(self, file, size, may_change_at_rest=False, checksums=None):
+    def __init__(self, file, size, may_change_at_rest=False, checksums=None, on_checked=None):
         self.file = file
         self.size = size
         self.may_change_at_rest = may_change_at_rest
         self._checksums = checksums
+        self._on_checked = on_checked
+
+    def checked(self, data):
+        """``data``, the whole object, was found to hash to its oid."""
+        if self._on_checked is not None:
+            self._on_checked(data)
 
     @property
     def checksums(self):
@@ -737,11 +745,14 @@ def _kind(mode):
 
 class _CheckedObjects:
     """Small objects' bytes, kept in this process once read whole and found
-    to hash to their oid, ``limit`` bytes in all, the least recently read
+    to hash to their oid, ``limit`` bytes in all (each counted with
+    ENTRY_BYTES more, what its key and entry cost), the least recently read
     dropped first. An object's bytes never change (its name is their
     digest), so a copy is right for as long as the object is stored: the
     store asks the disk whether it still is (one ``fstatat``) before it
     serves one, since another process may have deleted it."""
+
+    ENTRY_BYTES = 512
 
     def __init__(self, limit):
         self._limit = limit
@@ -758,12 +769,12 @@ class _CheckedObjects:
             return data
 
     def keep(self, key, data):
-        if len(data) > self._limit:
+        if len(data) + self.ENTRY_BYTES > self._limit:
             return
         with self._lock:
             self._drop(key)
             self._objects[key] = data
-            self._bytes += len(data)
+            self._bytes += len(data) + self.ENTRY_BYTES
             while self._bytes > self._limit:
                 self._drop(next(iter(self._objects)))
 
@@ -774,7 +785,7 @@ class _CheckedObjects:
     def _drop(self, key):
         data = self._objects.pop(key, None)
         if data is not None:
-            self._bytes -= len(data)
+            self._bytes -= len(data) + self.ENTRY_BYTES
 
 
 class DiskStore:
@@ -821,7 +832,10 @@ class DiskStore:
       a socket) is not found, not listed and not counted, and is never opened
       in a way that could block. A put of its content moves it to the
       quarantine and publishes the object; a put into a repository or shard
-      path that is not a real directory raises ForeignEntry.
+      path that is not a real directory raises ForeignEntry. (A small object
+      kept in memory, ``_CheckedObjects``, is served while a stat that may
+      follow a symlinked directory finds its name: bytes already checked,
+      never read through the link.)
     - Usage (objects, bytes) is one account for the root, kept in the file
       ``root/@ledger`` by every process on it, under ``flock``: the quota is
       checked, the account raised and the object renamed into place in one
@@ -1210,13 +1224,12 @@ class DiskStore:
         """Return the object as a StoredObject, or raise ObjectNotFound. Only
         a regular file is an object; nothing it opens can block.
 
-        An object of up to HANDED_OVER_BYTES (one that has no block checksums,
-        which a reader checks whole) is read whole here and checked against
-        its oid; if sound, its bytes are kept (``_CheckedObjects``) and it is
-        served from memory, now and while it stays stored: one ``fstatat``
-        says it still is, instead of four calls to open and read it, and no
-        check again. Damaged, it is returned over its file like a larger
-        object, for the reader to check and find damaged.
+        An object of up to HANDED_OVER_BYTES (one that a reader checks whole
+        against its oid) is kept in memory once a reader has found it sound
+        (``StoredObject.checked``; hashed again here), and served from there
+        while it stays stored: one ``fstatat`` says it still is, instead of
+        four calls to open and read it, and no check again
+        (``_CheckedObjects``, ``_still_stored``).
 
         Every system call hands the GIL over to the other connection
         threads and waits to get it back, so a GET makes as few as it can:
@@ -1229,8 +1242,10 @@ class DiskStore:
         oid = self._canonical_oid(repository, oid)
         names = (*object_directory(repository, oid), oid)
         kept = self._checked.get((repository, oid))
-        if kept is not None and self._still_stored(names):
-            return StoredObject(io.BytesIO(kept), len(kept))   # BytesIO shares bytes: no copy
+        if kept is not None:
+            if self._still_stored(names):
+                return StoredObject(io.BytesIO(kept), len(kept))   # BytesIO shares bytes: no copy
+            self._checked.drop((repository, oid))
         with write_errors_as_store_errors():   # out of descriptors: StoreBusy
             try:
                 fd = self._open_beneath(names, _OBJECT_FLAGS)
@@ -1242,18 +1257,21 @@ class DiskStore:
             status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
                 raise not_found(repository, oid)
-            if status.st_size <= HANDED_OVER_BYTES:
-                data = os.pread(fd, status.st_size + 1, 0)
-                if hashlib.sha256(data).hexdigest() == oid:
-                    self._checked.keep((repository, oid), data)
-                    os.close(fd)
-                    return StoredObject(io.BytesIO(data), len(data))
         except BaseException:
             os.close(fd)
             raise
         file = _ObjectFile(fd)
+        keep = None
+        if status.st_size <= HANDED_OVER_BYTES:
+            keep = functools.partial(self._keep_checked, (repository, oid))
         return StoredObject(file, status.st_size, may_change_at_rest=True,
-                            checksums=lambda: _recorded_checksums(file.fileno()))
+                            checksums=lambda: _recorded_checksums(file.fileno()), on_checked=keep)
+
+    def _keep_checked(self, key, data):
+        """A reader found ``data`` sound: keep it, if it is (the cache must
+        never hold bytes that are not their oid's)."""
+        if len(data) <= HANDED_OVER_BYTES and hashlib.sha256(data).hexdigest() == key[1]:
+            self._checked.keep(key, bytes(data))
 
     def _still_stored(self, names):
         """Whether ``root/names[0]/.../names[-1]`` is a regular file still,
@@ -1288,7 +1306,6 @@ class DiskStore:
         lacks it. Only a regular file in the store's own directories is removed,
         through their descriptors, so nothing outside the root can be unlinked."""
         oid = self._canonical_oid(repository, oid)
-        self._checked.drop((repository, oid))
         shard_fd = self._open_shard_directory(repository, oid)
         try:
             with self._lock, write_errors_as_store_errors(), \

@@ -679,6 +679,25 @@ class DiskStoreApplicationTest(ApplicationContract, unittest.TestCase):
         # Out of the account too; by its size now, so the truncated ones leave a byte each.
         self.assertEqual(self.app.store.usage(), (0, 2))
 
+    def test_a_small_object_read_once_is_served_from_memory_and_its_damage_found_elsewhere(self):
+        data = b"read once, then damaged at rest"
+        oid = self.put("repo", data)
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).body, data)   # checked: kept
+        self.damage(oid, "overwrite")
+        response = self.request("GET", "/data/repo/" + oid, headers={"Range": "bytes=1-4"})
+        self.assertEqual((response.status, response.body), (206, data[1:5]))   # from memory
+        self.assertEqual(self.request("HEAD", "/data/repo/" + oid).status, 200)
+        other_worker = server.DataStorageServer(open_disk_store(self, self.app.store.root))
+        self.addCleanup(other_worker.close)
+        environ = self.environ("GET", "/data/repo/" + oid)
+        environ["wsgi.errors"] = io.StringIO()
+        mine, self.app = self.app, other_worker
+        try:
+            self.assertJSONError(self.call(environ), 500)   # it reads the file
+        finally:
+            self.app = mine
+        self.assertEqual(self.request("GET", "/data/repo/" + oid).status, 404)   # gone for all
+
     def test_a_damaged_large_object_never_arrives_whole(self):
         for recorded, how in itertools.product((True, False), ("overwrite", "truncate")):
             with self.subTest(recorded=recorded, how=how):

@@ -596,8 +596,7 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
 
     def test_closing_an_object_deleted_while_open_closes_it(self):
         # Its last close frees its blocks: a descriptor left open would hold them.
-        # (Larger than what is kept in memory: served from its file.)
-        oid = self.put("repo", b"deleted while open" * 4000)[0]
+        oid = self.put("repo", b"deleted while open")[0]
         stored = self.store.open("repo", oid)
         fd = stored.file.fileno()
         self.store.delete("repo", oid)
@@ -940,53 +939,80 @@ class DiskStoreTest(StoreContract, AccountingContract, unittest.TestCase):
                     file.write(damage)
                 self.assertEqual(open_disk_store(self, self.root).usage(), (1, 7))
 
+    def read_and_check(self, repository, oid, data=None):
+        """Read the object as a reader that checks it whole does, and say it
+        is sound (``data``: say these bytes are, whatever was read)."""
+        with self.store.open(repository, oid) as stored:
+            read = stored.file.read()
+            stored.checked(read if data is None else data)
+        return read
+
     def test_a_small_object_is_served_from_memory_once_checked(self):
         data = b"kept once checked"
         oid, _ = self.put("repo", data)
-        self.assertEqual(self.read("repo", oid), data)   # read whole and checked: kept
+        with self.store.open("repo", oid) as stored:   # read, not yet said sound: not kept
+            self.assertEqual(stored.file.read(), data)
+        with self.store.open("repo", oid) as stored:
+            self.assertTrue(stored.may_change_at_rest)
+        self.assertEqual(self.read_and_check("repo", oid), data)
         with open(storage.object_path(self.root, "repo", oid), "r+b") as file:
             file.write(b"K")   # damaged at rest after that
+        descriptors = len(os.listdir("/proc/self/fd"))
         with self.store.open("repo", oid) as stored:
             self.assertFalse(stored.may_change_at_rest)   # bytes in memory: no check again
             self.assertEqual(stored.file.read(), data)
+            self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)   # no file open
         self.assertEqual(self.store.verify(report=lambda line: None), (1, 1))   # the disk's copy
         with self.assertRaises(storage.ObjectNotFound):   # out of service, for this process too
             self.store.open("repo", oid)
 
-    def test_an_object_kept_in_memory_is_gone_once_another_process_deletes_it(self):
-        data = b"kept, then deleted by another process"
+    def test_an_object_kept_in_memory_is_gone_once_another_process_takes_it_away(self):
+        data = b"kept, then taken away by another process"
         oid, _ = self.put("repo", data)
-        self.assertEqual(self.read("repo", oid), data)
-        open_disk_store(self, self.root).delete("repo", oid)   # as another worker would
-        with self.assertRaises(storage.ObjectNotFound):
-            self.store.open("repo", oid)
-        self.put("repo", data)
-        self.assertEqual(self.read("repo", oid), data)   # kept again
-        open_disk_store(self, self.root).delete("repo", oid)
-        os.mkdir(storage.object_path(self.root, "repo", oid))   # no object holds its name now
-        with self.assertRaises(storage.ObjectNotFound):
-            self.store.open("repo", oid)
+        path = storage.object_path(self.root, "repo", oid)
+        elsewhere = os.path.join(temporary_directory(self), "a copy")
+        with open(elsewhere, "wb") as file:
+            file.write(data)
+        for take_away in (lambda: None,   # deleted, nothing more
+                          lambda: os.mkdir(path),   # a directory holds its name
+                          lambda: os.symlink(elsewhere, path)):   # a symlink to its very bytes
+            with self.subTest():
+                self.put("repo", data)
+                self.assertEqual(self.read_and_check("repo", oid), data)
+                open_disk_store(self, self.root).delete("repo", oid)   # as another worker would
+                take_away()
+                with self.assertRaises(storage.ObjectNotFound):
+                    self.store.open("repo", oid)
+                self.assertIsNone(self.store._checked.get(("repo", oid)))   # and not kept
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)
+                elif os.path.lexists(path):
+                    os.unlink(path)
 
-    def test_a_small_object_damaged_before_its_first_read_is_not_kept(self):
+    def test_only_sound_small_objects_are_kept(self):
         oid, _ = self.put("repo", b"damaged before its first read")
         with open(storage.object_path(self.root, "repo", oid), "r+b") as file:
             file.write(b"D")
-        for _ in range(2):   # each time its file, for the reader to check and find damaged
-            with self.store.open("repo", oid) as stored:
-                self.assertTrue(stored.may_change_at_rest)
-                self.assertEqual(stored.file.read(), b"Damaged before its first read")
+        self.read_and_check("repo", oid)   # a reader that says damaged bytes are sound
+        self.read_and_check("repo", oid, b"other bytes")   # or says other bytes are
+        with self.store.open("repo", oid) as stored:   # its file still, for the reader to check
+            self.assertTrue(stored.may_change_at_rest)
+        large = os.urandom(storage.HANDED_OVER_BYTES + 1)
+        large_oid, _ = self.put("repo", large)
+        self.read_and_check("repo", large_oid)
+        with self.store.open("repo", large_oid) as stored:   # not small: never kept
+            self.assertTrue(stored.may_change_at_rest)
 
     def test_quarantine_moves_only_the_file_that_was_read(self):
-        data = b"read, then uploaded again" * 3000   # served from its file, not from memory
-        oid, _ = self.put("repo", data)
+        oid, _ = self.put("repo", b"read, then uploaded again")
         with self.store.open("repo", oid) as read:
             with open("/proc/self/fd/%d" % read.file.fileno(), "r+b") as damaged:
                 damaged.write(b"R")   # the file that was read, damaged
-            self.put("repo", data)   # a new file under the same name
+            self.put("repo", b"read, then uploaded again")   # a new file under the same name
             with self.assertRaises(storage.ObjectNotFound):
                 self.store.quarantine("repo", oid, read.file)
-        self.assertEqual(self.read("repo", oid), data)
-        self.assertEqual(self.store.usage(), (1, len(data)))
+        self.assertEqual(self.read("repo", oid), b"read, then uploaded again")
+        self.assertEqual(self.store.usage(), (1, 25))
 
     def test_verify_moves_only_the_file_it_found_damaged(self):
         data = b"found damaged, then uploaded again"
@@ -1124,19 +1150,26 @@ class DiskStoreGroupCommitTest(DiskStoreTest):
 
 class CheckedObjectsTest(unittest.TestCase):
     def test_what_is_kept_is_bounded_and_the_least_recently_read_goes_first(self):
-        kept = storage._CheckedObjects(limit=10)
+        entry = storage._CheckedObjects.ENTRY_BYTES
+        kept = storage._CheckedObjects(limit=2 * entry + 8)   # two objects of 4 bytes
         kept.keep("a", b"aaaa")
         kept.keep("b", b"bbbb")
         self.assertEqual(kept.get("a"), b"aaaa")   # read again: "b" is the least recent now
         kept.keep("c", b"cccc")
         self.assertEqual([kept.get(key) for key in "abc"], [b"aaaa", None, b"cccc"])
-        kept.keep("c", b"cc")   # kept again: counted once
-        kept.keep("d", b"dddd")
-        self.assertEqual([kept.get(key) for key in "acd"], [b"aaaa", b"cc", b"dddd"])
-        kept.keep("e", b"e" * 11)   # larger than all of it: not kept, nothing dropped for it
-        self.assertEqual([kept.get(key) for key in "acde"], [b"aaaa", b"cc", b"dddd", None])
-        kept.drop("a")
-        self.assertIsNone(kept.get("a"))
+        kept.keep("c", b"cc")   # kept again: counted once, the most recent
+        kept.keep("d", b"dd")   # room for it: "a", the least recent, goes
+        self.assertEqual([kept.get(key) for key in "acd"], [None, b"cc", b"dd"])
+        kept.keep("e", b"e" * (2 * entry))   # larger than all of it: not kept, nothing dropped
+        self.assertEqual([kept.get(key) for key in "cde"], [b"cc", b"dd", None])
+        kept.drop("c")
+        self.assertIsNone(kept.get("c"))
+
+    def test_empty_objects_count_too(self):
+        kept = storage._CheckedObjects(limit=10 * storage._CheckedObjects.ENTRY_BYTES)
+        for number in range(100):
+            kept.keep(number, b"")
+        self.assertEqual(sum(kept.get(number) is not None for number in range(100)), 10)
 
 
 class GroupCommitTest(unittest.TestCase):

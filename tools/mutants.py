@@ -123,8 +123,8 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "        if self._body_started",
      "        except BlockingIOError:\n            return 0\n        if self._body_started"),
     ("block checksums read through a stale descriptor", "storage.py",
-     "checksums=lambda: _recorded_checksums(file.fileno()))",
-     "checksums=lambda: _recorded_checksums(fd))"),
+     "checksums=lambda: _recorded_checksums(file.fileno()),",
+     "checksums=lambda: _recorded_checksums(fd),"),
     ("openat2 following symlinks", "storage.py",
      "_RESOLVE_NO_SYMLINKS = 0x04", "_RESOLVE_NO_SYMLINKS = 0"),
     ("group commit: renames synced after their batch is acknowledged", "storage.py",
@@ -151,6 +151,11 @@ MUTANTS = [   # (name, file, snippet, replacement)
      "            worker_exited(slot)", "            pass"),
     ("log lines: a partial write taken as whole", "logs.py",
      "                    left = left[written:]", "                    left = left[len(left):]"),
+    ("disk store: a kept small object served without asking the disk", "storage.py",
+     "            if self._still_stored(names):", "            if True:"),
+    ("disk store: a small object kept on its reader's word", "storage.py",
+     "        if len(data) <= HANDED_OVER_BYTES and hashlib.sha256(data).hexdigest() == key[1]:",
+     "        if len(data) <= HANDED_OVER_BYTES:"),
 ]
 
 
