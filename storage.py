@@ -1278,14 +1278,12 @@ class DiskStore:
         with one ``fstatat`` (following a symlink on the way, which
         ``_open_beneath`` would refuse: the bytes served are the ones kept,
         whatever it finds; it only asks whether the object is still stored)."""
+        path = "/".join(names) if self._root_fd is not None else os.path.join(self.root, *names)
         try:
-            if self._root_fd is not None:
-                status = os.stat("/".join(names), dir_fd=self._root_fd, follow_symlinks=False)
-            else:
-                status = os.stat(os.path.join(self.root, *names), follow_symlinks=False)
-        except (OSError, ValueError):   # gone; or let the ordinary open say what is wrong
+            mode = _entry_mode(path, self._root_fd)
+        except (OSError, ValueError):   # let the ordinary open say what is wrong
             return False
-        return stat.S_ISREG(status.st_mode)
+        return mode is not None and stat.S_ISREG(mode)
 
     def _open_beneath(self, names, flags):
         """A descriptor on ``root/names[0]/.../names[-1]`` (two names or more)
