@@ -9,7 +9,8 @@ request's own work; ``render`` writes the text exposition format, version 0.0.4.
 
 The counts live in a ``Board``: one slot of fixed layout per process. Worker
 processes share one board, made before they are forked, so that ``/metrics``
-from any worker counts the requests of all of them.
+from any worker counts the requests of all of them, and their calls to the
+storage engine (``store_call``: the S3 store's calls, by operation).
 """
 
 import bisect
@@ -31,7 +32,13 @@ _STATUSES = 1000
 _BUCKETS = len(METHOD_LABELS) * _STATUSES
 _RECEIVED = _BUCKETS + len(DURATION_BUCKETS) + 1
 _SENT, _ABANDONED, _IN_FLIGHT, _DURATION_SUM = range(_RECEIVED + 1, _RECEIVED + 5)
-SLOT_BYTES = 8 * (_DURATION_SUM + 1)
+# Then, for each call to the storage engine by operation, three words: calls,
+# errors, seconds. The operations are the S3 store's; any other counts as "other".
+STORE_OPERATIONS = ("CopyObject", "DeleteObject", "GetObject", "HeadBucket", "HeadObject",
+                    "ListObjectsV2", "PutObject", "other")
+_STORE_ROWS = {operation: row for row, operation in enumerate(STORE_OPERATIONS)}
+_STORE_CALLS = _DURATION_SUM + 1
+SLOT_BYTES = 8 * (_STORE_CALLS + 3 * len(STORE_OPERATIONS))
 # Request counts are added up a block of statuses at a time: a service answers
 # few statuses, and an empty block is passed over in one comparison.
 _BLOCK = 100
@@ -66,10 +73,13 @@ class Board:
     def totals(self):
         """Every slot added up: ``({word index: count} of the request counts
         that are not 0, [the words from the histogram's first to the
-        abandoned requests], requests in flight, the durations' sum)``."""
+        abandoned requests], requests in flight, the durations' sum,
+        {operation: [calls, errors, seconds]} of the storage engine's calls
+        for the operations called)``."""
         requests = {}
         tail = [0] * (_IN_FLIGHT - _BUCKETS)
         in_flight = duration_sum = 0
+        store_calls = [[0, 0, 0.0] for _ in STORE_OPERATIONS]
         for index in range(self.slots):
             view, words, signed, floats = self.slot(index)
             for start in range(0, _BUCKETS, _BLOCK):
@@ -81,7 +91,14 @@ class Board:
                 tail[offset] += count
             in_flight += signed[_IN_FLIGHT]
             duration_sum += floats[_DURATION_SUM]
-        return requests, tail, in_flight, duration_sum
+            for row, counts in enumerate(store_calls):
+                first = _STORE_CALLS + 3 * row
+                counts[0] += words[first]
+                counts[1] += words[first + 1]
+                counts[2] += floats[first + 2]
+        return requests, tail, in_flight, duration_sum, {
+            operation: counts for operation, counts in zip(STORE_OPERATIONS, store_calls)
+            if counts[0]}
 
 
 class Metrics:
@@ -125,11 +142,20 @@ class Metrics:
                 words[bucket] += 1
                 self._floats[_DURATION_SUM] += seconds
 
-    def render(self, objects, stored_bytes, store_calls=None):
+    def store_call(self, operation, failed, seconds):
+        """Count a call to the storage engine (``operation``: one of
+        STORE_OPERATIONS, else it counts as "other")."""
+        first = _STORE_CALLS + 3 * _STORE_ROWS.get(operation, len(STORE_OPERATIONS) - 1)
+        with self._lock:
+            self._words[first] += 1
+            self._words[first + 1] += bool(failed)
+            self._floats[first + 2] += seconds
+
+    def render(self, objects, stored_bytes):
         """The exposition text, with the store's current ``objects`` and
-        ``stored_bytes`` (None: not counted), and ``store_calls``, an
-        ``{operation: [calls, errors, seconds]}`` of the storage engine's calls."""
-        counts, tail, in_flight, duration_sum = self._board.totals()
+        ``stored_bytes`` (None: not counted), and the storage engine's calls
+        if there were any."""
+        counts, tail, in_flight, duration_sum, store_calls = self._board.totals()
         requests = sorted((METHOD_LABELS[word // _STATUSES], word % _STATUSES, count)
                           for word, count in counts.items())
         buckets = tail[:_RECEIVED - _BUCKETS]

@@ -100,9 +100,11 @@ def credentials_from_environment(environ=os.environ):
 
 class Client:
     """Signed requests to one S3 endpoint over pooled keep-alive connections,
-    with timeouts and retries; counts calls, errors and time by operation."""
+    with timeouts and retries. Each call, its retries included, is reported
+    to ``on_call(operation, failed, seconds)`` if given (the application's
+    metrics, which worker processes share)."""
 
-    def __init__(self, endpoint, region, credentials, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, endpoint, region, credentials, timeout=DEFAULT_TIMEOUT, on_call=None):
         parsed = urllib.parse.urlsplit(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError("the S3 endpoint must be an http:// or https:// URL, not %r" % endpoint)
@@ -115,7 +117,7 @@ class Client:
         self._idle = []   # (connection, when it was released)
         self._pid = os.getpid()   # a forked child must not share its parent's sockets
         self._lock = threading.Lock()
-        self.calls = {}   # operation -> [calls, errors, seconds]
+        self.on_call = on_call
 
     def request(self, operation, method, path, query=(), headers=None, body=None,
                 payload_hash=sigv4.EMPTY_PAYLOAD, retry=True):
@@ -210,11 +212,6 @@ class Client:
         with self._lock:
             self._idle.append((connection, time.monotonic()))
 
-    def call_counts(self):
-        """``{operation: [calls, errors, seconds]}`` so far."""
-        with self._lock:
-            return {operation: list(counts) for operation, counts in self.calls.items()}
-
     def close(self):
         with self._lock:
             idle, self._idle = self._idle, []
@@ -242,12 +239,9 @@ class Client:
         return self._connection_class(self.host, timeout=self.timeout, blocksize=BLOCK_BYTES)
 
     def count(self, operation, failed, seconds):
-        """Count a call made with ``open``."""
-        with self._lock:
-            counts = self.calls.setdefault(operation, [0, 0, 0.0])
-            counts[0] += 1
-            counts[1] += failed
-            counts[2] += seconds
+        """Report a call made with ``open`` to ``on_call``."""
+        if self.on_call is not None:
+            self.on_call(operation, failed, seconds)
 
 
 class _Faltered(Exception):

@@ -35,7 +35,7 @@ import gateway
 import http11
 import lfs
 import logs
-import metrics
+import metrics as metrics_module
 import s3
 import storage
 import workers
@@ -719,6 +719,8 @@ class DataStorageServer:
     any store from ``storage``. Keyword arguments only, with literal values, so
     that a server's factory syntax works:
     ``gunicorn -w 4 'server:DataStorageServer(data_dir="./data")'``.
+    ``metrics``: a ``metrics.Metrics`` to count into (``--workers`` gives each
+    worker a slot of one shared board), else one of its own.
 
     It reads ``wsgi.input`` (see BodySource), streams stored objects through
     ``wsgi.file_wrapper`` when the server offers one, sends no hop-by-hop
@@ -743,10 +745,12 @@ class DataStorageServer:
 
     def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
                  max_total_size=None, auth_token=None, public_url=None, s3_endpoint=None,
-                 spool_dir=None, group_commit=None, s3_timeout=None):
+                 spool_dir=None, group_commit=None, s3_timeout=None, metrics=None):
+        # First: an S3 store opened here reports its engine calls to it.
+        self.metrics = metrics_module.Metrics() if metrics is None else metrics
         if isinstance(store, str):   # "memory", or "s3://BUCKET[/PREFIX]"
             store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir,
-                               group_commit, s3_timeout)
+                               group_commit, s3_timeout, self.metrics.store_call)
         elif store is not None and any(setting is not None for setting in (
                 data_dir, max_total_size, group_commit, s3_endpoint, spool_dir, s3_timeout)):
             raise ValueError("data_dir, max_total_size, group_commit, s3_endpoint, spool_dir "
@@ -765,7 +769,6 @@ class DataStorageServer:
         # Shared caches may keep an object only when anyone may read it.
         self.object_caching = ("Cache-Control", "%s, %s" % (
             "private" if self.auth_token else "public", OBJECT_LIFETIME))
-        self.metrics = metrics.Metrics()
         with open(OPENAPI_PATH, "rb") as document:
             self.openapi_document = document.read()
         self.openapi_etag = '"%s"' % hashlib.sha256(self.openapi_document).hexdigest()
@@ -1078,10 +1081,8 @@ class DataStorageServer:
 
     def get_metrics(self, request):
         """Prometheus text exposition of the request metrics and the store's usage."""
-        client = getattr(self.store, "client", None)   # the S3 store's engine
-        text = self.metrics.render(*(self.store.usage() or (None, None)),
-                                   store_calls=client.call_counts() if client else None)
-        return Response(200, [("Content-Type", metrics.CONTENT_TYPE), NO_STORE], text.encode())
+        text = self.metrics.render(*(self.store.usage() or (None, None)))
+        return Response(200, [("Content-Type", metrics_module.CONTENT_TYPE), NO_STORE], text.encode())
 
     def get_openapi(self, request):
         """The OpenAPI 3.1 description of this API, served as stored, with an
@@ -1285,7 +1286,7 @@ S3_ONLY = ("--s3-endpoint, --spool-dir and --s3-timeout are for an S3 store: giv
 
 
 def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None,
-               group_commit=None, s3_timeout=None):
+               group_commit=None, s3_timeout=None, on_store_call=None):
     """The store to serve: the S3 store for ``url`` ``s3://BUCKET[/PREFIX]``
     (checked: StoreUnavailable if the bucket cannot be used), the disk store
     in ``data_dir``, or a new in-memory store. ValueError for a combination
@@ -1295,7 +1296,8 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
     that (``storage.syncfs_durable``) on a filesystem of
     ``storage.GROUP_COMMIT_BY_DEFAULT``. Each connect, send and receive of a
     call to an S3 engine may take ``s3_timeout`` seconds (by default
-    ``s3.DEFAULT_TIMEOUT``)."""
+    ``s3.DEFAULT_TIMEOUT``); each call is reported to ``on_store_call``
+    (see ``s3.Client``)."""
     if group_commit and data_dir is None:
         raise ValueError("--group-commit is for the disk store: give --data-dir")
     if group_commit and storage.SYNCFS is None:
@@ -1313,7 +1315,8 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
         credentials, region = s3.credentials_from_environment()
         endpoint = s3_endpoint or "https://s3.%s.amazonaws.com" % region
         timeout = s3.DEFAULT_TIMEOUT if s3_timeout is None else s3_timeout
-        store = s3.S3Store(bucket, prefix, s3.Client(endpoint, region, credentials, timeout),
+        store = s3.S3Store(bucket, prefix,
+                           s3.Client(endpoint, region, credentials, timeout, on_store_call),
                            spool_dir)
         store.check()
         return store
@@ -1448,7 +1451,7 @@ def parse_args(argv=None):
                         help="serve from N processes sharing the listening socket (auto: one "
                              "per CPU this process may use); needs --data-dir or an S3 "
                              "--store, since processes cannot share memory (default: auto "
-                             "with --data-dir where there is fork, else 1)")
+                             "with either where there is fork, else 1)")
     args = parser.parse_args(argv)
     if args.auth_token is not None and not valid_token(args.auth_token):
         parser.error("the token (--auth-token or DATA_STORAGE_TOKEN) must be printable ASCII "
@@ -1465,9 +1468,10 @@ def parse_args(argv=None):
     if s3_store and args.max_total_size is not None:
         parser.error("--max-total-size cannot be kept for an S3 bucket: each process would "
                      "count only its own uploads")
+    shared_store = args.data_dir or s3_store   # one that processes can share
     if args.workers is None:
-        args.workers = workers.usable_cpus() if args.data_dir and hasattr(os, "fork") else 1
-    if args.workers > 1 and not (args.data_dir or s3_store):
+        args.workers = workers.usable_cpus() if shared_store and hasattr(os, "fork") else 1
+    if args.workers > 1 and not shared_store:
         parser.error("--workers above 1 needs --data-dir or an S3 --store: worker processes "
                      "cannot share the in-memory store")
     if args.workers > 1 and not hasattr(os, "fork"):
@@ -1486,7 +1490,7 @@ def main(argv=None):
     args = parse_args(argv)
     workers.block_stop_signals()
     # Workers count into one board, so that /metrics from any of them counts all.
-    board = metrics.Board(args.workers, shared=True) if args.workers > 1 else None
+    board = metrics_module.Board(args.workers, shared=True) if args.workers > 1 else None
 
     def make_application(slot=0):
         application = DataStorageServer(args.store, data_dir=args.data_dir,
@@ -1495,9 +1499,8 @@ def main(argv=None):
                                         auth_token=args.auth_token, public_url=args.public_url,
                                         s3_endpoint=args.s3_endpoint, spool_dir=args.spool_dir,
                                         group_commit=args.group_commit,
-                                        s3_timeout=args.s3_timeout)
-        if board is not None:
-            application.metrics = metrics.Metrics(board, slot)
+                                        s3_timeout=args.s3_timeout,
+                                        metrics=metrics_module.Metrics(board, slot) if board else None)
         return application
 
     try:   # everything is checked before the port is announced

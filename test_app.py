@@ -17,6 +17,7 @@ import wsgiref.validate
 
 import checksums
 import gateway
+import metrics
 import server
 import storage
 from fixtures import (HERE, WSGIClientMixin, metric_samples, open_disk_store, sha256,
@@ -869,6 +870,34 @@ class GroupCommitDurabilityOrderTest(DurabilityOrderTest):
 def remount(test, mount_point, mode):
     result = subprocess.run(["mount", "-o", "remount," + mode, mount_point], capture_output=True)
     test.assertEqual(result.returncode, 0, result.stderr)
+
+
+class SharedMetricsTest(WSGIClientMixin, unittest.TestCase):
+    """``/metrics`` of an application counting into one slot of a board that
+    another process (here, another slot's Metrics) counts into too."""
+
+    def setUp(self):
+        board = metrics.Board(slots=2)
+        self.app = server.DataStorageServer(metrics=metrics.Metrics(board, 0))
+        self.other_worker = metrics.Metrics(board, 1)
+
+    def test_every_slots_requests_and_engine_calls_are_added_up(self):
+        self.assertEqual(self.request("PUT", "/data/repo", b"counted").status, 201)
+        self.other_worker.count("PUT", 201, 0.002, 5, 70)
+        self.app.metrics.store_call("GetObject", False, 0.25)
+        self.other_worker.store_call("GetObject", True, 0.5)
+        self.other_worker.store_call("RestoreObject", True, 1.0)   # not one the S3 store makes
+        samples = metric_samples(self.request("GET", "/metrics").body.decode())
+        self.assertEqual(samples['datastore_http_requests_total{method="PUT",status="201"}'], 2)
+        self.assertEqual(samples["datastore_received_bytes_total"], 7 + 5)
+        self.assertEqual(samples['datastore_store_calls_total{operation="GetObject"}'], 2)
+        self.assertEqual(samples['datastore_store_errors_total{operation="GetObject"}'], 1)
+        self.assertEqual(samples['datastore_store_call_seconds_total{operation="GetObject"}'], 0.75)
+        self.assertEqual(samples['datastore_store_calls_total{operation="other"}'], 1)
+        self.assertNotIn('datastore_store_calls_total{operation="PutObject"}', samples)   # no calls
+
+    def test_a_store_without_engine_calls_shows_none(self):
+        self.assertNotIn("datastore_store_", self.request("GET", "/metrics").body.decode())
 
 
 class OpenAPITest(WSGIClientMixin, unittest.TestCase):

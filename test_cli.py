@@ -170,6 +170,11 @@ class CommandLineTest(unittest.TestCase):
                          r"workers %d\b" % workers.usable_cpus())
         self.assertRegex(self.settings(), r"workers 1\b")   # the in-memory store: one process
 
+    def test_the_s3_store_has_a_worker_per_usable_cpu_by_default(self):
+        self.assertEqual(server.parse_args(["--store", "s3://bucket"]).workers,
+                         workers.usable_cpus() if hasattr(os, "fork") else 1)
+        self.assertEqual(server.parse_args(["--store", "s3://bucket", "--workers", "1"]).workers, 1)
+
     def settings(self, *args):
         """The settings line ``python server.py --port 0 ARGS`` logs at start."""
         process, _ = self.start("--port", "0", *args)

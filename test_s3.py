@@ -15,10 +15,11 @@ import unittest
 
 import checksums
 import s3
+import workers
 
 import server as server_module
-from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, WSGIClientMixin, metric_samples,
-                      new_bucket, read_line, s3_engine, sha256)
+from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, WSGIClientMixin, child_pids,
+                      metric_samples, new_bucket, read_line, s3_engine, sha256, wait_until)
 
 
 class Relay:
@@ -322,6 +323,18 @@ class ServiceOnS3Contract(WSGIClientMixin):
         self.assertNotIn(b"@quarantine", listing)
         self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 503)   # now mended
         self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
+
+    def test_workers_are_the_default_and_count_each_others_engine_calls(self):
+        server = self.serve()   # auto: one worker per usable CPU
+        wait_until(lambda: len(child_pids(server.process.pid)) == workers.usable_cpus())
+        for number in range(12):   # on new connections: each worker takes some
+            self.assertEqual(server.request("PUT", "/data/repo", b"object %d" % number).status, 201)
+        for _ in range(6):   # a scrape from any worker counts them all
+            samples = metric_samples(server.request("GET", "/metrics").body.decode())
+            self.assertEqual(samples['datastore_http_requests_total{method="PUT",status="201"}'], 12)
+            self.assertGreaterEqual(samples['datastore_store_calls_total{operation="PutObject"}'], 12)
+            self.assertEqual(samples['datastore_store_errors_total{operation="PutObject"}'], 0)
+            self.assertNotIn('datastore_store_calls_total{operation="other"}', samples)
 
     def test_an_engine_that_goes_away_is_503_then_service_resumes(self):
         server = self.serve()
