@@ -412,18 +412,31 @@ class S3Store:
         # Only the block size they are recorded in: a reader holds a block in memory.
         return found if found and found.block_size == checksums.MIN_BLOCK_BYTES else None
 
-    def open(self, repository, oid):
+    def open(self, repository, oid, whole=False):
         """The object as a StoredObject (a HeadObject) whose file streams it
         from the engine with a GET made by ``start(end)`` or the first read,
-        and whose block checksums are fetched if they are asked for."""
+        and whose block checksums are fetched if they are asked for. To be
+        read ``whole``: the GET of it all, made now, in place of the HeadObject
+        (its Content-Length is the size), so a download is one call."""
         storage.check_repository(repository)
         canonical = storage.canonical_oid(oid)
-        size = self._size(repository, canonical) if canonical else None
-        if size is None:
+        if canonical is None:
             raise storage.not_found(repository, oid)
+        path = self._path(repository, canonical)
+        if whole:
+            reader = _ObjectReader(self.client, path, None)
+            try:
+                reader.start()
+            except storage.ObjectNotFound:
+                raise storage.not_found(repository, oid) from None
+            size = reader.size
+        else:
+            size = self._size(repository, canonical)
+            if size is None:
+                raise storage.not_found(repository, oid)
+            reader = _ObjectReader(self.client, path, size)
         return storage.StoredObject(
-            _ObjectReader(self.client, self._path(repository, canonical), size), size,
-            may_change_at_rest=True,
+            reader, size, may_change_at_rest=True,
             checksums=lambda: self._recorded_checksums(repository, canonical, size))
 
     def delete(self, repository, oid):
@@ -665,6 +678,13 @@ class _ObjectReader(io.RawIOBase):
                             retry=response.status in RETRY_STATUSES)
 
         self._response, self._connection = self._client.with_retries("GetObject", attempt)
+        if self._position >= self._end:   # an empty object: nothing to read
+            self._finish()
+
+    @property
+    def size(self):
+        """The object's size; None until a GET has said it, if it was not known."""
+        return self._size
 
     def _accept(self, response, ranged):
         """Whether the response holds the bytes asked for (an engine that
@@ -723,9 +743,13 @@ class _ObjectReader(io.RawIOBase):
             raise OSError("the S3 engine ended the object early")
         self._position += count
         if self._position >= self._end:
-            self._response.read()   # the end, so the connection can be reused
-            self._client.release(self._connection, self._response)
-            self._response = self._connection = None
+            self._finish()
+
+    def _finish(self):
+        """All the bytes asked for are read: the connection goes back to the pool."""
+        self._response.read()   # the end, so the connection can be reused
+        self._client.release(self._connection, self._response)
+        self._response = self._connection = None
 
     def close(self):
         self._drop()

@@ -720,7 +720,9 @@ class DataStorageServer:
     that a server's factory syntax works:
     ``gunicorn -w 4 'server:DataStorageServer(data_dir="./data")'``.
     ``metrics``: a ``metrics.Metrics`` to count into (``--workers`` gives each
-    worker a slot of one shared board), else one of its own.
+    worker a slot of one shared board), else one of its own; an S3 store's
+    calls to its engine are counted there too, unless its client reports
+    them elsewhere already.
 
     It reads ``wsgi.input`` (see BodySource), streams stored objects through
     ``wsgi.file_wrapper`` when the server offers one, sends no hop-by-hop
@@ -746,11 +748,9 @@ class DataStorageServer:
     def __init__(self, store=None, *, data_dir=None, max_object_size=DEFAULT_MAX_OBJECT_SIZE,
                  max_total_size=None, auth_token=None, public_url=None, s3_endpoint=None,
                  spool_dir=None, group_commit=None, s3_timeout=None, metrics=None):
-        # First: an S3 store opened here reports its engine calls to it.
-        self.metrics = metrics_module.Metrics() if metrics is None else metrics
         if isinstance(store, str):   # "memory", or "s3://BUCKET[/PREFIX]"
             store = open_store(data_dir, max_total_size, store, s3_endpoint, spool_dir,
-                               group_commit, s3_timeout, self.metrics.store_call)
+                               group_commit, s3_timeout)
         elif store is not None and any(setting is not None for setting in (
                 data_dir, max_total_size, group_commit, s3_endpoint, spool_dir, s3_timeout)):
             raise ValueError("data_dir, max_total_size, group_commit, s3_endpoint, spool_dir "
@@ -762,6 +762,10 @@ class DataStorageServer:
         self.store = store if store is not None else open_store(
             data_dir, max_total_size, s3_endpoint=s3_endpoint, spool_dir=spool_dir,
             group_commit=group_commit, s3_timeout=s3_timeout)
+        self.metrics = metrics_module.Metrics() if metrics is None else metrics
+        client = getattr(self.store, "client", None)   # the S3 store's engine
+        if client is not None and client.on_call is None:
+            client.on_call = self.metrics.store_call
         self.locks = lfs.open_locks(self.store)
         self.max_object_size = max_object_size
         self.auth_token = auth_token.encode() if auth_token is not None else None
@@ -897,8 +901,11 @@ class DataStorageServer:
 
     def get_object(self, request, repository, oid):
         """The object (GET) or its headers (HEAD), honouring If-Match,
-        If-None-Match (RFC 9110 §13.1) and a single byte Range (RFC 9110 §14)."""
-        stored = self.store.open(repository, oid)
+        If-None-Match (RFC 9110 §13.1) and a single byte Range (RFC 9110 §14).
+        A GET without any of them reads it whole: the store is told so."""
+        environ = request.environ
+        stored = self.store.open(repository, oid, whole=request.method == "GET" and not any(
+            name in environ for name in ("HTTP_RANGE", "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH")))
         try:
             self._check_if_match(request, repository, oid, stored)
             return self._object_response(request, stored, repository, oid.lower())
@@ -1286,9 +1293,9 @@ S3_ONLY = ("--s3-endpoint, --spool-dir and --s3-timeout are for an S3 store: giv
 
 
 def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, spool_dir=None,
-               group_commit=None, s3_timeout=None, on_store_call=None):
+               group_commit=None, s3_timeout=None, check=True):
     """The store to serve: the S3 store for ``url`` ``s3://BUCKET[/PREFIX]``
-    (checked: StoreUnavailable if the bucket cannot be used), the disk store
+    (``check``ed: StoreUnavailable if the bucket cannot be used), the disk store
     in ``data_dir``, or a new in-memory store. ValueError for a combination
     that makes no sense. The disk store's uploads are made durable together
     (``storage.GroupCommit``) if ``group_commit``, by an fsync each if it is
@@ -1296,8 +1303,7 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
     that (``storage.syncfs_durable``) on a filesystem of
     ``storage.GROUP_COMMIT_BY_DEFAULT``. Each connect, send and receive of a
     call to an S3 engine may take ``s3_timeout`` seconds (by default
-    ``s3.DEFAULT_TIMEOUT``); each call is reported to ``on_store_call``
-    (see ``s3.Client``)."""
+    ``s3.DEFAULT_TIMEOUT``)."""
     if group_commit and data_dir is None:
         raise ValueError("--group-commit is for the disk store: give --data-dir")
     if group_commit and storage.SYNCFS is None:
@@ -1315,10 +1321,10 @@ def open_store(data_dir=None, max_total_size=None, url=None, s3_endpoint=None, s
         credentials, region = s3.credentials_from_environment()
         endpoint = s3_endpoint or "https://s3.%s.amazonaws.com" % region
         timeout = s3.DEFAULT_TIMEOUT if s3_timeout is None else s3_timeout
-        store = s3.S3Store(bucket, prefix,
-                           s3.Client(endpoint, region, credentials, timeout, on_store_call),
+        store = s3.S3Store(bucket, prefix, s3.Client(endpoint, region, credentials, timeout),
                            spool_dir)
-        store.check()
+        if check:
+            store.check()
         return store
     if any(setting is not None for setting in (s3_endpoint, spool_dir, s3_timeout)):
         raise ValueError(S3_ONLY)
@@ -1492,16 +1498,17 @@ def main(argv=None):
     # Workers count into one board, so that /metrics from any of them counts all.
     board = metrics_module.Board(args.workers, shared=True) if args.workers > 1 else None
 
-    def make_application(slot=0):
-        application = DataStorageServer(args.store, data_dir=args.data_dir,
-                                        max_object_size=args.max_object_size,
-                                        max_total_size=args.max_total_size,
-                                        auth_token=args.auth_token, public_url=args.public_url,
-                                        s3_endpoint=args.s3_endpoint, spool_dir=args.spool_dir,
-                                        group_commit=args.group_commit,
-                                        s3_timeout=args.s3_timeout,
-                                        metrics=metrics_module.Metrics(board, slot) if board else None)
-        return application
+    def make_application(slot=None):
+        """The parent's application (it proves the store opens), or worker
+        ``slot``'s, which counts into its slot of the board. A worker does
+        not ask the S3 engine about the bucket again: the parent has, and one
+        restarted while the engine is down must serve (503s), not die."""
+        store = open_store(args.data_dir, args.max_total_size, args.store, args.s3_endpoint,
+                           args.spool_dir, args.group_commit, args.s3_timeout,
+                           check=slot is None)
+        return DataStorageServer(store, max_object_size=args.max_object_size,
+                                 auth_token=args.auth_token, public_url=args.public_url,
+                                 metrics=None if slot is None else metrics_module.Metrics(board, slot))
 
     try:   # everything is checked before the port is announced
         application = make_application()

@@ -1,23 +1,28 @@
 """Content-addressed object stores, keyed by repository and SHA-256 object id.
 
 Two backends: ``MemoryStore`` (a dict, the embedded default) and ``DiskStore``
-(files under a directory, durable). A store knows nothing about HTTP. It takes a readable binary *source* (anything
+(files under a directory, durable); ``s3.S3Store`` keeps the same contract. A store knows nothing about HTTP. It takes a readable binary *source* (anything
 with ``read()`` returning every remaining byte and ``readinto(buffer)``
 returning how many bytes it wrote, 0 at the end), names what it reads by the
 lowercase hex SHA-256 of its bytes (the *oid*), and keeps one copy per
 repository. Problems are raised as ``StoreError`` subclasses; the caller
 decides what they mean to its own clients.
 
-Every store offers the same three calls:
+Every store offers the same calls:
 
 ``put(repository, source, expected_oid=None) -> (oid, size)``
-``open(repository, oid) -> StoredObject``
+``open(repository, oid, whole=False) -> StoredObject``
 ``delete(repository, oid)``
 ``list_objects(repository, after=None, limit=1000) -> [(oid, size), ...]``
 ``usage() -> (objects, bytes)``
 ``writable() -> bool``
 ``quarantine(repository, oid, file)``
 ``close()``
+
+``open``'s ``whole`` says that the caller means to read the whole object from
+its start: a store whose reads are calls to an engine may make that read at
+once, and learn the size from it (the S3 store: one GetObject instead of a
+HeadObject, then a GetObject); the others need no hint.
 
 Both take ``max_total_size``, a quota on the bytes stored: an upload that
 would exceed it raises InsufficientStorage, before its body is read when
@@ -250,7 +255,7 @@ class MemoryStore:
                 self._quota.release(hold)
         return oid, len(data)
 
-    def open(self, repository, oid):
+    def open(self, repository, oid, whole=False):
         """Return the object as a StoredObject, or raise ObjectNotFound."""
         check_repository(repository)
         with self._lock:
@@ -1220,7 +1225,7 @@ class DiskStore:
                 raise not_found(repository, oid) from None
             raise
 
-    def open(self, repository, oid):
+    def open(self, repository, oid, whole=False):
         """Return the object as a StoredObject, or raise ObjectNotFound. Only
         a regular file is an object; nothing it opens can block.
 

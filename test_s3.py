@@ -6,6 +6,7 @@ cut to play an engine going down."""
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import unittest
 
 import checksums
 import s3
-import workers
 
 import server as server_module
 from fixtures import (HERE, SERVER_SCRIPT, ServerProcess, WSGIClientMixin, child_pids,
@@ -116,8 +116,13 @@ class ServiceOnS3Contract(WSGIClientMixin):
                                 AWS_REGION=self.settings["region"])
 
     def serve(self, *args, bucket=None, environment=None):
+        """The service on this test's bucket, through the relay; one process
+        unless ``args`` say ``--workers`` (a test of the engine's connections
+        must know which process makes them)."""
+        workers_given = "--workers" in args
         return ServerProcess(self, "--store", "s3://%s/service" % (bucket or self.bucket),
-                             "--s3-endpoint", self.endpoint, *args,
+                             "--s3-endpoint", self.endpoint,
+                             *(() if workers_given else ("--workers", "1")), *args,
                              env=environment or self.environment)
 
     def test_objects_round_trip(self):
@@ -248,6 +253,8 @@ class ServiceOnS3Contract(WSGIClientMixin):
             ranged = self.request("GET", "/data/repo/" + oid,
                                   headers={"Range": "bytes=%d-%d" % (first, last)})
             self.assertEqual((ranged.status, ranged.body), (206, data[first:last + 1]), first)
+        samples = metric_samples(self.request("GET", "/metrics").body.decode())   # a store passed in
+        self.assertGreaterEqual(samples['datastore_store_calls_total{operation="GetObject"}'], 4)
 
     def test_wrong_block_checksums_are_recorded_anew_and_the_object_kept(self):
         server = self.serve()
@@ -283,6 +290,28 @@ class ServiceOnS3Contract(WSGIClientMixin):
         self.assertEqual(gets(), before)
         self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
         self.assertEqual(gets(), before + 2)   # its checksums, then its bytes
+
+    def test_a_plain_get_is_one_engine_call(self):
+        server = self.serve()
+        data = os.urandom(1000)
+        oid = server.request("PUT", "/data/repo", data).json()["oid"]
+
+        def calls():
+            samples = metric_samples(server.request("GET", "/metrics").body.decode())
+            return [samples.get('datastore_store_calls_total{operation="%s"}' % operation, 0)
+                    for operation in ("HeadObject", "GetObject")]
+
+        for method, headers, status, body, made in (
+                ("GET", {}, 200, data, [0, 1]),   # the GET alone: its length is the size
+                ("HEAD", {}, 200, b"", [1, 0]),
+                ("GET", {"Range": "bytes=10-19"}, 206, data[10:20], [1, 1]),
+                ("GET", {"If-None-Match": '"%s"' % oid}, 304, b"", [1, 0])):
+            before = calls()
+            response = server.request(method, "/data/repo/" + oid, headers=headers)
+            self.assertEqual((response.status, response.body), (status, body))
+            self.assertEqual([after - then for after, then in zip(calls(), before)], made,
+                             (method, headers))
+        self.assertEqual(server.request("GET", "/data/repo/" + sha256(b"absent")).status, 404)
 
     def limit_engine_connections(self, limit):
         """Every engine connection from now on breaks off after ``limit`` bytes
@@ -324,9 +353,9 @@ class ServiceOnS3Contract(WSGIClientMixin):
         self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 503)   # now mended
         self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
 
-    def test_workers_are_the_default_and_count_each_others_engine_calls(self):
-        server = self.serve()   # auto: one worker per usable CPU
-        wait_until(lambda: len(child_pids(server.process.pid)) == workers.usable_cpus())
+    def test_workers_count_each_others_engine_calls(self):
+        server = self.serve("--workers", "2")
+        wait_until(lambda: len(child_pids(server.process.pid)) == 2)
         for number in range(12):   # on new connections: each worker takes some
             self.assertEqual(server.request("PUT", "/data/repo", b"object %d" % number).status, 201)
         for _ in range(6):   # a scrape from any worker counts them all
@@ -335,6 +364,23 @@ class ServiceOnS3Contract(WSGIClientMixin):
             self.assertGreaterEqual(samples['datastore_store_calls_total{operation="PutObject"}'], 12)
             self.assertEqual(samples['datastore_store_errors_total{operation="PutObject"}'], 0)
             self.assertNotIn('datastore_store_calls_total{operation="other"}', samples)
+
+    def test_workers_started_while_the_engine_is_away_serve_503s_then_resume(self):
+        server = self.serve("--workers", "2")
+        wait_until(lambda: len(child_pids(server.process.pid)) == 2)
+        oid = server.request("PUT", "/data/repo", b"kept").json()["oid"]
+        self.relay.stop()
+        first_workers = child_pids(server.process.pid)
+        for pid in first_workers:
+            os.kill(pid, signal.SIGKILL)
+        # Their replacements serve at once; the parent asked about the bucket at start.
+        self.assertEqual(server.request("GET", "/healthz").status, 503)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).status, 503)
+        self.assertFalse(set(child_pids(server.process.pid)) & set(first_workers))
+        self.relay.start()
+        self.assertEqual(server.request("GET", "/healthz").status, 200)
+        self.assertEqual(server.request("GET", "/data/repo/" + oid).body, b"kept")
+        self.assertIsNone(server.process.poll())
 
     def test_an_engine_that_goes_away_is_503_then_service_resumes(self):
         server = self.serve()
@@ -412,7 +458,7 @@ class ServiceOnS3Contract(WSGIClientMixin):
             with self.subTest(args=args):
                 process = subprocess.Popen(
                     [sys.executable, SERVER_SCRIPT, "--port", "0", "--store", "s3://%s" % self.bucket,
-                     "--s3-endpoint", self.endpoint, *args],
+                     "--s3-endpoint", self.endpoint, "--workers", "1", *args],
                     cwd=HERE, env=self.environment, stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE, bufsize=0)
                 try:

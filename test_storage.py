@@ -200,6 +200,16 @@ class StoreContract:
         self.store.delete("repo", expected[0][0])
         self.assertEqual(self.store.list_objects("repo", limit=1), [expected[1]])
 
+    def test_an_object_opened_to_be_read_whole_reads_the_same(self):
+        for data in (b"", b"small", bytes(range(256)) * 8192 + b"tail"):
+            oid, _ = self.put("repo", data)
+            with self.store.open("repo", oid, whole=True) as stored:
+                self.assertEqual((stored.size, stored.file.read()), (len(data), data))
+        for repository, missing in (("repo", sha256(b"never stored")), ("other", oid),
+                                    ("repo", "not-an-oid")):
+            with self.assertRaises(storage.ObjectNotFound):
+                self.store.open(repository, missing, whole=True)
+
     def test_open_object_survives_delete(self):
         data = b"still readable" * 10000
         oid, _ = self.put("repo", data)
@@ -338,6 +348,22 @@ class S3StoreContract(StoreContract):
             self.assertEqual(stored.file.read(), data)
         with self.assertRaises(storage.ObjectNotFound):
             self.store.open("repo", oid)
+
+    def test_an_object_read_whole_is_one_call_and_its_connection_is_reused(self):
+        calls = []
+        self.store.client.on_call = lambda operation, failed, seconds: calls.append(operation)
+        for data in (b"", b"small", os.urandom(3 * 1024 * 1024)):
+            oid, _ = self.put("repo", data)
+            del calls[:]
+            with self.store.open("repo", oid, whole=True) as stored:
+                self.assertEqual(stored.file.read(), data)
+            self.assertEqual(calls, ["GetObject"])
+            self.assertEqual(len(self.store.client._idle), 1)   # its connection back in the pool
+            del calls[:]
+            with self.store.open("repo", oid) as stored:   # a HEAD's or a range's open
+                self.assertEqual(calls, ["HeadObject"])
+                self.assertEqual(stored.file.read(), data)
+            self.assertEqual(calls, ["HeadObject", "GetObject"] if data else ["HeadObject"])
 
     def test_a_zero_length_upload_only_stores_the_empty_object(self):
         empty = sha256(b"")

@@ -644,7 +644,7 @@ def bench_s3(options, report, data_root):
             return put_rate, get_rate
 
         server = our_server("--store", "s3://%s/service" % bucket, "--s3-endpoint",
-                            engine["endpoint"], "--max-object-size", str(size),
+                            engine["endpoint"], "--workers", "1", "--max-object-size", str(size),
                             "--spool-dir", options.spool_dir or work)
         try:
             small_oid = hashlib.sha256(SMALL_BODY).hexdigest()
