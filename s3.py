@@ -504,9 +504,13 @@ class S3Store:
         object that was read again (``x-amz-copy-source-if-match`` its ETag,
         so a sound one uploaded meanwhile stays) to
         ``PREFIX@quarantine/<repository>@<oid>@<time>`` and return that key.
-        StoreUnavailable if it cannot be read again: it stays, unjudged."""
+        StoreUnavailable if it cannot be read again: it stays, unjudged.
+        ``file``, the reader that found it bad, lets go of its GET first: an
+        engine may cut one left waiting through a reread of gigabytes."""
         reader = _ObjectReader(self.client, self._path(repository, oid), None)
         recorder = _checksums_recorder()
+        if isinstance(file, _ObjectReader):   # its GET would wait, unread, through the reread
+            file.let_go()
         try:
             with reader:
                 reread, _ = _digest_of(reader, recorder=recorder)
@@ -668,10 +672,18 @@ class _ObjectReader(io.RawIOBase):
             self._position, "" if self._end is None else self._end - 1)} if ranged else {}
         def attempt(number):
             response, connection = self._client.open("GET", self._path, headers=headers)
-            if response.status in (200, 206) and self._accept(response, ranged):
-                return (response, connection), False
-            data = response.read() if response.status not in (200, 206) else b""
-            connection.close()
+            if response.status in (200, 206):
+                if self._accept(response, ranged):
+                    return (response, connection), False
+                connection.close()   # not the bytes asked for, unread
+                data = b""
+            else:   # an error's body, read whole: the connection can serve again
+                try:
+                    data = response.read()
+                except BaseException:
+                    connection.close()
+                    raise
+                self._client.release(connection, response)
             if response.status == 404:
                 raise storage.ObjectNotFound("object %s was deleted meanwhile" % self._path)
             raise _Faltered(EngineError(response.status, _error_code(data), ""),
@@ -690,7 +702,7 @@ class _ObjectReader(io.RawIOBase):
         """Whether the response holds the bytes asked for (an engine that
         ignores a Range answers 200 with the whole); learns the size if need be."""
         length = response.getheader("Content-Length")
-        if length is None:
+        if length is None or not length.isdigit() or not length.isascii():
             return False
         if ranged and (response.status != 206 or not response.getheader(
                 "Content-Range", "").startswith("bytes %d-" % self._position)):
@@ -750,6 +762,10 @@ class _ObjectReader(io.RawIOBase):
         self._response.read()   # the end, so the connection can be reused
         self._client.release(self._connection, self._response)
         self._response = self._connection = None
+
+    def let_go(self):
+        """Close the GET made so far; a read from here makes another."""
+        self._drop()
 
     def close(self):
         self._drop()

@@ -289,7 +289,7 @@ class ServiceOnS3Contract(WSGIClientMixin):
         self.assertEqual(server.request("HEAD", "/data/repo/" + oid).status, 200)
         self.assertEqual(gets(), before)
         self.assertEqual(server.request("GET", "/data/repo/" + oid).body, data)
-        self.assertEqual(gets(), before + 2)   # its checksums, then its bytes
+        self.assertEqual(gets(), before + 2)   # its bytes and its checksums
 
     def test_a_plain_get_is_one_engine_call(self):
         server = self.serve()

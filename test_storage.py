@@ -364,6 +364,22 @@ class S3StoreContract(StoreContract):
                 self.assertEqual(calls, ["HeadObject"])
                 self.assertEqual(stored.file.read(), data)
             self.assertEqual(calls, ["HeadObject", "GetObject"] if data else ["HeadObject"])
+        del calls[:]
+        with self.assertRaises(storage.ObjectNotFound):
+            self.store.open("repo", sha256(b"never stored"), whole=True)
+        self.assertEqual(calls, ["GetObject"])
+        self.assertEqual(len(self.store.client._idle), 1)   # a 404's connection serves again
+
+    def test_a_reader_lets_go_of_its_get_while_its_object_is_judged_then_reads_on(self):
+        data = os.urandom(3 * 1024 * 1024)
+        oid, _ = self.put("repo", data)
+        calls = []
+        self.store.client.on_call = lambda operation, failed, seconds: calls.append(operation)
+        with self.store.open("repo", oid, whole=True) as stored:
+            first = stored.file.read(1000)
+            self.assertIsNone(self.store.quarantine("repo", oid, stored.file))   # sound after all
+            self.assertEqual(first + stored.file.read(), data)
+        self.assertEqual(calls, ["GetObject"] * 3)   # the first GET, the reread, the rest
 
     def test_a_zero_length_upload_only_stores_the_empty_object(self):
         empty = sha256(b"")
