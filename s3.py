@@ -16,7 +16,9 @@ Guarantees, the same as the other stores' where S3 allows:
   holds back the last block until the digest matches, cutting the connection
   otherwise, so an engine that checks nothing never receives a complete body.
   A PUT whose oid is not known yet is spooled to a temporary file while it is
-  hashed (``spool_dir``), then uploaded with its hash (and retried if need be).
+  hashed (``spool_dir``), then uploaded with its hash (and retried if need be);
+  a body of known length up to storage.HANDED_OVER_BYTES is read into memory
+  instead (no file, no 1 MiB buffer for a few bytes).
 - A PUT sends ``If-None-Match: *``: an existing key already holds these bytes.
 - Reads stream in bounded memory; the application checks the bytes as they
   go (see server.CheckedStream). An object of CHECKSUMS_FROM_BYTES or more
@@ -323,6 +325,10 @@ class S3Store:
             storage.check_digest(oid, expected_oid)
         elif expected_oid is not None and length is not None:
             oid, size = self._put_streamed(repository, source, expected_oid, length, recorder)
+        elif length is not None and length <= storage.HANDED_OVER_BYTES:   # no block checksums
+            data = source.read()
+            oid, size = hashlib.sha256(data).hexdigest(), len(data)
+            self._put_object(repository, oid, data, size, retry=True)
         else:
             with storage.write_errors_as_store_errors():   # the spool's disk full: 507
                 with tempfile.TemporaryFile(dir=self.spool_dir) as spool:

@@ -370,6 +370,18 @@ class S3StoreContract(StoreContract):
         self.assertEqual(calls, ["GetObject"])
         self.assertEqual(len(self.store.client._idle), 1)   # a 404's connection serves again
 
+    def test_a_small_body_of_known_length_is_uploaded_from_memory_not_spooled(self):
+        unspoolable = s3.S3Store(self.bucket, "prefix/", self.store.client,
+                                 spool_dir=os.path.join(temporary_directory(self), "gone"))
+        for data in (b"", b"small", os.urandom(storage.HANDED_OVER_BYTES)):
+            self.assertEqual(unspoolable.put("repo", io.BytesIO(data), length=len(data)),
+                             (sha256(data), len(data)))
+            self.assertEqual(self.read("repo", sha256(data)), data)
+        for data, length in ((b"no length", None), (os.urandom(storage.HANDED_OVER_BYTES + 1),
+                                                    storage.HANDED_OVER_BYTES + 1)):
+            with self.assertRaises(FileNotFoundError):   # spooled: into a directory not there
+                unspoolable.put("repo", io.BytesIO(data), length=length)
+
     def test_a_reader_lets_go_of_its_get_while_its_object_is_judged_then_reads_on(self):
         data = os.urandom(3 * 1024 * 1024)
         oid, _ = self.put("repo", data)
