@@ -325,17 +325,25 @@ class S3Store:
             storage.check_digest(oid, expected_oid)
         elif expected_oid is not None and length is not None:
             oid, size = self._put_streamed(repository, source, expected_oid, length, recorder)
-        elif length is not None and length <= storage.HANDED_OVER_BYTES:   # no block checksums
-            data = source.read()
-            oid, size = hashlib.sha256(data).hexdigest(), len(data)
-            self._put_object(repository, oid, data, size, retry=True)
         else:
-            with storage.write_errors_as_store_errors():   # the spool's disk full: 507
-                with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
-                    oid, size = _digest_of(source, spool, recorder)
-                    storage.check_digest(oid, expected_oid)
-                    spool.seek(0)
-                    self._put_object(repository, oid, spool, size, retry=True)
+            # A body said to be small is read into memory: one byte more than
+            # its length, since a source may hold more than it says (then it
+            # is spooled, those bytes first).
+            small = length is not None and length <= storage.HANDED_OVER_BYTES
+            head = bytearray(length + 1 if small else 0)
+            count = storage.fill(source, head)
+            if count < len(head):   # the whole body: uploaded from memory
+                body = memoryview(head)[:count]
+                recorder.update(body)
+                oid, size = hashlib.sha256(body).hexdigest(), count
+                self._put_object(repository, oid, body, size, retry=True)
+            else:
+                with storage.write_errors_as_store_errors():   # the spool's disk full: 507
+                    with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
+                        oid, size = _digest_of(_Prefixed(head, source), spool, recorder)
+                        storage.check_digest(oid, expected_oid)
+                        spool.seek(0)
+                        self._put_object(repository, oid, spool, size, retry=True)
         self._record_checksums(repository, oid, recorder.finish())
         return oid, size
 
@@ -570,6 +578,21 @@ def _digest_of(source, copy=None, recorder=None):
             raise storage.InsufficientStorage("objects over 5 GiB need multipart upload, which "
                                               "this store does not do")
     return digest.hexdigest(), size
+
+
+class _Prefixed:
+    """``prefix`` (bytes already read from ``source``), then the rest of ``source``."""
+
+    def __init__(self, prefix, source):
+        self._prefix, self._source = memoryview(prefix), source
+
+    def readinto(self, buffer):
+        if self._prefix:
+            count = min(len(buffer), len(self._prefix))
+            buffer[:count] = self._prefix[:count]
+            self._prefix = self._prefix[count:]
+            return count
+        return self._source.readinto(buffer)
 
 
 def _raise_for(status, data, what):

@@ -145,7 +145,9 @@ class BodySource:
         self._readinto = getattr(self._input, "readinto", None)
         self.length = content_length(environ)
         if environ.get("wsgi.input_terminated") and not self.length:
-            self._remaining = None   # read to the end of the input
+            # Read to the end of the input: a length of 0 beside it (a chunked
+            # body, as Werkzeug passes one) says nothing of its size.
+            self._remaining = self.length = None
         elif self.length is None and "HTTP_TRANSFER_ENCODING" in environ:
             # The server passes a body it has not decoded, and says not where it ends.
             raise HTTPError(411, "this server cannot read a body without Content-Length; "

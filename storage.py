@@ -1127,7 +1127,7 @@ class DiskStore:
         smaller (zeroing 1 MiB for a small PUT cost more than the rest of its
         hashing and writing). ``count < len(buffer)``: that is the whole body."""
         first = bytearray(self.BLOCK_BYTES if length is None else min(self.BLOCK_BYTES, length + 1))
-        return first, _fill(source, first)
+        return first, fill(source, first)
 
     def _write(self, first, count, source, file, recorder):
         """Write ``first[:count]`` (see ``_first_block``) and the rest of
@@ -1152,7 +1152,7 @@ class DiskStore:
         try:
             while True:
                 block = writer.next_free_buffer()
-                count = _fill(source, block)   # whole blocks: tiny chunks cost no write each
+                count = fill(source, block)   # whole blocks: tiny chunks cost no write each
                 if not count:
                     break
                 chunk = memoryview(block)[:count]
@@ -1639,7 +1639,7 @@ def read_to_end(source, block_size=256 * 1024):
         parts += memoryview(block)[:count]
 
 
-def _fill(source, buffer):
+def fill(source, buffer):
     """Read from ``source`` until ``buffer`` is full or the source ends; return the count."""
     view = memoryview(buffer)
     filled = 0

@@ -93,6 +93,14 @@ class ApplicationContract(WSGIClientMixin):
         self.assertEqual(response.json(), {"oid": sha256(data), "size": len(data)})
         self.assertEqual(self.request("GET", "/data/repo/" + sha256(data)).body, data)
 
+    def test_a_terminated_input_beside_a_zero_length_is_read_to_its_end(self):
+        # Werkzeug passes a chunked body's Content-Length: 0 along, with input_terminated.
+        data = os.urandom(600 * 1024)
+        environ = self.environ("PUT", "/data/repo", data, chunked=True)
+        environ["CONTENT_LENGTH"] = "0"
+        self.assertEqual(self.call(environ).json(), {"oid": sha256(data), "size": len(data)})
+        self.assertEqual(self.request("GET", "/data/repo/" + sha256(data)).body, data)
+
     def test_chunked_body_the_server_did_not_decode_is_411(self):
         environ = self.environ("PUT", "/data/repo", b"5\r\nhello\r\n0\r\n\r\n")
         del environ["CONTENT_LENGTH"]   # as wsgiref.simple_server passes a chunked body

@@ -377,10 +377,16 @@ class S3StoreContract(StoreContract):
             self.assertEqual(unspoolable.put("repo", io.BytesIO(data), length=len(data)),
                              (sha256(data), len(data)))
             self.assertEqual(self.read("repo", sha256(data)), data)
+        more_than_said = os.urandom(300 * 1024)
         for data, length in ((b"no length", None), (os.urandom(storage.HANDED_OVER_BYTES + 1),
-                                                    storage.HANDED_OVER_BYTES + 1)):
+                                                    storage.HANDED_OVER_BYTES + 1),
+                             (more_than_said, 0)):
             with self.assertRaises(FileNotFoundError):   # spooled: into a directory not there
                 unspoolable.put("repo", io.BytesIO(data), length=length)
+        # A source that holds more than its length says is stored whole, through the spool.
+        self.assertEqual(self.store.put("repo", io.BytesIO(more_than_said), length=10),
+                         (sha256(more_than_said), len(more_than_said)))
+        self.assertEqual(self.read("repo", sha256(more_than_said)), more_than_said)
 
     def test_a_reader_lets_go_of_its_get_while_its_object_is_judged_then_reads_on(self):
         data = os.urandom(3 * 1024 * 1024)
