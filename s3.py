@@ -753,7 +753,7 @@ class _ObjectReader(io.RawIOBase):
     def seek(self, position, whence=0):
         position = {0: position, 1: self._position + position, 2: self._size + position}[whence]
         if position != self._position:
-            self._drop()
+            self.let_go()
             self._position = position
         return position
 
@@ -792,15 +792,12 @@ class _ObjectReader(io.RawIOBase):
         self._client.release(self._connection, self._response)
         self._response = self._connection = None
 
-    def let_go(self):
-        """Close the GET made so far; a read from here makes another."""
-        self._drop()
-
     def close(self):
-        self._drop()
+        self.let_go()
         super().close()
 
-    def _drop(self):
+    def let_go(self):
+        """Close the GET made so far; a read from here makes another."""
         if self._connection is not None:
             self._connection.close()   # mid-body: not reusable
         self._response = self._connection = None

@@ -91,6 +91,13 @@ class Relay:
             pass
 
 
+def engine_calls(server, *operations):
+    """The calls to the engine that ``server``'s /metrics counts, one number per operation."""
+    samples = metric_samples(server.request("GET", "/metrics").body.decode())
+    return [samples.get('datastore_store_calls_total{operation="%s"}' % operation, 0)
+            for operation in operations]
+
+
 class ServiceOnS3Contract(WSGIClientMixin):
     """``python server.py --store s3://BUCKET/PREFIX`` on a real engine
     (``engine``); and the application in-process (``self.request``, through
@@ -282,8 +289,7 @@ class ServiceOnS3Contract(WSGIClientMixin):
         oid = server.request("PUT", "/data/repo", data).json()["oid"]
 
         def gets():
-            samples = metric_samples(server.request("GET", "/metrics").body.decode())
-            return samples.get('datastore_store_calls_total{operation="GetObject"}', 0)
+            return engine_calls(server, "GetObject")[0]
 
         before = gets()
         self.assertEqual(server.request("HEAD", "/data/repo/" + oid).status, 200)
@@ -297,9 +303,7 @@ class ServiceOnS3Contract(WSGIClientMixin):
         oid = server.request("PUT", "/data/repo", data).json()["oid"]
 
         def calls():
-            samples = metric_samples(server.request("GET", "/metrics").body.decode())
-            return [samples.get('datastore_store_calls_total{operation="%s"}' % operation, 0)
-                    for operation in ("HeadObject", "GetObject")]
+            return engine_calls(server, "HeadObject", "GetObject")
 
         for method, headers, status, body, made in (
                 ("GET", {}, 200, data, [0, 1]),   # the GET alone: its length is the size

@@ -349,9 +349,14 @@ class S3StoreContract(StoreContract):
         with self.assertRaises(storage.ObjectNotFound):
             self.store.open("repo", oid)
 
-    def test_an_object_read_whole_is_one_call_and_its_connection_is_reused(self):
+    def recorded_calls(self):
+        """The operations of the store's calls to the engine from now on, as they are made."""
         calls = []
         self.store.client.on_call = lambda operation, failed, seconds: calls.append(operation)
+        return calls
+
+    def test_an_object_read_whole_is_one_call_and_its_connection_is_reused(self):
+        calls = self.recorded_calls()
         for data in (b"", b"small", os.urandom(3 * 1024 * 1024)):
             oid, _ = self.put("repo", data)
             del calls[:]
@@ -391,8 +396,7 @@ class S3StoreContract(StoreContract):
     def test_a_reader_lets_go_of_its_get_while_its_object_is_judged_then_reads_on(self):
         data = os.urandom(3 * 1024 * 1024)
         oid, _ = self.put("repo", data)
-        calls = []
-        self.store.client.on_call = lambda operation, failed, seconds: calls.append(operation)
+        calls = self.recorded_calls()
         with self.store.open("repo", oid, whole=True) as stored:
             first = stored.file.read(1000)
             self.assertIsNone(self.store.quarantine("repo", oid, stored.file))   # sound after all
